@@ -1,0 +1,4 @@
+from npu_recipes.cli import main
+
+if __name__ == "__main__":
+    main()

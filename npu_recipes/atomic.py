@@ -1,0 +1,65 @@
+"""Write files so that a reader never sees half of one: write a temporary sibling, then rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (``os.replace`` of a fully written, fsynced sibling)."""
+    path = Path(path)
+    temporary = _temporary_sibling(path)
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_with(path: Path, writer: Callable[[Path], None]) -> None:
+    """Let ``writer`` fill a temporary sibling of ``path`` (same suffix), then rename it to ``path``."""
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        writer(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def publish_directory(build: Callable[[Path], None], target: Path) -> bool:
+    """Build a directory under a temporary name beside ``target`` and rename it into place.
+
+    Returns False (and discards the new build) when another process published ``target`` first,
+    so concurrent builders of the same cached artefact are safe.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.building-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        build(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if target.is_dir():
+                return False
+            raise
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

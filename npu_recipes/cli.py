@@ -1,0 +1,50 @@
+"""``python -m npu_recipes [+recipe=NAME] [key=value ...]``: compose, validate, run.
+
+With no arguments at all it runs the ``demo`` recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from npu_recipes import config as config_module
+from npu_recipes import paths, runner
+from npu_recipes.errors import UserError, report_and_exit
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@hydra.main(version_base="1.3", config_path=str(paths.conf_dir()), config_name="config")
+def _compose_and_run(cfg: DictConfig) -> None:
+    try:
+        cfg.recipe = HydraConfig.get().runtime.choices.get(config_module.RECIPE_GROUP) or "adhoc"
+        fresh_output_dir = "${now:" in OmegaConf.to_container(cfg, resolve=False)["output_dir"]
+        config = config_module.validate(cfg)
+        runner.run(config, fresh_output_dir)
+    except UserError as error:
+        report_and_exit(error)
+
+
+def main() -> None:
+    """Console entry point (``python -m npu_recipes`` and ``npu-recipes``)."""
+    from hydra._internal.utils import get_args_parser
+
+    if len(sys.argv) == 1:
+        sys.argv.append("+recipe=demo")
+    _setup_logging()
+    config_module.register()
+    args = get_args_parser().parse_args(sys.argv[1:])
+    try:
+        config_module.check_overrides(args.overrides)
+    except UserError as error:
+        report_and_exit(error)
+    _compose_and_run()

@@ -1,0 +1,223 @@
+"""Composition support and validation: recipes as a Hydra group, override checks, cross-field rules.
+
+Hydra composes ``conf/config.yaml`` (whose defaults list starts with the :class:`RecipeConfig`
+schema) with the chosen group options and ``+recipe=NAME``. Before Hydra runs,
+:func:`check_overrides` looks at each command-line override so that a misspelt key or an unknown
+group option fails with the valid choices and the closest match. After composition,
+:func:`validate` checks values that a type cannot (choices, ranges, combinations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from npu_recipes import paths, schema
+from npu_recipes.errors import UserError
+
+RECIPE_GROUP = "recipe"
+
+
+def recipe_names() -> List[str]:
+    """Names of the shipped recipes (``recipes/*.yaml`` stems), sorted."""
+    return sorted(p.stem for p in paths.recipes_dir().glob("*.yaml"))
+
+
+def register() -> None:
+    """Register the schema, the ``${npu_cache:NAME}`` resolver and every shipped recipe with Hydra.
+
+    Recipes live in the top-level ``recipes/`` directory (a name users look for) rather than in
+    ``conf/recipe/``, so they are stored as the ``recipe`` group under the ``_global_`` package:
+    ``+recipe=NAME`` then works exactly like Hydra's "configuring experiments" pattern.
+    """
+    schema.register()
+    OmegaConf.register_new_resolver("npu_cache", lambda name: str(paths.cache_dir() / name), replace=True)
+    store = ConfigStore.instance()
+    for path in sorted(paths.recipes_dir().glob("*.yaml")):
+        store.store(group=RECIPE_GROUP, name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def group_options() -> Dict[str, List[str]]:
+    """Config group name -> available option names (``conf/<group>/*.yaml``, plus ``recipe``)."""
+    options = {
+        group.name: sorted(p.stem for p in group.glob("*.yaml"))
+        for group in paths.conf_dir().iterdir()
+        if group.is_dir()
+    }
+    options[RECIPE_GROUP] = recipe_names()
+    return options
+
+
+def _closest(word: str, candidates: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
+
+
+def _unwrap_optional(annotation):
+    if typing.get_origin(annotation) is typing.Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return members[0] if len(members) == 1 else annotation
+    return annotation
+
+
+def _check_key(dotted: str) -> None:
+    node_type: Optional[type] = schema.RecipeConfig
+    walked: List[str] = []
+    for part in dotted.split("."):
+        if node_type is None or not dataclasses.is_dataclass(node_type):
+            return
+        fields = {f.name: _unwrap_optional(f.type) for f in dataclasses.fields(node_type)}
+        if part not in fields:
+            section = ".".join(walked) or "the top level"
+            candidates = [".".join(walked + [name]) for name in fields] if walked else list(fields)
+            full = ".".join(walked + [part])
+            if not walked:
+                candidates += list(group_options())
+            raise UserError(
+                f"unknown config key {full!r}{_closest(full, candidates)} (keys under {section}: "
+                f"{', '.join(sorted(fields))})",
+                fix="check the spelling; `python -m npu_recipes --cfg job` prints the whole config",
+            )
+        walked.append(part)
+        node_type = fields[part]
+
+
+def check_overrides(overrides: List[str]) -> None:
+    """Check command-line overrides against the schema and the config groups before Hydra composes.
+
+    Raises:
+        UserError: an unparsable override, an unknown key, an unknown group option, or a recipe
+            selected without ``+`` (names the key, the valid choices and the closest match).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as error:
+        raise UserError(f"cannot parse override: {error}", fix="write overrides as key=value") from None
+    groups = group_options()
+    for override in parsed:
+        key = override.key_or_group
+        if key == "hydra" or key.startswith("hydra.") or override.is_delete():
+            continue
+        if key in groups:
+            if key == RECIPE_GROUP and not override.is_add():
+                raise UserError(
+                    f"recipes are selected with a leading plus: +recipe={override.get_value_element_as_str()}",
+                    fix="write +recipe=NAME",
+                )
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
+                override.get_value_element_as_str()
+            ]
+            for value in values:
+                if value not in groups[key]:
+                    noun = "recipe" if key == RECIPE_GROUP else f"option for {key}"
+                    raise UserError(
+                        f"unknown {noun} {value!r}{_closest(value, groups[key])}; available: {', '.join(groups[key])}",
+                        fix=f"choose one of the names above (they are the files in "
+                        f"{'recipes/' if key == RECIPE_GROUP else 'conf/' + key + '/'})",
+                    )
+            continue
+        _check_key(key)
+
+
+def _check_choice(dotted: str, value: str) -> None:
+    allowed = schema.CHOICES[dotted]
+    if value not in allowed:
+        raise UserError(
+            f"{dotted}={value!r} is not valid{_closest(value, allowed)}; choose one of: {', '.join(allowed)}",
+            fix=f"pass {dotted}=<one of the choices above>",
+        )
+
+
+def _check_positive(name: str, value, minimum=0, inclusive=False) -> None:
+    if value < minimum or (value == minimum and not inclusive):
+        sign = ">=" if inclusive else ">"
+        raise UserError(f"{name}={value} must be {sign} {minimum}", fix=f"pass {name} with a value {sign} {minimum}")
+
+
+def validate(cfg: DictConfig) -> schema.RecipeConfig:
+    """Resolve ``cfg`` into a typed :class:`RecipeConfig` and check rules that types cannot express.
+
+    Raises:
+        UserError: a mandatory value is missing, a value is outside its choices or range, or two
+            settings contradict each other.
+    """
+    try:
+        config: schema.RecipeConfig = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as error:
+        raise UserError(f"{error.full_key} has no value", fix=f"pass {error.full_key}=VALUE on the command line") from None
+    except OmegaConfBaseException as error:
+        raise UserError(f"invalid config: {error}") from None
+    for dotted in schema.CHOICES:
+        _check_choice(dotted, OmegaConf.select(cfg, dotted))
+    train = config.train
+    _check_positive("train.learning_rate", train.learning_rate)
+    _check_positive("train.per_device_train_batch_size", train.per_device_train_batch_size)
+    _check_positive("train.per_device_eval_batch_size", train.per_device_eval_batch_size)
+    _check_positive("train.gradient_accumulation_steps", train.gradient_accumulation_steps)
+    _check_positive("train.logging_steps", train.logging_steps)
+    _check_positive("train.save_steps", train.save_steps)
+    _check_positive("train.eval_steps", train.eval_steps)
+    _check_positive("train.max_length", train.max_length, minimum=8, inclusive=True)
+    if config.dataset.max_samples is not None:
+        _check_positive("dataset.max_samples", config.dataset.max_samples)
+    if train.max_steps <= 0 and train.num_train_epochs <= 0:
+        raise UserError(
+            "train.num_train_epochs and train.max_steps are both unset or zero: nothing to train",
+            fix="pass train.num_train_epochs=N or train.max_steps=N",
+        )
+    if not 0 <= config.dataset.val_split_ratio < 1:
+        raise UserError(
+            f"dataset.val_split_ratio={config.dataset.val_split_ratio} must be in [0, 1)",
+            fix="pass a fraction such as dataset.val_split_ratio=0.01",
+        )
+    _check_positive("lora.r", config.lora.r)
+    _check_positive("lora.lora_alpha", config.lora.lora_alpha)
+    if not 0 <= config.lora.lora_dropout < 1:
+        raise UserError(f"lora.lora_dropout={config.lora.lora_dropout} must be in [0, 1)", fix="pass e.g. lora.lora_dropout=0.05")
+    _check_positive("parallelism.nproc_per_node", config.parallelism.nproc_per_node)
+    _check_positive("parallelism.nnodes", config.parallelism.nnodes)
+    return config
+
+
+def load_resolved(path: Path) -> schema.RecipeConfig:
+    """Load a run directory's ``resolved.yaml`` back into a typed :class:`RecipeConfig`.
+
+    Workers and later stages call this instead of composing again.
+    """
+    merged = OmegaConf.merge(OmegaConf.structured(schema.RecipeConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)
+
+
+def to_yaml(config: schema.RecipeConfig) -> str:
+    """The YAML text of a resolved config (as written to ``resolved.yaml``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)
+
+
+def compose(overrides: List[str]) -> schema.RecipeConfig:
+    """Compose and validate exactly as the CLI does, without running a stage.
+
+    For tests and tools (docs generation, planning) that need a recipe's resolved settings.
+
+    Raises:
+        UserError: as :func:`check_overrides` and :func:`validate`.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    check_overrides(overrides)
+    with initialize_config_dir(version_base="1.3", config_dir=str(paths.conf_dir()), job_name="npu_recipes"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    recipes = [o.split("=", 1)[1] for o in overrides if o.startswith(f"+{RECIPE_GROUP}=")]
+    cfg.recipe = recipes[-1] if recipes else "adhoc"
+    return validate(cfg)

@@ -1,0 +1,401 @@
+"""Datasets: load rows, turn them into chat messages, split, tokenize with assistant-only labels.
+
+The pipeline is split into small steps so that inference can rebuild a training run's exact
+validation rows (:func:`load_rows` + :func:`split_rows`) without tokenizing anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from npu_recipes import atomic, demo_data
+from npu_recipes.errors import UserError
+from npu_recipes.schema import DatasetConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label value that transformers' cross-entropy ignores (``ignore_index`` of ``nn.CrossEntropyLoss``)."""
+
+ROW_ID = "row_id"
+"""Column added to every loaded dataset: the row's 0-based position in the source split."""
+
+BUILDERS: Dict[str, Callable[[Path, int], None]] = {"demo_math": demo_data.write}
+"""Local dataset builders: ``dataset.builder=NAME`` writes ``dataset.path`` (JSON lines) on first use."""
+
+_LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_ROLES = ("system", "user", "assistant")
+_TOKENIZATION_VERSION = 1
+
+
+def resolve_path(dataset: DatasetConfig) -> str:
+    """Return the absolute local path (building it when ``builder`` is set) or the hub id.
+
+    Raises:
+        UserError: unknown builder; ``hub: local`` and the path does not exist.
+    """
+    if dataset.builder is not None:
+        if dataset.builder not in BUILDERS:
+            raise UserError(
+                f"dataset.builder={dataset.builder!r} is not a known builder",
+                fix=f"use one of {sorted(BUILDERS)} or unset dataset.builder",
+            )
+        target = Path(dataset.path).expanduser().absolute()
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_with(target, lambda tmp: BUILDERS[dataset.builder](tmp, dataset.num_rows or 3000))
+        return str(target)
+    local = Path(dataset.path).expanduser()
+    if local.exists():
+        return str(local.absolute())
+    if dataset.hub == "local":
+        raise UserError(
+            f"dataset file {dataset.path!r} (dataset.path, dataset={dataset.name}) does not exist",
+            fix="pass dataset.path=FILE with an existing .jsonl/.json/.csv/.parquet file or directory, "
+            "or dataset.hub=huggingface/modelscope for a hub id",
+        )
+    return dataset.path
+
+
+def _first_bad_json_line(path: Path) -> Optional[Tuple[int, str]]:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                return number, f"invalid JSON ({error.msg} at column {error.colno})"
+            if not isinstance(record, dict):
+                return number, f"expected a JSON object, found {type(record).__name__}"
+    return None
+
+
+def _load_local(path: Path, split: str):
+    from datasets import load_dataset
+
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in _LOCAL_FORMATS)
+    if not files:
+        raise UserError(
+            f"dataset directory {path} holds no .jsonl/.json/.csv/.parquet file", fix="point dataset.path at a data file"
+        )
+    suffix = files[0].suffix
+    if suffix not in _LOCAL_FORMATS:
+        raise UserError(
+            f"dataset file {path} has an unsupported extension {suffix!r}",
+            fix=f"use one of {', '.join(_LOCAL_FORMATS)}",
+        )
+    split_name, _, slice_spec = split.partition("[")
+    try:
+        return load_dataset(
+            _LOCAL_FORMATS[suffix],
+            data_files={split_name: [str(f) for f in files]},
+            split=split,
+        )
+    except Exception as error:
+        if _LOCAL_FORMATS[suffix] == "json":
+            for candidate in files:
+                bad = _first_bad_json_line(candidate)
+                if bad is not None:
+                    raise UserError(
+                        f"{candidate} line {bad[0]}: {bad[1]}", fix="fix or delete that line of the dataset file"
+                    ) from None
+        raise UserError(f"could not read dataset {path}: {error}", fix="check the file's format") from None
+
+
+def load_rows(dataset: DatasetConfig):
+    """Load the raw rows of ``dataset`` (the first ``max_samples`` if set) as an HF ``datasets.Dataset``
+    with an added ``row_id`` column.
+
+    ``dataset.path`` must already be resolved (:func:`resolve_path`). Local files are read with
+    HF datasets' json/csv/parquet builders (cached by content fingerprint); hub ids through
+    ``datasets.load_dataset`` or, for ``hub: modelscope``, ModelScope's snapshot download.
+
+    Raises:
+        UserError: unreadable or malformed file (JSON lines: names the file and line), hub failure.
+    """
+    from datasets import load_dataset
+
+    local = Path(dataset.path)
+    if local.exists():
+        rows = _load_local(local, dataset.split)
+    elif dataset.hub == "modelscope":
+        try:
+            from modelscope import snapshot_download
+        except ImportError:
+            raise UserError(
+                f"dataset {dataset.path!r} is on ModelScope (dataset.hub=modelscope) but the modelscope package is missing",
+                fix="pip install modelscope, or download the data and pass dataset.path=FILE",
+            ) from None
+        try:
+            directory = snapshot_download(dataset.path, repo_type="dataset")
+            rows = load_dataset(directory, name=dataset.subset, split=dataset.split)
+        except Exception as error:
+            raise UserError(f"could not load {dataset.path!r} from ModelScope: {error}") from None
+    else:
+        try:
+            rows = load_dataset(dataset.path, name=dataset.subset, split=dataset.split)
+        except Exception as error:
+            raise UserError(
+                f"could not load dataset {dataset.path!r} from the Hugging Face hub: {error}",
+                fix="check the id and network, or pass a local file with dataset.path=FILE",
+            ) from None
+    if dataset.max_samples is not None:
+        rows = rows.select(range(min(dataset.max_samples, len(rows))))
+    if ROW_ID in rows.column_names:
+        rows = rows.remove_columns(ROW_ID)
+    return rows.add_column(ROW_ID, list(range(len(rows))))
+
+
+def split_rows(rows, ratio: float, seed: int):
+    """Split ``rows`` into (train, validation) with ``ratio`` of the rows held out.
+
+    At least one row is held out when ``ratio > 0``; the split is a seeded shuffle
+    (``Dataset.train_test_split``), so the same rows, ratio and seed always give the same split.
+    Returns ``(rows, None)`` when ``ratio == 0``.
+    """
+    if ratio <= 0:
+        return rows, None
+    held_out = max(1, int(round(len(rows) * ratio)))
+    if held_out >= len(rows):
+        raise UserError(
+            f"dataset.val_split_ratio={ratio} holds out all {len(rows)} rows", fix="lower dataset.val_split_ratio"
+        )
+    parts = rows.train_test_split(test_size=held_out, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _template_columns(template: Optional[str]) -> List[str]:
+    if not template:
+        return []
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def check_columns(dataset: DatasetConfig, column_names: List[str]) -> None:
+    """Fail early when the mapping names a column the data does not have.
+
+    Raises:
+        UserError: names the missing column, the config key that needs it, and the columns found.
+    """
+    if dataset.messages_column is not None:
+        needed = {dataset.messages_column: "dataset.messages_column"}
+    else:
+        if not dataset.user_template or not dataset.assistant_template:
+            raise UserError(
+                f"dataset={dataset.name} maps no columns",
+                fix="set dataset.messages_column, or dataset.user_template and dataset.assistant_template",
+            )
+        needed = {}
+        for key in ("system_template", "user_template", "assistant_template"):
+            for column in _template_columns(getattr(dataset, key)):
+                needed.setdefault(column, f"dataset.{key}")
+    found = [c for c in column_names if c != ROW_ID]
+    for column, key in needed.items():
+        if column not in column_names:
+            raise UserError(
+                f"dataset {dataset.path} has no column {column!r} (needed by {key}); columns found: {', '.join(found)}",
+                fix=f"set {key} to use the columns above, or pick the dataset option that matches this file",
+            )
+
+
+def _field_text(row: Dict[str, Any], column: str, dataset: DatasetConfig) -> str:
+    value = row.get(column)
+    if isinstance(value, bool) or value is None or isinstance(value, (dict, list)) or (isinstance(value, str) and not value.strip()):
+        found = [c for c in row if c != ROW_ID and row[c] not in (None, "")]
+        kind = "missing or empty" if value in (None, "") or (isinstance(value, str) and not value.strip()) else f"a {type(value).__name__}, not text"
+        raise UserError(
+            f"{dataset.path} row {row[ROW_ID]}: column {column!r} is {kind}; columns found in that row: {', '.join(found)}",
+            fix="fix or remove that row, or map other columns with dataset.*_template",
+        )
+    return str(value)
+
+
+def to_messages(row: Dict[str, Any], dataset: DatasetConfig) -> List[Dict[str, str]]:
+    """Turn one raw row into OpenAI-style chat messages ``[{"role", "content"}, ...]``.
+
+    Raises:
+        UserError: a mapped field is missing, empty or not text; a messages list is malformed
+            (names the row and column).
+    """
+    where = f"{dataset.path} row {row[ROW_ID]}"
+    if dataset.messages_column is not None:
+        messages = row.get(dataset.messages_column)
+        if not isinstance(messages, list) or not messages:
+            raise UserError(
+                f"{where}: column {dataset.messages_column!r} must be a non-empty list of {{role, content}} objects",
+                fix="fix or remove that row",
+            )
+        cleaned = []
+        for turn, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in _ROLES or not isinstance(message.get("content"), str):
+                raise UserError(
+                    f"{where}: message {turn} must have a role in {_ROLES} and string content, got {message!r}",
+                    fix="fix or remove that row",
+                )
+            cleaned.append({"role": message["role"], "content": message["content"]})
+        if not any(m["role"] == "assistant" for m in cleaned):
+            raise UserError(f"{where}: the conversation has no assistant turn to learn from", fix="fix or remove that row")
+        return cleaned
+    values = {column: _field_text(row, column, dataset) for column in _all_template_columns(dataset)}
+    messages = []
+    if dataset.system_template:
+        messages.append({"role": "system", "content": dataset.system_template.format(**values)})
+    messages.append({"role": "user", "content": dataset.user_template.format(**values)})
+    messages.append({"role": "assistant", "content": dataset.assistant_template.format(**values)})
+    return messages
+
+
+def _all_template_columns(dataset: DatasetConfig) -> List[str]:
+    columns: List[str] = []
+    for template in (dataset.system_template, dataset.user_template, dataset.assistant_template):
+        columns.extend(c for c in _template_columns(template) if c not in columns)
+    return columns
+
+
+def tokenize_conversation(messages: List[Dict[str, str]], tokenizer) -> Tuple[List[int], List[int]]:
+    """Tokenize a conversation with the tokenizer's chat template; label only what the assistant says.
+
+    Each assistant turn contributes the tokens the template adds after the generation prompt,
+    up to and including its end-of-turn special token (``<|im_end|>`` for ChatML); every other
+    token (system, user, role headers, the newline after ``<|im_end|>``) gets label -100.
+    Messages after the last assistant turn are dropped.
+
+    Returns:
+        ``(input_ids, labels)``, two lists of equal length.
+
+    Raises:
+        UserError: the chat template is not prefix-stable (a longer conversation does not start
+            with the rendering of its beginning), so turns cannot be told apart.
+    """
+    special_ids = set(tokenizer.all_special_ids)
+    input_ids: List[int] = []
+    labels: List[int] = []
+    rendered = ""
+    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    for index in range(last_assistant + 1):
+        if messages[index]["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not prompt.startswith(rendered) or not full.startswith(prompt):
+            raise UserError(
+                "the tokenizer's chat template renders a conversation's beginning differently from the "
+                "whole, so assistant turns cannot be located for label masking",
+                fix="use a template whose renderings are prefixes of each other (ChatML, as Qwen2 uses)",
+            )
+        prompt_ids = tokenizer(prompt[len(rendered):], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        end = max((i for i, t in enumerate(answer_ids) if t in special_ids), default=len(answer_ids) - 1) + 1
+        input_ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids[:end] + [IGNORE_INDEX] * (len(answer_ids) - end)
+        rendered = full
+    return input_ids, labels
+
+
+@dataclass
+class TokenizedSplits:
+    """What the train stage needs: tokenized ``train``/``eval`` datasets and their bookkeeping.
+
+    ``counts`` holds row counts (``rows``, ``held_out`` (before filtering), ``train``, ``validation``, ``dropped_too_long``,
+    ``dropped_no_assistant_tokens``, ``truncated``, ``train_tokens``); ``fingerprint`` identifies the raw rows (HF datasets fingerprint).
+    """
+
+    train: Any
+    eval: Any
+    counts: Dict[str, int] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    digest = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update((tokenizer.chat_template or "").encode())
+    return digest.hexdigest()[:16]
+
+
+def _tokenize_split(rows, dataset: DatasetConfig, tokenizer, max_length: int, truncation: str):
+    tokenizer_digest = _tokenizer_digest(tokenizer)
+
+    def encode(row):
+        input_ids, labels = tokenize_conversation(to_messages(row, dataset), tokenizer)
+        too_long = len(input_ids) > max_length
+        if too_long and truncation == "truncate":
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if too_long and truncation == "drop":
+            reason = "too_long"
+        elif all(label == IGNORE_INDEX for label in labels):
+            reason = "no_assistant_tokens"
+        else:
+            reason = ""
+        return {"input_ids": input_ids, "labels": labels, "drop_reason": reason, "truncated": too_long and not reason}
+
+    settings = json.dumps(
+        [rows._fingerprint, tokenizer_digest, max_length, truncation, _TOKENIZATION_VERSION,
+         dataset.messages_column, dataset.system_template, dataset.user_template, dataset.assistant_template]
+    )
+    tokenized = rows.map(
+        encode,
+        remove_columns=[c for c in rows.column_names if c != ROW_ID],
+        new_fingerprint=hashlib.sha256(settings.encode()).hexdigest()[:32],
+        desc="tokenizing",
+    )
+    kept = tokenized.filter(lambda reason: not reason, input_columns="drop_reason", desc="length filter")
+    reasons = tokenized["drop_reason"]
+    counts = {
+        "kept": len(kept),
+        "too_long": reasons.count("too_long"),
+        "no_assistant_tokens": reasons.count("no_assistant_tokens"),
+        "truncated": sum(kept["truncated"]),
+    }
+    return kept.remove_columns(["drop_reason", "truncated"]), counts
+
+
+def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str, seed: int) -> TokenizedSplits:
+    """Load, split, map to messages and tokenize ``dataset`` for training.
+
+    Tokenization is cached by HF datasets under a fingerprint of the rows, tokenizer, template and
+    length settings, so a second run (or a second rank) reuses it. Rows longer than ``max_length``
+    tokens are dropped (``truncation="drop"``) or cut (``"truncate"``); rows left with no assistant
+    token are dropped either way; the counts are logged and returned.
+
+    Raises:
+        UserError: bad files, missing columns, bad rows, or no rows left after filtering.
+    """
+    rows = load_rows(dataset)
+    check_columns(dataset, rows.column_names)
+    train_rows, val_rows = split_rows(rows, dataset.val_split_ratio, seed)
+    train, train_counts = _tokenize_split(train_rows, dataset, tokenizer, max_length, truncation)
+    evaluation, val_counts = None, {"kept": 0, "too_long": 0, "no_assistant_tokens": 0, "truncated": 0}
+    if val_rows is not None:
+        evaluation, val_counts = _tokenize_split(val_rows, dataset, tokenizer, max_length, truncation)
+        if len(evaluation) == 0:
+            evaluation = None
+    counts = {
+        "rows": len(rows),
+        "held_out": 0 if val_rows is None else len(val_rows),
+        "train": train_counts["kept"],
+        "validation": val_counts["kept"],
+        "dropped_too_long": train_counts["too_long"] + val_counts["too_long"],
+        "dropped_no_assistant_tokens": train_counts["no_assistant_tokens"] + val_counts["no_assistant_tokens"],
+        "truncated": train_counts["truncated"] + val_counts["truncated"],
+        "train_tokens": int(sum(len(ids) for ids in train["input_ids"])),
+    }
+    log.info(
+        "dataset %s: %d rows -> %d train, %d validation; dropped %d longer than max_length=%d and %d with no "
+        "assistant tokens; %d truncated",
+        dataset.name, counts["rows"], counts["train"], counts["validation"], counts["dropped_too_long"],
+        max_length, counts["dropped_no_assistant_tokens"], counts["truncated"],
+    )
+    if counts["train"] == 0:
+        raise UserError(
+            f"dataset {dataset.path}: no training rows left: {counts['rows']} rows, {counts['validation']} held out for "
+            f"validation, {counts['dropped_too_long']} dropped as longer than train.max_length={max_length} tokens, "
+            f"{counts['dropped_no_assistant_tokens']} dropped with no assistant tokens",
+            fix="raise train.max_length, set train.truncation_strategy=truncate, or check dataset.split",
+        )
+    return TokenizedSplits(train=train, eval=evaluation, counts=counts, fingerprint=rows._fingerprint)

@@ -1,0 +1,33 @@
+"""The one exception type for mistakes a user can fix, and how it reaches the terminal."""
+
+from __future__ import annotations
+
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, paths, environment) that the user can fix.
+
+    Args:
+        message: what is wrong, naming the thing at fault (key, file and line, row and column).
+        fix: one sentence saying what to do about it; printed on its own line.
+
+    The runner prints ``message`` and ``fix`` without a traceback and exits with status 2.
+    """
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return self.message if not self.fix else f"{self.message}\n  fix: {self.fix}"
+
+
+EXIT_USER_ERROR = 2
+
+
+def report_and_exit(error: UserError) -> None:
+    """Print ``error`` as one ``npu_recipes: error:`` block on stderr and exit with status 2."""
+    print(f"npu_recipes: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)

@@ -1,0 +1,113 @@
+"""Finding, building and loading base models and tokenizers.
+
+Model paths are resolved once by the runner (:func:`resolve_path`), so workers, later stages and
+``resolved.yaml`` see a concrete local directory or hub id, and nothing is downloaded twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+
+from npu_recipes import atomic, tiny_model
+from npu_recipes.devices import Device
+from npu_recipes.errors import UserError
+from npu_recipes.schema import ModelConfig
+
+BUILDERS: Dict[str, Callable[[Path], None]] = {"tiny_qwen2": tiny_model.build}
+"""Local model builders by name: ``model.builder=NAME`` creates ``model.name_or_path`` on first use."""
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_path(model: ModelConfig) -> str:
+    """Return a local directory (built or downloaded) or hub id to load ``model`` from.
+
+    * ``builder`` set: build into ``name_or_path`` if it does not exist yet (atomic, race-safe).
+    * an existing local directory: its absolute path.
+    * ``hub: modelscope``: ``modelscope.snapshot_download`` into ModelScope's cache.
+    * otherwise: the Hugging Face id, left to ``from_pretrained``.
+
+    Raises:
+        UserError: unknown builder, modelscope missing, or the download failing.
+    """
+    if model.builder is not None:
+        if model.builder not in BUILDERS:
+            raise UserError(
+                f"model.builder={model.builder!r} is not a known builder",
+                fix=f"use one of {sorted(BUILDERS)} or unset model.builder",
+            )
+        target = Path(model.name_or_path).expanduser().absolute()
+        if not (target / "config.json").is_file():
+            atomic.publish_directory(BUILDERS[model.builder], target)
+        return str(target)
+    local = Path(model.name_or_path).expanduser()
+    if local.is_dir():
+        return str(local.absolute())
+    if model.hub == "modelscope":
+        try:
+            from modelscope import snapshot_download
+        except ImportError:
+            raise UserError(
+                f"model {model.name_or_path!r} is on ModelScope (model.hub=modelscope) but the modelscope package is missing",
+                fix="pip install modelscope, or set model.name_or_path to a local directory",
+            ) from None
+        try:
+            return snapshot_download(model.name_or_path, revision=model.revision)
+        except Exception as error:
+            raise UserError(
+                f"could not download {model.name_or_path!r} from ModelScope: {error}",
+                fix="check the id and your network, or download it and pass model.name_or_path=DIR",
+            ) from None
+    return model.name_or_path
+
+
+def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
+    """The dtype to load weights in.
+
+    ``auto`` follows the checkpoint's ``config.json`` (bf16 for Qwen2) on accelerators, falling
+    back to fp16 where bf16 is unsupported, and uses fp32 on the CPU. An explicit
+    ``model.torch_dtype`` (e.g. ``float32``, the seed's advice when bf16 gives NaN) always wins.
+    """
+    if model.torch_dtype != "auto":
+        return _DTYPES[model.torch_dtype]
+    if device.type == "cpu":
+        return torch.float32
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    declared = _DTYPES.get(declared, declared) if isinstance(declared, str) else declared
+    if declared == torch.bfloat16 and not device.supports_bf16():
+        return torch.float16
+    return declared
+
+
+def load_tokenizer(model: ModelConfig, path: str):
+    """Load the tokenizer; sets a pad token (eos) when the checkpoint defines none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"the tokenizer of {path} has no chat template, so conversations cannot be formatted",
+            fix="use an Instruct/Chat checkpoint, or one whose tokenizer_config.json carries chat_template",
+        )
+    return tokenizer
+
+
+def load_model(model: ModelConfig, path: str, dtype: torch.dtype):
+    """Load ``AutoModelForCausalLM`` weights from ``path`` in ``dtype`` on the CPU (the Trainer moves them)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        attn_implementation=model.attn_implementation,
+        trust_remote_code=model.trust_remote_code,
+        revision=model.revision,
+    )

@@ -1,0 +1,181 @@
+"""Dataclass schemas for every config group, registered in Hydra's ConfigStore.
+
+Hydra merges each group's YAML into these typed nodes, so a misspelt key inside a YAML file or a
+value of the wrong type fails at composition time with the key's full name. Field names follow
+transformers ``TrainingArguments`` (``train.*``), PEFT ``LoraConfig`` (``lora.*``) and
+``from_pretrained`` (``model.*``) wherever such a name exists.
+
+Cross-field rules that a type cannot express live in :func:`npu_recipes.config.validate`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = ("train",)
+DEVICES = ("auto", "npu", "cuda", "cpu")
+TRAIN_TYPES = ("lora", "full")
+PARALLELISMS = ("single",)
+MODEL_HUBS = ("huggingface", "modelscope")
+DATASET_HUBS = ("local", "huggingface", "modelscope")
+TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
+TRUNCATION_STRATEGIES = ("drop", "truncate")
+
+
+@dataclass
+class ModelConfig:
+    """``model/`` group: which base model to load and how.
+
+    ``builder`` names a local builder (see :mod:`npu_recipes.models`) that creates the model at
+    ``name_or_path`` on first use; hub models leave it unset.
+    """
+
+    name_or_path: str = MISSING
+    hub: str = "huggingface"
+    torch_dtype: str = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    revision: Optional[str] = None
+    builder: Optional[str] = None
+
+
+@dataclass
+class DatasetConfig:
+    """``dataset/`` group: where rows come from and how their columns become chat messages.
+
+    A row becomes messages in one of two ways:
+
+    * ``messages_column`` names a column holding OpenAI-style ``[{"role", "content"}, ...]`` lists;
+    * otherwise ``user_template`` / ``assistant_template`` (and optionally ``system_template``) are
+      Python ``str.format`` templates over the row's columns, e.g. ``"{output}\\n\\nAnswer: {answer}"``.
+
+    ``max_samples`` keeps only the first N rows of the split (``split`` also accepts HF datasets
+    slice syntax, quoted for Hydra: ``'dataset.split="train[:200]"'``). ``val_split_ratio`` of the rows
+    (at least one row when positive) is held out for evaluation with ``train.seed``.
+    """
+
+    name: str = MISSING
+    path: str = MISSING
+    hub: str = "local"
+    subset: Optional[str] = None
+    split: str = "train"
+    messages_column: Optional[str] = None
+    system_template: Optional[str] = None
+    user_template: Optional[str] = None
+    assistant_template: Optional[str] = None
+    val_split_ratio: float = 0.0
+    max_samples: Optional[int] = None
+    builder: Optional[str] = None
+    num_rows: Optional[int] = None
+    answer_format: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """``train.*``: transformers ``TrainingArguments`` names, defaults equal to ``swift sft``'s.
+
+    ``warmup_steps`` is a step count, or a fraction of all steps when below 1 (transformers 5).
+    ``max_length`` (tokens per sample) and ``truncation_strategy`` (``drop`` or ``truncate``
+    samples longer than ``max_length``) control tokenization. ``learning_rate`` is set by the
+    ``train_type`` group (1e-4 LoRA, 1e-5 full) unless given.
+    """
+
+    learning_rate: float = 1e-4
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    per_device_eval_batch_size: int = 1
+    gradient_accumulation_steps: int = 16
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = True
+    logging_steps: int = 5
+    save_steps: int = 100
+    eval_steps: int = 100
+    save_total_limit: Optional[int] = None
+    seed: int = 42
+    report_to: str = "none"
+    dataloader_num_workers: int = 0
+    max_length: int = 2048
+    truncation_strategy: str = "drop"
+
+
+@dataclass
+class LoraConfig:
+    """``lora.*``: PEFT ``LoraConfig`` names; defaults equal ``swift sft``'s (r 8, alpha 32, dropout 0.05).
+
+    ``target_modules: all-linear`` adapts every linear layer except the output head (PEFT's rule).
+    """
+
+    r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    bias: str = "none"
+
+
+@dataclass
+class ParallelismConfig:
+    """``parallelism/`` group: how many processes, on how many nodes (torchrun's arguments)."""
+
+    name: str = "single"
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+
+@dataclass
+class RecipeConfig:
+    """The whole composed config: one object handed from the runner to every stage.
+
+    ``recipe`` is filled in by the runner from ``+recipe=NAME``. ``output_dir`` is the run
+    directory (``outputs/<recipe>/<timestamp>`` unless given). ``adapters`` (a checkpoint path, a
+    list, or a name -> path mapping) and ``load_data_args`` are read by merge, infer and serve.
+    ``reference`` carries a recipe's metadata (the seed document's reported memory and runtime).
+    """
+
+    recipe: str = "adhoc"
+    description: str = ""
+    stage: str = "train"
+    device: str = "auto"
+    train_type: str = "lora"
+    output_dir: str = "outputs/${recipe}/${now:%Y%m%d-%H%M%S}"
+    adapters: Any = None
+    load_data_args: bool = False
+    resume: str = "never"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    reference: Dict[str, Any] = field(default_factory=dict)
+
+
+CHOICES: Dict[str, tuple] = {
+    "stage": STAGES,
+    "device": DEVICES,
+    "train_type": TRAIN_TYPES,
+    "parallelism.name": PARALLELISMS,
+    "model.hub": MODEL_HUBS,
+    "model.torch_dtype": TORCH_DTYPES,
+    "dataset.hub": DATASET_HUBS,
+    "train.truncation_strategy": TRUNCATION_STRATEGIES,
+}
+"""Keys whose value must be one of a fixed set; checked by :func:`npu_recipes.config.validate`."""
+
+SCHEMA_NAME = "npu_recipes_schema"
+
+
+def register() -> None:
+    """Register :class:`RecipeConfig` as ``npu_recipes_schema`` for the primary config's defaults list."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RecipeConfig)

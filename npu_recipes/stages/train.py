@@ -1,0 +1,151 @@
+"""Train stage: supervised fine-tuning (LoRA or full) with transformers ``Trainer`` and PEFT.
+
+Life cycle: :func:`prepare` (resolve model and data, create the run directory) runs once in the
+launching process; :func:`run` (set up tokenizer, data, model and Trainer; train; record results)
+runs in every worker. Loss is the token-averaged cross-entropy over assistant tokens, averaged
+across gradient-accumulation steps and devices by the Trainer (``num_items_in_batch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from npu_recipes import data, devices, models, plots, rundir
+from npu_recipes.callbacks import JsonlLogger, SaveAndEvaluateAtEnd
+from npu_recipes.rundir import RunDir
+from npu_recipes.schema import RecipeConfig
+
+log = logging.getLogger(__name__)
+
+# train.* keys passed to TrainingArguments under the same name.
+TRAINING_ARGUMENT_KEYS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "gradient_checkpointing",
+    "logging_steps", "save_steps", "eval_steps", "save_total_limit", "seed", "dataloader_num_workers",
+)
+
+
+def prepare(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
+    """Resolve (build or download) model and dataset once, then create the run directory."""
+    config.model.name_or_path = models.resolve_path(config.model)
+    config.dataset.path = data.resolve_path(config.dataset)
+    return rundir.create(config, fresh_output_dir)
+
+
+def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.Device, dtype: torch.dtype, has_eval: bool):
+    """Build ``TrainingArguments`` from ``config.train`` plus what npu_recipes fixes for every run."""
+    from transformers import TrainingArguments
+
+    train = config.train
+    report_to = [] if train.report_to in ("none", "") else [name.strip() for name in train.report_to.split(",")]
+    if "tensorboard" in report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.path / "tensorboard")
+    return TrainingArguments(
+        output_dir=str(run_dir.path),
+        **{key: getattr(train, key) for key in TRAINING_ARGUMENT_KEYS},
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        eval_strategy="steps" if has_eval else "no",
+        save_strategy="steps",
+        logging_first_step=True,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        prediction_loss_only=True,
+        report_to=report_to,
+    )
+
+
+def build_model(config: RecipeConfig, dtype: torch.dtype):
+    """Load the base model; wrap it with PEFT LoRA for ``train_type=lora``."""
+    model = models.load_model(config.model, config.model.name_or_path, dtype)
+    model.config.use_cache = False
+    if config.train_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.lora
+        target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.lora_alpha,
+                lora_dropout=lora.lora_dropout,
+                target_modules=target,
+                bias=lora.bias,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("%s: %s trainable of %s parameters (%.3f%%)", config.train_type, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
+    """Fine-tune ``config.model`` on ``config.dataset`` and record everything in ``run_dir``.
+
+    Raises:
+        UserError: bad data or model settings (see :func:`npu_recipes.data.prepare`).
+    """
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    device = devices.resolve(config.device)
+    set_seed(config.train.seed)
+    tokenizer = models.load_tokenizer(config.model, config.model.name_or_path)
+    tokenizer.padding_side = "right"
+    splits = data.prepare(
+        config.dataset, tokenizer, config.train.max_length, config.train.truncation_strategy, config.train.seed
+    )
+    dtype = models.select_dtype(config.model, config.model.name_or_path, device)
+    run_dir.update_manifest(
+        device={"type": device.type, "count": device.count, "name": device.name(), "dtype": str(dtype).replace("torch.", "")},
+        dataset={"name": config.dataset.name, "path": config.dataset.path, "fingerprint": splits.fingerprint, **splits.counts},
+    )
+    model = build_model(config, dtype)
+    device.reset_peak_memory()
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(config, run_dir, device, dtype, has_eval=splits.eval is not None),
+        train_dataset=splits.train.remove_columns(data.ROW_ID),
+        eval_dataset=None if splits.eval is None else splits.eval.remove_columns(data.ROW_ID),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX),
+        processing_class=tokenizer,
+        callbacks=[JsonlLogger(run_dir, device), SaveAndEvaluateAtEnd()],
+    )
+    trainer.train()
+    if trainer.is_world_process_zero():
+        finish(config, run_dir)
+
+
+def finish(config: RecipeConfig, run_dir: RunDir) -> None:
+    """Draw loss.png, write final metrics into the manifest and print where everything is."""
+    records = run_dir.read_log()
+    plots.draw_loss(records, run_dir.path / rundir.LOSS_PLOT, title=f"{config.recipe}: {config.model.name_or_path.split('/')[-1]}")
+    train_records = [r for r in records if r.get("type") == "train"]
+    eval_records = [r for r in records if r.get("type") == "eval"]
+    summary = next((r for r in reversed(records) if r.get("type") == "summary"), {})
+    checkpoints = run_dir.checkpoints()
+    metrics = {
+        "steps": train_records[-1]["step"] if train_records else 0,
+        "first_loss": train_records[0]["loss"] if train_records else None,
+        "last_loss": train_records[-1]["loss"] if train_records else None,
+        "last_eval_loss": eval_records[-1]["eval_loss"] if eval_records else None,
+        "train_runtime_s": summary.get("train_runtime"),
+        "num_input_tokens_seen": summary.get("num_input_tokens_seen"),
+        "peak_memory_gib": summary.get("peak_memory_gib"),
+        "last_checkpoint": str(checkpoints[-1]) if checkpoints else None,
+    }
+    run_dir.update_manifest(status="completed", finished_at=rundir.now(), final_metrics=metrics)
+    print(
+        f"\nrun directory: {run_dir.path}\n"
+        f"checkpoint:    {metrics['last_checkpoint']}\n"
+        f"loss:          first {metrics['first_loss']} -> last {metrics['last_loss']}"
+        + (f" (eval {metrics['last_eval_loss']:.4f})" if metrics["last_eval_loss"] is not None else ""),
+        flush=True,
+    )

@@ -1,0 +1,39 @@
+"""Shared fixtures: an isolated cache for built artefacts, and a helper that runs the real CLI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import GSM8K
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_caches(tmp_path_factory):
+    """Build tiny_qwen2 and demo data into a per-session cache; keep HF datasets' cache there too."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["NPU_RECIPES_CACHE"] = str(cache / "npu_recipes")
+    os.environ["HF_DATASETS_CACHE"] = str(cache / "hf_datasets")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    yield cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(isolated_caches) -> Path:
+    """The tiny_qwen2 checkpoint directory, built once per session."""
+    from npu_recipes import models
+    from npu_recipes.schema import ModelConfig
+
+    path = Path(os.environ["NPU_RECIPES_CACHE"]) / "tiny_qwen2-v1"
+    return Path(models.resolve_path(ModelConfig(name_or_path=str(path), builder="tiny_qwen2")))
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    """../shared/data/gsm8k (real third-party data); tests using it skip when it is absent."""
+    if not (GSM8K / "train.jsonl").is_file():
+        pytest.skip(f"GSM8K data not found at {GSM8K} (expected beside the project as ../shared/data/gsm8k)")
+    return GSM8K

@@ -1,0 +1,127 @@
+"""Composition and validation: every recipe and group option, and the messages for bad overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from npu_recipes import config as config_module
+from npu_recipes.errors import UserError
+from tests.helpers import REPO
+
+# Options that need a user-supplied path before they validate.
+PATH_OVERRIDES = {
+    ("model", "local"): ["model.name_or_path=/models/my-checkpoint"],
+    ("dataset", "local"): ["dataset.path=/data/train.jsonl"],
+}
+
+
+@pytest.mark.parametrize("recipe", config_module.recipe_names())
+def test_every_recipe_composes_and_validates(recipe):
+    config = config_module.compose([f"+recipe={recipe}"])
+    assert config.recipe == recipe
+    assert config.stage == "train"
+    assert config.model.name_or_path and config.dataset.path
+    assert config.output_dir.startswith(f"outputs/{recipe}/")
+
+
+def _group_options():
+    return [(group, option) for group, options in config_module.group_options().items() if group != "recipe" for option in options]
+
+
+@pytest.mark.parametrize("group,option", _group_options())
+def test_every_group_option_composes_and_validates(group, option):
+    config = config_module.compose([f"{group}={option}", *PATH_OVERRIDES.get((group, option), [])])
+    if group in ("device", "train_type", "stage"):
+        assert getattr(config, group) == option
+    elif group == "parallelism":
+        assert config.parallelism.name == option
+
+
+@pytest.mark.parametrize("group,option", sorted(PATH_OVERRIDES))
+def test_options_without_a_path_name_the_missing_key(group, option):
+    with pytest.raises(UserError, match=rf"{group}\.(name_or_path|path) has no value"):
+        config_module.compose([f"{group}={option}"])
+
+
+def test_seed_single_card_command_is_a_recipe_plus_overrides():
+    """swift sft --model Qwen/Qwen2-7B-Instruct --dataset AI-ModelScope/blossom-math-v2 --num_train_epochs 5
+    --train_type lora --learning_rate 1e-4 --gradient_accumulation_steps 16 --save_steps 100 --eval_steps 100"""
+    config = config_module.compose(["+recipe=qwen7b_lora_single"])
+    assert (config.model.name_or_path, config.model.hub) == ("Qwen/Qwen2-7B-Instruct", "modelscope")
+    assert (config.dataset.path, config.dataset.hub) == ("AI-ModelScope/blossom-math-v2", "modelscope")
+    assert config.train.num_train_epochs == 5 and config.train_type == "lora"
+    assert config.train.learning_rate == 1e-4 and config.train.gradient_accumulation_steps == 16
+    assert config.train.save_steps == 100 and config.train.eval_steps == 100
+    assert config.dataset.val_split_ratio == 0.01
+    overridden = config_module.compose(["+recipe=qwen7b_lora_single", "train.learning_rate=2e-4", "train_type=full"])
+    assert overridden.train.learning_rate == 2e-4 and overridden.train_type == "full"
+
+
+def test_defaults_equal_swift_sft():
+    config = config_module.compose(["model=qwen2_7b_instruct"])
+    train, lora = config.train, config.lora
+    assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (1, 16)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (8, 32, 0.05, "all-linear")
+    assert train.gradient_checkpointing and train.lr_scheduler_type == "cosine" and train.warmup_steps == 0
+    assert (train.weight_decay, train.adam_beta2, train.seed) == (0.1, 0.95, 42)
+    assert (train.save_steps, train.eval_steps, train.max_length, train.truncation_strategy) == (100, 100, 2048, "drop")
+    assert train.learning_rate == 1e-4
+    assert config_module.compose(["train_type=full"]).train.learning_rate == 1e-5
+    assert config.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("train.learnin_rate=1e-4", "did you mean 'train.learning_rate'"),
+        ("lora.rank=4", "unknown config key 'lora.rank'"),
+        ("modle=tiny_qwen2", "did you mean 'model'"),
+        ("model=qwen2_7b_instrct", "did you mean 'qwen2_7b_instruct'"),
+        ("+recipe=qwen7b_lora_singel", "did you mean 'qwen7b_lora_single'"),
+        ("recipe=demo", "+recipe=demo"),
+        ("model.torch_dtype=bf16", "did you mean 'bfloat16'"),
+        ("train.truncation_strategy=cut", "choose one of: drop, truncate"),
+        ("train.gradient_accumulation_steps=0", "must be > 0"),
+        ("dataset.val_split_ratio=1.5", "must be in [0, 1)"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_the_closest_match(override, expected):
+    with pytest.raises(UserError) as caught:
+        config_module.compose([override])
+    assert expected in str(caught.value)
+
+
+def test_unknown_recipe_lists_the_available_ones():
+    with pytest.raises(UserError) as caught:
+        config_module.compose(["+recipe=nope"])
+    for name in config_module.recipe_names():
+        assert name in str(caught.value)
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    config = config_module.compose(["+recipe=demo", "train.learning_rate=3e-4", "lora.target_modules=[q_proj,v_proj]"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config_module.to_yaml(config))
+    assert config_module.load_resolved(path) == config
+
+
+_KEYS = ["train.learning_rate", "train.max_steps", "lora.r", "train.max_length", "dataset.val_split_ratio",
+         "model.torch_dtype", "device", "train_type", "train.truncation_strategy", "train.nonexistent", "lora.lora_dropout"]
+_VALUES = st.one_of(st.integers(-5, 5000), st.floats(-1, 2, allow_nan=False), st.sampled_from(
+    ["auto", "float32", "bf16", "lora", "full", "cpu", "npu", "drop", "x", "true"]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), _VALUES), max_size=4))
+def test_any_override_set_validates_or_fails_with_a_user_error(pairs):
+    """Hydra's own type errors are the only other allowed failure (they are reported without a traceback)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        config_module.compose([f"{key}={value}" for key, value in pairs])
+    except (UserError, HydraException, OmegaConfBaseException):
+        pass
