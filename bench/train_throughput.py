@@ -299,6 +299,8 @@ def main() -> None:
         plan = plan_sides(args, device, workdir, samples)
         (workdir / "plan.json").write_text(json.dumps(plan))
         peak_tflops, peak_source = measure_peak_tflops(device)
+        if device.module is not None:
+            device.module.empty_cache()  # leave the whole accelerator to the sides' processes
 
         lengths = [len(s["input_ids"]) for s in samples]
         tokens = sum(lengths)
