@@ -12,7 +12,7 @@ from types import ModuleType
 
 from npu_recipes.errors import UserError
 
-STAGE_MODULES = {"train": "npu_recipes.stages.train"}
+STAGE_MODULES = {"train": "npu_recipes.stages.train", "doctor": "npu_recipes.stages.doctor"}
 
 
 def load(name: str) -> ModuleType:
