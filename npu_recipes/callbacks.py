@@ -12,7 +12,7 @@ from npu_recipes import flops
 from npu_recipes.devices import Device
 from npu_recipes.rundir import RunDir
 
-_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm")
+_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "skipped_steps")
 
 
 def finite_or_none(value: Any) -> Any:
@@ -20,14 +20,15 @@ def finite_or_none(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _rounded(value: Optional[float], digits: int) -> Optional[float]:
-    return None if value is None else round(value, digits)
+def _significant(value: Optional[float], digits: int = 4) -> Optional[float]:
+    return None if value is None else float(f"{value:.{digits}g}")
 
 
 class JsonlLogger(TrainerCallback):
     """Append one record per logging step, evaluation and end of training to ``logging.jsonl``.
 
-    Training records: ``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``,
+    Training records: ``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``, ``skipped_steps``
+    (optimizer steps the NaN guard skipped so far),
     ``tokens_per_second`` (non-padding input tokens over all ranks per wall-clock second since the
     previous record), ``peak_memory_gib`` (:meth:`Device.peak_memory_gib`, GiB), ``model_tflops``
     (model TFLOP/s per device, from the Trainer's ``total_flos``; see :mod:`npu_recipes.flops`) and
@@ -53,8 +54,8 @@ class JsonlLogger(TrainerCallback):
     def _throughput(self, model_flops: float, seconds: float) -> Dict[str, Optional[float]]:
         per_device = model_flops / seconds / self.world_size / flops.TERA if seconds > 0 else None
         return {
-            "model_tflops": _rounded(per_device, 6),
-            "mfu": _rounded(flops.utilisation(model_flops, seconds, self.peak, self.world_size), 6),
+            "model_tflops": _significant(per_device),
+            "mfu": _significant(flops.utilisation(model_flops, seconds, self.peak, self.world_size)),
         }
 
     def on_log(self, args, state, control, logs: Dict[str, Any] | None = None, **kwargs):

@@ -42,6 +42,8 @@ class NanGuard(TrainerCallback):
         self.bad_steps: List[int] = []
         self._bad_loss = False
         self._last_step_skipped = False
+        self._steps_since_log = 0
+        self._skipped_since_log = 0
 
     def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """Fault injection (``nan_guard.inject_nan_at_steps``): NaN at those optimizer steps (1-based), else ``loss``."""
@@ -64,6 +66,8 @@ class NanGuard(TrainerCallback):
         bad_loss = self._any_rank_had_bad_loss(args.device)
         self._bad_loss = False
         self._last_step_skipped = bad_loss or not math.isfinite(grad_norm)
+        self._steps_since_log += 1
+        self._skipped_since_log += self._last_step_skipped
         if not self._last_step_skipped:
             self.consecutive = 0
             return
@@ -84,6 +88,16 @@ class NanGuard(TrainerCallback):
             })
         if self.consecutive >= self.config.max_consecutive_bad_steps:
             control.should_training_stop = True
+
+    def annotate(self, logs: dict) -> None:
+        """Add ``skipped_steps`` (so far) to a training log, and make its ``loss`` NaN when every step
+        since the previous log was skipped (transformers would log a stand-in average, 0 for a one-step window)."""
+        if "loss" not in logs:
+            return
+        if self._steps_since_log and self._skipped_since_log == self._steps_since_log:
+            logs["loss"] = float("nan")
+        logs["skipped_steps"] = self.skipped_steps
+        self._steps_since_log = self._skipped_since_log = 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._last_step_skipped:

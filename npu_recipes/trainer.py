@@ -5,6 +5,8 @@
   instead of transformers' ``6 × parameters × tokens``.
 * ``compute_loss``: hands each training loss to the :class:`~npu_recipes.nan_guard.NanGuard` (and
   lets it inject a NaN where ``nan_guard.inject_nan_at_steps`` asks for one).
+* ``log``: lets the NaN guard add its count of skipped steps to every training log, before the
+  log reaches ``log_history``, TensorBoard and logging.jsonl.
 """
 
 from __future__ import annotations
@@ -34,3 +36,7 @@ class RecipeTrainer(Trainer):
         loss = self.nan_guard.poison(loss, self.state.global_step + 1)
         self.nan_guard.observe_loss(loss)
         return (loss, result[1]) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        self.nan_guard.annotate(logs)
+        super().log(logs, start_time)

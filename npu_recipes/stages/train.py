@@ -54,8 +54,6 @@ def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.De
         eval_strategy="steps" if has_eval else "no",
         save_strategy="steps",
         logging_first_step=True,
-        # A window holding a skipped (non-finite) step logs loss null rather than transformers' stand-in value.
-        logging_nan_inf_filter=False,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device.type == "cpu",
