@@ -193,6 +193,11 @@ def _check_compute(report: Report, device: devices.Device) -> None:
                None if works else "train with model.torch_dtype=float16 or float32 on this device")
 
 
+def _valid_id(item: str, device_type: str) -> bool:
+    """A device number; CUDA also takes GPU and MIG UUIDs (``GPU-...``, ``MIG-...``)."""
+    return item.isdigit() or (device_type == "cuda" and item.startswith(("GPU-", "MIG-")))
+
+
 def _visible_ids(variable: Optional[str]) -> Tuple[Optional[List[str]], Optional[str]]:
     value = os.environ.get(variable) if variable else None
     if value is None:
@@ -211,11 +216,11 @@ def _check_visibility(report: Report, config: RecipeConfig, device: Optional[dev
                    None if good else f"pass parallelism.nproc_per_node={cores} or fewer")
         return
     ids, raw = _visible_ids(variable)
-    if ids is not None and (len(set(ids)) != len(ids) or not all(item.isdigit() for item in ids)):
+    if ids is not None and (len(set(ids)) != len(ids) or not all(_valid_id(item, report.device) for item in ids)):
         report.add("visible devices", FAIL, f"{variable}={raw!r} is not a list of distinct device numbers",
                    f"export {variable}=0,1,... (comma-separated, no repeats)")
         return
-    if ids is not None and chips is not None and any(int(item) >= chips for item in ids):
+    if ids is not None and chips is not None and any(item.isdigit() and int(item) >= chips for item in ids):
         report.add("visible devices", FAIL, f"{variable}={raw} names devices this machine lacks (it has {chips})",
                    f"export {variable} with numbers below {chips}")
         return
@@ -281,7 +286,20 @@ def _check_chips(report: Report, info: smi.SmiInfo, used: List[int], tool: str) 
 _FAST_LINKS = re.compile(r"^(HCCS.*|NV\d+|SIO)$")
 
 
-def _check_topology(report: Report, topology: smi.Topology, used: List[int], prefix: str) -> None:
+def _check_topology(report: Report, argv: Tuple[str, ...], key: str, used: List[int], prefix: str) -> None:
+    """Run the topology command ``argv``, keep its parse under ``report.tools[key]``, and judge the links
+    between the devices this run would use (``prefix`` + tool index: ``NPU0``, ``GPU3``)."""
+    command = " ".join(argv)
+    text, why = _run_tool(*argv)
+    if text is None:
+        report.add("interconnect", WARN, why, f"run `{command}` by hand")
+        return
+    try:
+        topology = smi.parse_topology(text)
+    except ValueError as error:
+        report.add("interconnect", WARN, f"unreadable `{command}` output: {error}", f"run `{command}` by hand")
+        return
+    report.tools[key] = topology.to_dict()
     names = [f"{prefix}{index}" for index in used if f"{prefix}{index}" in topology.links]
     slow = [(a, b, link) for a, b, link in topology.pairs(names) if not _FAST_LINKS.match(link)]
     kinds = sorted({link for _, _, link in topology.pairs(topology.devices)})
@@ -312,17 +330,7 @@ def _check_npu_smi(report: Report, config: RecipeConfig) -> Optional[int]:
     report.tools["npu_smi_info"] = info.to_dict()
     used = _used_indices(config, report, info.chips)
     _check_chips(report, info, used, "npu-smi")
-    topo_text, why = _run_tool("npu-smi", "info", "-t", "topo")
-    if topo_text is None:
-        report.add("interconnect", WARN, why, "run `npu-smi info -t topo` by hand")
-    else:
-        try:
-            topology = smi.parse_topology(topo_text)
-        except ValueError as error:
-            report.add("interconnect", WARN, f"unreadable `npu-smi info -t topo` output: {error}", "run `npu-smi info -t topo` by hand")
-        else:
-            report.tools["npu_smi_topo"] = topology.to_dict()
-            _check_topology(report, topology, used, "NPU")
+    _check_topology(report, ("npu-smi", "info", "-t", "topo"), "npu_smi_topo", used, "NPU")
     return len(info.chips)
 
 
@@ -340,15 +348,7 @@ def _check_nvidia_smi(report: Report, config: RecipeConfig) -> Optional[int]:
     report.tools["nvidia_smi"] = info.to_dict()
     used = _used_indices(config, report, info.chips)
     _check_chips(report, info, used, "nvidia-smi")
-    topo_text, why = _run_tool("nvidia-smi", "topo", "-m")
-    if topo_text is not None:
-        try:
-            topology = smi.parse_topology(topo_text)
-        except ValueError as error:
-            report.add("interconnect", WARN, f"unreadable `nvidia-smi topo -m` output: {error}", "run `nvidia-smi topo -m` by hand")
-        else:
-            report.tools["nvidia_smi_topo"] = topology.to_dict()
-            _check_topology(report, topology, used, "GPU")
+    _check_topology(report, ("nvidia-smi", "topo", "-m"), "nvidia_smi_topo", used, "GPU")
     return len(info.chips)
 
 

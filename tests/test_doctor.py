@@ -109,12 +109,18 @@ def test_cuda_path_reads_nvidia_smi(tmp_path):
         "topo -m": NVIDIA_TOPO,
     })
     result = run_cli("stage=doctor", "device=cuda", "parallelism.nproc_per_node=2", "doctor.format=json",
-                     cwd=tmp_path, env=_env(tmp_path / "bin"))
+                     cwd=tmp_path, env=_env(tmp_path / "bin", CUDA_VISIBLE_DEVICES="1,0"))
     report, checks = _checks(result)
     assert report["device"] == "cuda"
     assert checks["nvidia-smi chips"]["detail"] == "2 x NVIDIA H200"
     assert checks["interconnect"]["status"] == "ok" and "NV18" in checks["interconnect"]["detail"]
+    assert checks["interconnect"]["detail"].endswith("CPU affinity GPU1: 0-55,112-167, GPU0: 0-55,112-167")
     assert checks["visible devices"]["status"] == "ok"
+    assert checks["visible devices"]["detail"] == "CUDA_VISIBLE_DEVICES=1,0; parallelism.nproc_per_node=2"
+    uuids = run_cli("stage=doctor", "device=cuda", "parallelism.nproc_per_node=3", "doctor.format=json",
+                    cwd=tmp_path, env=_env(tmp_path / "bin", CUDA_VISIBLE_DEVICES="GPU-aaa,GPU-bbb"))
+    visible = _checks(uuids)[1]["visible devices"]
+    assert visible["status"] == "fail" and visible["detail"].startswith("CUDA_VISIBLE_DEVICES=GPU-aaa,GPU-bbb;")
     import torch
 
     if not torch.cuda.is_available():
