@@ -3,6 +3,9 @@
 * ``prepare(config, fresh_output_dir) -> RunDir | None``: once, in the process the user started
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
+
+A stage that sets ``IN_LAUNCHER_ONLY = True`` (the doctor) runs once in the launching process
+whatever ``parallelism`` says; it is never started as N workers.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
 
 EXIT_CHECK_FAILED = 1
+IN_LAUNCHER_ONLY = True
+"""The doctor runs once, in the process the user started, whatever ``parallelism`` says: it checks the
+machine for an N-process run rather than being one."""
 _MARKS = {diagnose.OK: "ok", diagnose.WARN: "WARN", diagnose.FAIL: "FAIL", diagnose.SKIP: "skip"}
 
 
