@@ -28,8 +28,8 @@ TERA = 1e12
 # these). Matched against the device name torch reports (``Ascend910B3``, ``NVIDIA H100 80GB HBM3``),
 # first match wins, so the more specific H100/H200 variants come before the plain names.
 # Sources (docs/mfu.md): NVIDIA's A100, H100 and H200 datasheets (sparse figures halved); for the
-# Ascend 910B variants, the per-variant FP16 figures of Huawei's Atlas 800T A2 / 900 A2 partner
-# specifications (the Cube unit runs bf16 at the fp16 rate).
+# Ascend 910B variants, the FP16 figures commonly quoted for them, not verified against a Huawei
+# datasheet (assumed equal for bf16); override with mfu.peak_tflops.
 PEAK_TFLOPS: Tuple[Tuple[str, str, float], ...] = (
     (r"910B1", "Ascend 910B1", 414.0),
     (r"910B2", "Ascend 910B2", 376.0),
