@@ -88,10 +88,11 @@ class JsonlLogger(TrainerCallback):
 
 
 class SaveAndEvaluateAtEnd(TrainerCallback):
-    """Save and evaluate at the last step too, as ``swift sft`` does, not only every N steps."""
+    """Log, save and evaluate at the last step too (as ``swift sft`` saves and evaluates), not only every N steps."""
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
+            control.should_log = True
             control.should_save = True
             control.should_evaluate = args.eval_strategy != "no"
         return control

@@ -38,5 +38,6 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
         raise
     except BaseException as error:
         if run_dir is not None:
-            run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=f"{type(error).__name__}: {error}")
+            reason = "interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+            run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=reason)
         raise

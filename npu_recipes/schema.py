@@ -22,6 +22,8 @@ MODEL_HUBS = ("huggingface", "modelscope")
 DATASET_HUBS = ("local", "huggingface", "modelscope")
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 TRUNCATION_STRATEGIES = ("drop", "truncate")
+LORA_BIASES = ("none", "all", "lora_only")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 KERNELS = ("none", "npu", "liger")
 DOCTOR_FORMATS = ("table", "json")
 
@@ -172,7 +174,7 @@ class DoctorConfig:
 class RecipeConfig:
     """The whole composed config: one object handed from the runner to every stage.
 
-    ``recipe`` is filled in by the runner from ``+recipe=NAME``. ``output_dir`` is the run
+    ``recipe`` is the name of the chosen ``+recipe=NAME`` (``adhoc`` without one). ``output_dir`` is the run
     directory (``outputs/<recipe>/<timestamp>`` unless given). ``adapters`` (a checkpoint path, a
     list, or a name -> path mapping) and ``load_data_args`` are read by merge, infer and serve.
     ``reference`` carries a recipe's metadata (the seed document's reported memory and runtime).
@@ -210,6 +212,8 @@ CHOICES: Dict[str, tuple] = {
     "model.torch_dtype": TORCH_DTYPES,
     "dataset.hub": DATASET_HUBS,
     "train.truncation_strategy": TRUNCATION_STRATEGIES,
+    "lora.bias": LORA_BIASES,
+    "model.attn_implementation": ATTN_IMPLEMENTATIONS,
     "kernels": KERNELS,
     "doctor.format": DOCTOR_FORMATS,
 }

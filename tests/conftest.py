@@ -18,6 +18,9 @@ def isolated_caches(tmp_path_factory):
     os.environ["HF_DATASETS_CACHE"] = str(cache / "hf_datasets")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # One intra-op thread per CLI subprocess: the tiny model gains nothing from more, and on a
+    # loaded 2-core machine torch's spinning threads made runs up to 13x slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield cache
 
 

@@ -138,6 +138,10 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
         finish(config, run_dir)
 
 
+def _rounded(loss: Optional[float]) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
+
+
 def finish(config: RecipeConfig, run_dir: RunDir) -> None:
     """Draw loss.png, write final metrics into the manifest and print where everything is."""
     records = run_dir.read_log()
@@ -147,7 +151,7 @@ def finish(config: RecipeConfig, run_dir: RunDir) -> None:
     summary = next((r for r in reversed(records) if r.get("type") == "summary"), {})
     checkpoints = run_dir.checkpoints()
     metrics = {
-        "steps": train_records[-1]["step"] if train_records else 0,
+        "steps": summary.get("step", train_records[-1]["step"] if train_records else 0),
         "first_loss": train_records[0]["loss"] if train_records else None,
         "last_loss": train_records[-1]["loss"] if train_records else None,
         "last_eval_loss": eval_records[-1]["eval_loss"] if eval_records else None,
@@ -163,7 +167,7 @@ def finish(config: RecipeConfig, run_dir: RunDir) -> None:
     print(
         f"\nrun directory: {run_dir.path}\n"
         f"checkpoint:    {metrics['last_checkpoint']}\n"
-        f"loss:          first {metrics['first_loss']} -> last {metrics['last_loss']}"
+        f"loss:          first {_rounded(metrics['first_loss'])} -> last {_rounded(metrics['last_loss'])}"
         + (f" (eval {metrics['last_eval_loss']:.4f})" if metrics["last_eval_loss"] is not None else "")
         + f"\nthroughput:    {metrics['model_tflops']} model TFLOP/s per device, MFU "
         + (f"{100 * metrics['mfu']:.1f}%" if metrics["mfu"] is not None else "n/a (no peak: see docs/mfu.md)")
