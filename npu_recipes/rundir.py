@@ -8,7 +8,9 @@ Layout (see docs/run-directory.md)::
                       start/end time, status (running | completed | failed), final metrics
     logging.jsonl     one JSON object per logging or evaluation step
     loss.png          training and evaluation loss against step
+    validation_rows.json  the held-out rows' ids and content hash (see npu_recipes.heldout)
     checkpoint-<N>/   adapter or full weights (safetensors) + trainer state
+    checkpoint-<N>-merged/, checkpoint-<N>/infer_result/   written by the merge and infer stages
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() or None
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would retype it (``python -m npu_recipes ...``)."""
+    return shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]])
 
 
 class RunDir:
@@ -144,7 +151,7 @@ def create(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
         recipe=config.recipe,
         stage=config.stage,
         status="running",
-        command=shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]]),
+        command=command_line(),
         cwd=os.getcwd(),
         git_commit=git_commit(),
         versions=package_versions(),

@@ -3,6 +3,9 @@
 * ``prepare(config, fresh_output_dir) -> RunDir | None``: once, in the process the user started
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
+
+A module that sets ``SINGLE_PROCESS = True`` (merge, infer) always runs in the launching process
+alone: launchers must not start workers for it, whatever ``parallelism.*`` or ``NPROC_PER_NODE`` say.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from types import ModuleType
 
 from npu_recipes.errors import UserError
 
-STAGE_MODULES = {"train": "npu_recipes.stages.train"}
+STAGE_MODULES = {
+    "train": "npu_recipes.stages.train",
+    "merge": "npu_recipes.stages.merge",
+    "infer": "npu_recipes.stages.infer",
+}
 
 
 def load(name: str) -> ModuleType:
@@ -24,3 +31,12 @@ def load(name: str) -> ModuleType:
     if name not in STAGE_MODULES:
         raise UserError(f"unknown stage {name!r}", fix=f"choose stage= one of {', '.join(STAGE_MODULES)}")
     return importlib.import_module(STAGE_MODULES[name])
+
+
+def single_process(name: str) -> bool:
+    """True when stage ``name`` must run in one process (its module sets ``SINGLE_PROCESS = True``).
+
+    Raises:
+        UserError: no such stage.
+    """
+    return bool(getattr(load(name), "SINGLE_PROCESS", False))

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from npu_recipes import data, devices, models, plots, rundir
+from npu_recipes import data, devices, heldout, models, plots, rundir
 from npu_recipes.callbacks import JsonlLogger, SaveAndEvaluateAtEnd
 from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
@@ -107,6 +107,8 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
         device={"type": device.type, "count": device.count, "name": device.name(), "dtype": str(dtype).replace("torch.", "")},
         dataset={"name": config.dataset.name, "path": config.dataset.path, "fingerprint": splits.fingerprint, **splits.counts},
     )
+    if splits.held_out_rows is not None:
+        heldout.write(run_dir.path, splits.held_out_rows)
     model = build_model(config, dtype)
     device.reset_peak_memory()
     trainer = Trainer(
