@@ -19,6 +19,13 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
             suffixed to avoid a collision; an explicit ``output_dir`` is used as given.
     """
     stage = stages.load(config.stage)
+    world_size = config.parallelism.nproc_per_node * config.parallelism.nnodes
+    if world_size > 1:
+        raise UserError(
+            f"parallelism={config.parallelism.name} with {world_size} processes needs the torchrun launcher, "
+            "which this build does not have yet",
+            fix="use parallelism=single",
+        )
     run_dir = stage.prepare(config, fresh_output_dir)
     try:
         stage.run(config, run_dir)

@@ -17,7 +17,7 @@ from omegaconf import MISSING
 STAGES = ("train", "merge", "infer")
 DEVICES = ("auto", "npu", "cuda", "cpu")
 TRAIN_TYPES = ("lora", "full")
-PARALLELISMS = ("single",)
+PARALLELISMS = ("single", "ddp", "zero2", "zero3", "zero3_offload")
 MODEL_HUBS = ("huggingface", "modelscope")
 DATASET_HUBS = ("local", "huggingface", "modelscope")
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
