@@ -10,6 +10,9 @@ from npu_recipes.schema import RecipeConfig
 def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     """Prepare once, then run ``config.stage`` in this process.
 
+    Stages that declare ``SINGLE_PROCESS`` (merge, infer) run here whatever ``parallelism`` says,
+    so a multi-device recipe's checkpoint merges and evaluates with the same recipe.
+
     When the stage fails, the run directory's manifest says ``failed`` with the reason; a run that
     failed on bad input before its first checkpoint leaves no directory at all.
 
@@ -20,7 +23,7 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     """
     stage = stages.load(config.stage)
     world_size = config.parallelism.nproc_per_node * config.parallelism.nnodes
-    if world_size > 1:
+    if world_size > 1 and not stages.single_process(config.stage):
         raise UserError(
             f"parallelism={config.parallelism.name} with {world_size} processes needs the torchrun launcher, "
             "which this build does not have yet",

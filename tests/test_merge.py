@@ -99,13 +99,15 @@ def test_merge_refuses_an_existing_target(lora_checkpoint, merged):
 
 
 def test_merge_with_nproc_per_node_set_runs_once_and_replaces_with_exist_ok(lora_checkpoint, merged, tmp_path):
-    """NPROC_PER_NODE=2 (the seed's multi-device style) must not turn merge into two processes; the
-    command also names a hub model, which must not be fetched: the base comes from the adapter's run."""
+    """NPROC_PER_NODE=2 (the seed's multi-device style) and a multi-process parallelism (as a ZeRO-3
+    recipe carries) must not turn merge into two processes; the command also names a hub model,
+    which must not be fetched: the base comes from the adapter's run."""
     target = tmp_path / "replaced"
     shutil.copytree(merged, target)
     (target / "stale.txt").write_text("from the previous merge")
     result = _merge(f"adapters={lora_checkpoint}", "model=qwen2_7b_instruct", f"merge.output_dir={target}",
-                    "merge.exist_ok=true", "merge.torch_dtype=float32", env={"NPROC_PER_NODE": "2"})
+                    "merge.exist_ok=true", "merge.torch_dtype=float32", "parallelism=zero3", "parallelism.nproc_per_node=2",
+                    env={"NPROC_PER_NODE": "2"})
     assert result.stdout.count("merged model:") == 1
     assert not (target / "stale.txt").exists()
     assert (target / "model.safetensors").is_file(), "the default max_shard_size (5GB) keeps the tiny model in one file"
