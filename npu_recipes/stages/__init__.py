@@ -4,8 +4,8 @@
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
 
-A module that sets ``SINGLE_PROCESS = True`` (merge, infer) always runs in the launching process
-alone: launchers must not start workers for it, whatever ``parallelism.*`` or ``NPROC_PER_NODE`` say.
+A stage that sets ``IN_LAUNCHER_ONLY = True`` (the doctor, merge, infer) runs once in the launching
+process whatever ``parallelism`` or ``NPROC_PER_NODE`` say; it is never started as N workers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from npu_recipes.errors import UserError
 
 STAGE_MODULES = {
     "train": "npu_recipes.stages.train",
+    "doctor": "npu_recipes.stages.doctor",
     "merge": "npu_recipes.stages.merge",
     "infer": "npu_recipes.stages.infer",
 }
@@ -31,12 +32,3 @@ def load(name: str) -> ModuleType:
     if name not in STAGE_MODULES:
         raise UserError(f"unknown stage {name!r}", fix=f"choose stage= one of {', '.join(STAGE_MODULES)}")
     return importlib.import_module(STAGE_MODULES[name])
-
-
-def single_process(name: str) -> bool:
-    """True when stage ``name`` must run in one process (its module sets ``SINGLE_PROCESS = True``).
-
-    Raises:
-        UserError: no such stage.
-    """
-    return bool(getattr(load(name), "SINGLE_PROCESS", False))

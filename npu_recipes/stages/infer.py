@@ -29,7 +29,7 @@ from npu_recipes.schema import DatasetConfig, RecipeConfig
 
 log = logging.getLogger(__name__)
 
-SINGLE_PROCESS = True
+IN_LAUNCHER_ONLY = True
 RESULT_DIR = "infer_result"
 
 

@@ -25,7 +25,7 @@ from npu_recipes.schema import RecipeConfig
 
 log = logging.getLogger(__name__)
 
-SINGLE_PROCESS = True
+IN_LAUNCHER_ONLY = True
 MERGED_SUFFIX = "-merged"
 
 
