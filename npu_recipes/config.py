@@ -145,13 +145,17 @@ def check_overrides(overrides: List[str]) -> None:
             _check_type(key, override.value(), override.get_value_element_as_str())
 
 
+def _reject_choice(dotted: str, value: str, allowed: tuple) -> None:
+    raise UserError(
+        f"{dotted}={value!r} is not valid{_closest(value, allowed)}; choose one of: {', '.join(allowed)}",
+        fix=f"pass {dotted}=<one of the choices above>",
+    )
+
+
 def _check_choice(dotted: str, value: str) -> None:
     allowed = schema.CHOICES[dotted]
     if value not in allowed:
-        raise UserError(
-            f"{dotted}={value!r} is not valid{_closest(value, allowed)}; choose one of: {', '.join(allowed)}",
-            fix=f"pass {dotted}=<one of the choices above>",
-        )
+        _reject_choice(dotted, value, allowed)
 
 
 def _check_positive(name: str, value, minimum=0, inclusive=False) -> None:
@@ -252,7 +256,32 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     _check_positive("nan_guard.max_consecutive_bad_steps", config.nan_guard.max_consecutive_bad_steps)
     if config.mfu.peak_tflops is not None:
         _check_positive("mfu.peak_tflops", config.mfu.peak_tflops)
+    if config.dataset.answer_format is not None and config.dataset.answer_format not in schema.ANSWER_FORMATS:
+        _reject_choice("dataset.answer_format", config.dataset.answer_format, schema.ANSWER_FORMATS)
+    _validate_infer(config.infer)
     return config
+
+
+def _validate_infer(infer: schema.InferConfig) -> None:
+    """Ranges of the generation options (as transformers ``GenerationConfig.validate`` expects them)."""
+    _check_positive("infer.max_new_tokens", infer.max_new_tokens)
+    _check_positive("infer.batch_size", infer.batch_size)
+    if infer.max_samples is not None:
+        _check_positive("infer.max_samples", infer.max_samples)
+    if infer.temperature is not None:
+        _check_positive("infer.temperature", infer.temperature)
+    if infer.top_k is not None:
+        _check_positive("infer.top_k", infer.top_k)
+    if infer.repetition_penalty is not None:
+        _check_positive("infer.repetition_penalty", infer.repetition_penalty)
+    if infer.top_p is not None and not 0 < infer.top_p <= 1:
+        raise UserError(f"infer.top_p={infer.top_p} must be in (0, 1]", fix="pass e.g. infer.top_p=0.8")
+    sampling = [f"infer.{key}" for key in ("temperature", "top_p", "top_k") if getattr(infer, key) is not None]
+    if sampling and not infer.do_sample:
+        raise UserError(
+            f"sampling options are set ({', '.join(sampling)}) but infer.do_sample=false (greedy decoding ignores them)",
+            fix="add infer.do_sample=true to sample, or drop those options for greedy decoding",
+        )
 
 
 def load_resolved(path: Path) -> schema.RecipeConfig:

@@ -39,8 +39,14 @@ def resolve_path(dataset: DatasetConfig) -> str:
     """Return the absolute local path (building it when ``builder`` is set) or the hub id.
 
     Raises:
-        UserError: unknown builder; ``hub: local`` and the path does not exist.
+        UserError: no dataset selected (``dataset=none``); unknown builder; ``hub: local`` and the
+            path does not exist.
     """
+    if dataset.path is None:
+        raise UserError(
+            f"dataset={dataset.name} selects no data, and this stage needs some",
+            fix="choose a dataset, e.g. dataset=gsm8k dataset.path=FILE or dataset=local dataset.path=FILE",
+        )
     if dataset.builder is not None:
         if dataset.builder not in BUILDERS:
             raise UserError(
@@ -281,8 +287,11 @@ def _field_text(row: Dict[str, Any], column: str, dataset: DatasetConfig) -> str
     )
 
 
-def to_messages(row: Dict[str, Any], dataset: DatasetConfig) -> List[Dict[str, str]]:
+def to_messages(row: Dict[str, Any], dataset: DatasetConfig, require_assistant: bool = True) -> List[Dict[str, str]]:
     """Turn one raw row into OpenAI-style chat messages ``[{"role", "content"}, ...]``.
+
+    ``require_assistant=False`` accepts a ``messages`` conversation without an assistant turn
+    (a prompt to generate for, as the infer stage reads them).
 
     Raises:
         UserError: a mapped field is missing, empty or not text; a messages list is malformed
@@ -304,7 +313,7 @@ def to_messages(row: Dict[str, Any], dataset: DatasetConfig) -> List[Dict[str, s
                     fix="fix or remove that row",
                 )
             cleaned.append({"role": message["role"], "content": message["content"]})
-        if not any(m["role"] == "assistant" for m in cleaned):
+        if require_assistant and not any(m["role"] == "assistant" for m in cleaned):
             raise UserError(f"{where}: the conversation has no assistant turn to learn from", fix="fix or remove that row")
         first_turn = next(m["role"] for m in cleaned if m["role"] != "system")
         if first_turn != "user":
@@ -377,12 +386,15 @@ class TokenizedSplits:
 
     ``counts`` holds row counts (``rows``, ``held_out`` (before filtering), ``train``, ``validation``, ``dropped_too_long``,
     ``dropped_no_assistant_tokens``, ``truncated``, ``train_tokens``); ``fingerprint`` identifies the raw rows (HF datasets fingerprint).
+    ``held_out_rows`` are the raw validation rows before tokenization and length filtering (None
+    when nothing is held out), recorded for the infer stage (:mod:`npu_recipes.heldout`).
     """
 
     train: Any
     eval: Any
     counts: Dict[str, int] = field(default_factory=dict)
     fingerprint: str = ""
+    held_out_rows: Any = None
 
 
 def _tokenizer_digest(tokenizer) -> str:
@@ -471,4 +483,4 @@ def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str,
             f"{counts['dropped_no_assistant_tokens']} dropped with no assistant tokens",
             fix="raise train.max_length, set train.truncation_strategy=truncate, or check dataset.split",
         )
-    return TokenizedSplits(train=train, eval=evaluation, counts=counts, fingerprint=rows._fingerprint)
+    return TokenizedSplits(train=train, eval=evaluation, counts=counts, fingerprint=rows._fingerprint, held_out_rows=val_rows)

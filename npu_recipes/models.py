@@ -96,14 +96,24 @@ def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
         return _DTYPES[model.torch_dtype]
     if device.type == "cpu":
         return torch.float32
+    declared = checkpoint_dtype(model, path)
+    if declared == torch.bfloat16 and not device.supports_bf16():
+        return torch.float16
+    return declared
+
+
+def checkpoint_dtype(model: ModelConfig, path: str) -> torch.dtype:
+    """The dtype the checkpoint's ``config.json`` declares (``dtype``/``torch_dtype``), fp32 when none."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    declared = _DTYPES.get(declared, declared) if isinstance(declared, str) else declared
-    if declared == torch.bfloat16 and not device.supports_bf16():
-        return torch.float16
-    return declared
+    return _DTYPES.get(declared, declared) if isinstance(declared, str) else declared
+
+
+def dtype_by_name(name: str) -> torch.dtype:
+    """``torch.bfloat16``/``float16``/``float32`` for a ``*.torch_dtype`` value other than ``auto``."""
+    return _DTYPES[name]
 
 
 def load_tokenizer(model: ModelConfig, path: str):

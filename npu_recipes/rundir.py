@@ -8,7 +8,9 @@ Layout (see docs/run-directory.md)::
                       start/end time, status (running | completed | failed), final metrics
     logging.jsonl     one JSON object per logging or evaluation step
     loss.png          training and evaluation loss against step
+    validation_rows.json  the held-out rows' ids and content hash (see npu_recipes.heldout)
     checkpoint-<N>/   adapter or full weights (safetensors) + trainer state
+    checkpoint-<N>-merged/, checkpoint-<N>/infer_result/   written by the merge and infer stages
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ def finite_or_null(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_or_null(item) for item in value]
     return value
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would retype it (``python -m npu_recipes ...``)."""
+    return shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]])
 
 
 class RunDir:
@@ -188,7 +195,7 @@ def create(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
         recipe=config.recipe,
         stage=config.stage,
         status="running",
-        command=shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]]),
+        command=command_line(),
         cwd=os.getcwd(),
         git_commit=git_commit(),
         versions=package_versions(),

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from npu_recipes import data, devices, flops, kernels, models, plots, rundir
+from npu_recipes import data, devices, flops, heldout, kernels, models, plots, rundir
 from npu_recipes.callbacks import JsonlLogger, SaveAndEvaluateAtEnd
 from npu_recipes.nan_guard import NanGuard
 from npu_recipes.rundir import RunDir
@@ -116,6 +116,8 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
                 "peak_tflops": peak.tflops, "peak_source": peak.source},
         dataset={"name": config.dataset.name, "path": config.dataset.path, "fingerprint": splits.fingerprint, **splits.counts},
     )
+    if splits.held_out_rows is not None:
+        heldout.write(run_dir.path, splits.held_out_rows)
     model = build_model(config, dtype)
     device.reset_peak_memory()
     args = training_arguments(config, run_dir, device, dtype, has_eval=splits.eval is not None)
