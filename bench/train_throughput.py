@@ -236,6 +236,7 @@ def npu_recipes_side(args, device: devices.Device, workdir: Path) -> dict:
             "optimizer_steps": output.global_step, "epoch_s": output.metrics["train_runtime"],
             "loss": output.training_loss, "peak_memory_gib": device.peak_memory_gib(),
             "packing": manifest.get("packing"), "gradient_checkpointing": recipe.train.gradient_checkpointing,
+            "npu_recipes_reported": {key: manifest["final_metrics"].get(key) for key in ("model_tflops", "mfu")},
             "max_length": recipe.train.max_length, "overrides": recipe_overrides(args, device, workdir)}
 
 

@@ -3,6 +3,9 @@
 * ``prepare(config, fresh_output_dir) -> RunDir | None``: once, in the process the user started
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
+
+A stage that sets ``IN_LAUNCHER_ONLY = True`` (the doctor, merge, infer) runs once in the launching
+process whatever ``parallelism`` or ``NPROC_PER_NODE`` say; it is never started as N workers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ from types import ModuleType
 
 from npu_recipes.errors import UserError
 
-STAGE_MODULES = {"train": "npu_recipes.stages.train"}
+STAGE_MODULES = {
+    "train": "npu_recipes.stages.train",
+    "doctor": "npu_recipes.stages.doctor",
+    "merge": "npu_recipes.stages.merge",
+    "infer": "npu_recipes.stages.infer",
+}
 
 
 def load(name: str) -> ModuleType:
