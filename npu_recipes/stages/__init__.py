@@ -12,7 +12,7 @@ from types import ModuleType
 
 from npu_recipes.errors import UserError
 
-STAGE_MODULES = {"train": "npu_recipes.stages.train"}
+STAGE_MODULES = {"train": "npu_recipes.stages.train", "serve": "npu_recipes.stages.serve"}
 
 
 def load(name: str) -> ModuleType:
