@@ -186,6 +186,9 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
         raise UserError(f"lora.lora_dropout={config.lora.lora_dropout} must be in [0, 1)", fix="pass e.g. lora.lora_dropout=0.05")
     _check_positive("parallelism.nproc_per_node", config.parallelism.nproc_per_node)
     _check_positive("parallelism.nnodes", config.parallelism.nnodes)
+    _check_positive("nan_guard.max_consecutive_bad_steps", config.nan_guard.max_consecutive_bad_steps)
+    if config.mfu.peak_tflops is not None:
+        _check_positive("mfu.peak_tflops", config.mfu.peak_tflops)
     _validate_serve(config.serve)
     return config
 

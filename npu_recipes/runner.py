@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from npu_recipes import rundir, stages
-from npu_recipes.errors import UserError
+from npu_recipes.errors import RunStopped, UserError
 from npu_recipes.schema import RecipeConfig
 
 
@@ -11,7 +11,8 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     """Prepare once, then run ``config.stage`` in this process.
 
     When the stage fails, the run directory's manifest says ``failed`` with the reason; a run that
-    failed on bad input before its first checkpoint leaves no directory at all.
+    failed on bad input before its first checkpoint leaves no directory at all; a run that stopped
+    itself (:class:`RunStopped`) keeps its directory and records.
 
     Args:
         config: the validated, resolved config.
@@ -19,13 +20,21 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
             suffixed to avoid a collision; an explicit ``output_dir`` is used as given.
     """
     stage = stages.load(config.stage)
+    world_size = config.parallelism.nproc_per_node * config.parallelism.nnodes
+    if world_size > 1 and not getattr(stage, "IN_LAUNCHER_ONLY", False):
+        raise UserError(
+            f"parallelism={config.parallelism.name} with {world_size} processes needs the torchrun launcher, "
+            "which this build does not have yet",
+            fix="use parallelism=single",
+        )
     run_dir = stage.prepare(config, fresh_output_dir)
     try:
         stage.run(config, run_dir)
     except UserError as error:
         if run_dir is not None:
             run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=str(error))
-            run_dir.discard_if_empty_of_results()
+            if not isinstance(error, RunStopped):
+                run_dir.discard_if_empty_of_results()
         raise
     except BaseException as error:
         if run_dir is not None:

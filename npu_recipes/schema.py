@@ -14,14 +14,16 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("train", "serve")
+STAGES = ("train", "doctor", "serve")
 DEVICES = ("auto", "npu", "cuda", "cpu")
 TRAIN_TYPES = ("lora", "full")
-PARALLELISMS = ("single",)
+PARALLELISMS = ("single", "ddp", "zero2", "zero3", "zero3_offload")
 MODEL_HUBS = ("huggingface", "modelscope")
 DATASET_HUBS = ("local", "huggingface", "modelscope")
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 TRUNCATION_STRATEGIES = ("drop", "truncate")
+KERNELS = ("none", "npu", "liger")
+DOCTOR_FORMATS = ("table", "json")
 SERVE_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -136,6 +138,38 @@ class ParallelismConfig:
 
 
 @dataclass
+class NanGuardConfig:
+    """``nan_guard.*``: what a training run does when a step's loss or gradient norm is inf or NaN.
+
+    Such a step's update is skipped and recorded in logging.jsonl; after
+    ``max_consecutive_bad_steps`` bad steps in a row the run stops (see :mod:`npu_recipes.nan_guard`).
+    ``inject_nan_at_steps`` (1-based optimizer steps) turns those steps' loss into NaN on purpose,
+    to rehearse the guard on a given setup.
+    """
+
+    max_consecutive_bad_steps: int = 5
+    inject_nan_at_steps: List[int] = field(default_factory=list)
+
+
+@dataclass
+class MfuConfig:
+    """``mfu.*``: the peak that model FLOPs utilisation divides by (see docs/mfu.md).
+
+    ``peak_tflops`` (TFLOP/s of one device) overrides the chip table, e.g. with a measured matmul
+    rate; without it, bf16/fp16 runs on a listed chip use the table and other runs log ``mfu: null``.
+    """
+
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class DoctorConfig:
+    """``doctor.*``: options of ``stage=doctor``; ``format`` is ``table`` (readable) or ``json``."""
+
+    format: str = "table"
+
+
+@dataclass
 class ServeConfig:
     """``serve.*``: the OpenAI-compatible HTTP server of ``stage=serve`` (see docs/serving.md).
 
@@ -173,6 +207,8 @@ class RecipeConfig:
     list, or a name -> path mapping) and ``load_data_args`` are read by merge, infer and serve;
     ``serve`` configures ``stage=serve``.
     ``reference`` carries a recipe's metadata (the seed document's reported memory and runtime).
+    ``kernels`` picks fused kernels: ``none``, ``npu`` (torch_npu RMSNorm, rotary embedding and
+    SwiGLU for Qwen2) or ``liger`` (Liger kernels on CUDA); see docs/kernels.md.
     """
 
     recipe: str = "adhoc"
@@ -191,6 +227,10 @@ class RecipeConfig:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     reference: Dict[str, Any] = field(default_factory=dict)
+    kernels: str = "none"
+    nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    mfu: MfuConfig = field(default_factory=MfuConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
 
 CHOICES: Dict[str, tuple] = {
@@ -202,6 +242,8 @@ CHOICES: Dict[str, tuple] = {
     "model.torch_dtype": TORCH_DTYPES,
     "dataset.hub": DATASET_HUBS,
     "train.truncation_strategy": TRUNCATION_STRATEGIES,
+    "kernels": KERNELS,
+    "doctor.format": DOCTOR_FORMATS,
     "serve.log_level": SERVE_LOG_LEVELS,
 }
 """Keys whose value must be one of a fixed set; checked by :func:`npu_recipes.config.validate`."""

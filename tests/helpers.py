@@ -11,6 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 GSM8K = SHARED / "data" / "gsm8k"
+NPU_SMI_FIXTURES = SHARED / "fixtures" / "npu-smi"
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

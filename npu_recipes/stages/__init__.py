@@ -3,6 +3,9 @@
 * ``prepare(config, fresh_output_dir) -> RunDir | None``: once, in the process the user started
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
+
+A stage that sets ``IN_LAUNCHER_ONLY = True`` (doctor, serve) runs once in the launching process
+whatever ``parallelism`` says; it is never started as N workers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from types import ModuleType
 
 from npu_recipes.errors import UserError
 
-STAGE_MODULES = {"train": "npu_recipes.stages.train", "serve": "npu_recipes.stages.serve"}
+STAGE_MODULES = {
+    "train": "npu_recipes.stages.train",
+    "doctor": "npu_recipes.stages.doctor",
+    "serve": "npu_recipes.stages.serve",
+}
 
 
 def load(name: str) -> ModuleType:

@@ -21,6 +21,9 @@ from npu_recipes.serving.launcher import READY_MESSAGE
 
 log = logging.getLogger(__name__)
 
+IN_LAUNCHER_ONLY = True
+"""One server process on one device, whatever ``parallelism`` a recipe sets for training."""
+
 def prepare(config: RecipeConfig, fresh_output_dir: bool) -> Optional[RunDir]:
     """Nothing to prepare: serving creates no run directory."""
     return None
