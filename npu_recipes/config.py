@@ -261,6 +261,7 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     if config.dataset.answer_format is not None and config.dataset.answer_format not in schema.ANSWER_FORMATS:
         _reject_choice("dataset.answer_format", config.dataset.answer_format, schema.ANSWER_FORMATS)
     _validate_infer(config.infer)
+    _validate_serve(config.serve)
     return config
 
 
@@ -284,6 +285,26 @@ def _validate_infer(infer: schema.InferConfig) -> None:
             f"sampling options are set ({', '.join(sampling)}) but infer.do_sample=false (greedy decoding ignores them)",
             fix="add infer.do_sample=true to sample, or drop those options for greedy decoding",
         )
+
+
+def _validate_serve(serve: schema.ServeConfig) -> None:
+    if not 0 <= serve.port <= 65535:
+        raise UserError(f"serve.port={serve.port} is not a TCP port", fix="pass serve.port=N with 1 <= N <= 65535 (0 picks a free port)")
+    _check_positive("serve.max_batch_size", serve.max_batch_size)
+    _check_positive("serve.batch_wait_ms", serve.batch_wait_ms, inclusive=True)
+    _check_positive("serve.default_max_tokens", serve.default_max_tokens)
+    _check_positive("serve.max_tokens_limit", serve.max_tokens_limit)
+    if serve.default_max_tokens > serve.max_tokens_limit:
+        raise UserError(
+            f"serve.default_max_tokens={serve.default_max_tokens} exceeds serve.max_tokens_limit={serve.max_tokens_limit}",
+            fix="lower serve.default_max_tokens or raise serve.max_tokens_limit",
+        )
+    if serve.max_model_len is not None:
+        _check_positive("serve.max_model_len", serve.max_model_len)
+    if serve.timeout_graceful_shutdown is not None:
+        _check_positive("serve.timeout_graceful_shutdown", serve.timeout_graceful_shutdown)
+    if serve.api_key is not None and not serve.api_key.strip():
+        raise UserError("serve.api_key is empty", fix="pass a non-empty key, or leave serve.api_key unset to serve without authentication")
 
 
 def load_resolved(path: Path) -> schema.RecipeConfig:

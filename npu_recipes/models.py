@@ -13,7 +13,7 @@ from typing import Callable, Dict
 
 import torch
 
-from npu_recipes import atomic, tiny_model
+from npu_recipes import atomic, paths, tiny_model
 from npu_recipes.devices import Device
 from npu_recipes.errors import UserError
 from npu_recipes.schema import ModelConfig
@@ -47,6 +47,12 @@ def resolve_path(model: ModelConfig) -> str:
                 fix=f"use one of {sorted(BUILDERS)} or unset model.builder",
             )
         target = Path(model.name_or_path).expanduser().absolute()
+        if not target.is_relative_to(paths.cache_dir()) and not target.exists():
+            raise UserError(
+                f"model directory {target} (model.name_or_path) does not exist; model.builder={model.builder} only "
+                f"builds inside the cache {paths.cache_dir()}",
+                fix="check model.name_or_path, or pass model=local for your own checkpoint",
+            )
         missing = [name for name in BUILT_FILES if not (target / name).is_file()]
         if target.exists() and missing:
             log.warning("rebuilding %s: the cached model is incomplete (missing %s)", target, ", ".join(missing))

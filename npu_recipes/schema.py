@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("train", "doctor", "merge", "infer")
+STAGES = ("train", "doctor", "merge", "infer", "serve")
 DEVICES = ("auto", "npu", "cuda", "cpu")
 TRAIN_TYPES = ("lora", "full")
 PARALLELISMS = ("single", "ddp", "zero2", "zero3", "zero3_offload")
@@ -27,6 +27,7 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3
 KERNELS = ("none", "npu", "liger")
 DOCTOR_FORMATS = ("table", "json")
 ANSWER_FORMATS = ("gsm8k", "blossom")
+SERVE_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 @dataclass
@@ -221,13 +222,42 @@ class DoctorConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``serve.*``: the OpenAI-compatible HTTP server of ``stage=serve`` (see docs/serving.md).
+
+    ``host``/``port`` are where uvicorn listens (port 0 picks a free port, printed at start-up).
+    ``api_key`` (None: no authentication) is the bearer token every route but ``/health`` requires.
+    ``served_model_name`` is the base model's id in ``/v1/models`` (default: the last component of
+    its path or hub id); each adapter's id is its name. Up to ``max_batch_size`` queued requests
+    with the same model and sampling settings share one ``generate`` call; an idle worker waits
+    ``batch_wait_ms`` milliseconds for company before starting. A request without ``max_tokens``
+    gets ``default_max_tokens``; one asking for more than ``max_tokens_limit`` is refused (400).
+    ``max_model_len`` (tokens, prompt plus completion) defaults to the model's
+    ``max_position_embeddings``. ``timeout_graceful_shutdown`` (seconds, None: wait for every
+    in-flight request) and ``log_level`` are uvicorn's settings of the same names.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None
+    max_batch_size: int = 8
+    batch_wait_ms: float = 10.0
+    default_max_tokens: int = 512
+    max_tokens_limit: int = 4096
+    max_model_len: Optional[int] = None
+    timeout_graceful_shutdown: Optional[int] = None
+    log_level: str = "info"
+
+
+@dataclass
 class RecipeConfig:
     """The whole composed config: one object handed from the runner to every stage.
 
     ``recipe`` is the name of the chosen ``+recipe=NAME`` (``adhoc`` without one). ``output_dir`` is the run
     directory (``outputs/<recipe>/<timestamp>`` unless given). ``adapters`` (a checkpoint path, a
     list, or a name -> path mapping) and ``load_data_args`` are read by merge, infer and serve.
-    ``merge`` and ``infer`` hold those stages' options.
+    ``merge``, ``infer`` and ``serve`` hold those stages' options.
     ``reference`` carries a recipe's metadata (the seed document's reported memory and runtime).
     ``kernels`` picks fused kernels: ``none``, ``npu`` (torch_npu RMSNorm, rotary embedding and
     SwiGLU for Qwen2) or ``liger`` (Liger kernels on CUDA); see docs/kernels.md.
@@ -249,6 +279,7 @@ class RecipeConfig:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     reference: Dict[str, Any] = field(default_factory=dict)
     kernels: str = "none"
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
@@ -270,6 +301,7 @@ CHOICES: Dict[str, tuple] = {
     "kernels": KERNELS,
     "doctor.format": DOCTOR_FORMATS,
     "merge.torch_dtype": TORCH_DTYPES,
+    "serve.log_level": SERVE_LOG_LEVELS,
 }
 """Keys whose value must be one of a fixed set; checked by :func:`npu_recipes.config.validate`."""
 

@@ -93,7 +93,7 @@ def test_defaults_equal_swift_sft():
         ("dataset.val_split_ratio=1.5", "must be in [0, 1)"),
         ("train.learning_rate=nan", "must be > 0"),
         ("train.learning_rate=abc", "train.learning_rate=abc: Value 'abc' of type 'str' could not be converted to Float"),
-        ("dataset.path=null", "dataset.path=null"),
+        ("model.name_or_path=null", "model.name_or_path=null"),
         ("train.max_steps=0", "neither a step count nor -1"),
         ("train.lr_scheduler_type=cosin", "did you mean 'cosine'"),
         ("train.optim=adamw", "train.optim='adamw' is not valid"),

@@ -4,8 +4,8 @@
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
 
-A stage that sets ``IN_LAUNCHER_ONLY = True`` (the doctor, merge, infer) runs once in the launching
-process whatever ``parallelism`` or ``NPROC_PER_NODE`` say; it is never started as N workers.
+A stage that sets ``IN_LAUNCHER_ONLY = True`` (doctor, merge, infer, serve) runs once in the
+launching process whatever ``parallelism`` or ``NPROC_PER_NODE`` say; it is never started as N workers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ STAGE_MODULES = {
     "doctor": "npu_recipes.stages.doctor",
     "merge": "npu_recipes.stages.merge",
     "infer": "npu_recipes.stages.infer",
+    "serve": "npu_recipes.stages.serve",
 }
 
 
