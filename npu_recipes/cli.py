@@ -10,6 +10,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from npu_recipes import config as config_module
@@ -26,8 +27,12 @@ def _setup_logging() -> None:
 @hydra.main(version_base="1.3", config_path=str(paths.conf_dir()), config_name="config")
 def _compose_and_run(cfg: DictConfig) -> None:
     try:
-        cfg.recipe = HydraConfig.get().runtime.choices.get(config_module.RECIPE_GROUP) or "adhoc"
+        hydra_config = HydraConfig.get()
+        cfg.recipe = hydra_config.runtime.choices.get(config_module.RECIPE_GROUP) or "adhoc"
         fresh_output_dir = "${now:" in OmegaConf.to_container(cfg, resolve=False)["output_dir"]
+        if fresh_output_dir and hydra_config.mode == RunMode.MULTIRUN:
+            # One run directory per job: the job's own sweep subdirectory (outputs/multirun/<time>/<job number>).
+            cfg.output_dir, fresh_output_dir = hydra_config.runtime.output_dir, False
         config = config_module.validate(cfg)
         runner.run(config, fresh_output_dir)
     except UserError as error:

@@ -186,6 +186,8 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
         raise UserError(f"lora.lora_dropout={config.lora.lora_dropout} must be in [0, 1)", fix="pass e.g. lora.lora_dropout=0.05")
     _check_positive("parallelism.nproc_per_node", config.parallelism.nproc_per_node)
     _check_positive("parallelism.nnodes", config.parallelism.nnodes)
+    if config.plan.device_memory_gib is not None:
+        _check_positive("plan.device_memory_gib", config.plan.device_memory_gib)
     return config
 
 

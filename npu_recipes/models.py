@@ -14,7 +14,7 @@ import torch
 from npu_recipes import atomic, tiny_model
 from npu_recipes.devices import Device
 from npu_recipes.errors import UserError
-from npu_recipes.schema import ModelConfig
+from npu_recipes.schema import LoraConfig, ModelConfig
 
 BUILDERS: Dict[str, Callable[[Path], None]] = {"tiny_qwen2": tiny_model.build}
 """Local model builders by name: ``model.builder=NAME`` creates ``model.name_or_path`` on first use."""
@@ -64,6 +64,48 @@ def resolve_path(model: ModelConfig) -> str:
     return model.name_or_path
 
 
+def fetch_config(model: ModelConfig) -> str:
+    """A local directory holding ``model``'s config.json, fetching only that file from a hub.
+
+    * ``builder`` set or a local directory: as :func:`resolve_path` (the tiny model is built locally);
+    * a hub id: ``config.json`` alone, through ``huggingface_hub.hf_hub_download`` or ModelScope's
+      ``model_file_download`` (``model.hub``), into their usual caches.
+
+    Raises:
+        UserError: the directory has no config.json, modelscope is missing, or the download fails
+            (offline, unknown id); the fix names ``model.name_or_path=DIR``.
+    """
+    offline_fix = "check the id and the network, or put the model's config.json into a directory and pass model.name_or_path=DIR"
+    local = Path(model.name_or_path).expanduser()
+    if model.builder is not None or local.is_dir():
+        directory = Path(resolve_path(model))
+        if not (directory / "config.json").is_file():
+            raise UserError(f"{directory} (model.name_or_path) has no config.json", fix="point model.name_or_path at a model directory")
+        return str(directory)
+    if model.hub == "modelscope":
+        try:
+            from modelscope.hub.file_download import model_file_download
+        except ImportError:
+            raise UserError(
+                f"model {model.name_or_path!r} is on ModelScope (model.hub=modelscope) but the modelscope package is missing",
+                fix="pip install modelscope, or pass model.hub=huggingface (Qwen publishes the same ids there), "
+                "or model.name_or_path=DIR with the model's config.json",
+            ) from None
+        try:
+            return str(Path(model_file_download(model.name_or_path, "config.json", revision=model.revision)).parent)
+        except Exception as error:
+            raise UserError(f"could not fetch config.json of {model.name_or_path!r} from ModelScope: {error}", fix=offline_fix) from None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return str(Path(hf_hub_download(model.name_or_path, "config.json", revision=model.revision)).parent)
+    except Exception as error:
+        raise UserError(
+            f"could not fetch config.json of {model.name_or_path!r} from the Hugging Face Hub: {type(error).__name__}: {error}",
+            fix=offline_fix,
+        ) from None
+
+
 def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
     """The dtype to load weights in.
 
@@ -110,4 +152,23 @@ def load_model(model: ModelConfig, path: str, dtype: torch.dtype):
         attn_implementation=model.attn_implementation,
         trust_remote_code=model.trust_remote_code,
         revision=model.revision,
+    )
+
+
+def apply_lora(model, lora: LoraConfig):
+    """Wrap ``model`` with PEFT LoRA adapters as ``lora.*`` says (also used on meta-device models by the planner)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=target,
+            bias=lora.bias,
+            task_type="CAUSAL_LM",
+        ),
     )

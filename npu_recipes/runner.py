@@ -20,7 +20,7 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     """
     stage = stages.load(config.stage)
     world_size = config.parallelism.nproc_per_node * config.parallelism.nnodes
-    if world_size > 1:
+    if stages.needs_workers(stage, world_size):
         raise UserError(
             f"parallelism={config.parallelism.name} with {world_size} processes needs the torchrun launcher, "
             "which this build does not have yet",

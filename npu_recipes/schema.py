@@ -14,14 +14,19 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("train",)
+from npu_recipes import accelerators
+
+STAGES = ("train", "plan")
 DEVICES = ("auto", "npu", "cuda", "cpu")
 TRAIN_TYPES = ("lora", "full")
 PARALLELISMS = ("single", "ddp", "zero2", "zero3", "zero3_offload")
+DEEPSPEED_PARALLELISMS = ("zero2", "zero3", "zero3_offload")
 MODEL_HUBS = ("huggingface", "modelscope")
 DATASET_HUBS = ("local", "huggingface", "modelscope")
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 TRUNCATION_STRATEGIES = ("drop", "truncate")
+PLAN_FORMATS = ("text", "json")
+PLAN_TARGETS = ("auto", *accelerators.TARGETS)
 
 
 @dataclass
@@ -135,6 +140,20 @@ class ParallelismConfig:
 
 
 @dataclass
+class PlanConfig:
+    """``plan.*``: options of ``stage=plan`` (see docs/memory.md).
+
+    ``target`` is the device type to plan for (``auto``: by ``device``, the seed's Ascend 910B3 for
+    npu/auto, A100 80GB for cuda, host RAM for cpu); ``device_memory_gib`` overrides its memory (GiB).
+    ``format: json`` prints one JSON object instead of text.
+    """
+
+    format: str = "text"
+    target: str = "auto"
+    device_memory_gib: Optional[float] = None
+
+
+@dataclass
 class RecipeConfig:
     """The whole composed config: one object handed from the runner to every stage.
 
@@ -142,6 +161,7 @@ class RecipeConfig:
     directory (``outputs/<recipe>/<timestamp>`` unless given). ``adapters`` (a checkpoint path, a
     list, or a name -> path mapping) and ``load_data_args`` are read by merge, infer and serve.
     ``reference`` carries a recipe's metadata (the seed document's reported memory and runtime).
+    ``plan`` holds the options of ``stage=plan``.
     """
 
     recipe: str = "adhoc"
@@ -159,6 +179,7 @@ class RecipeConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     reference: Dict[str, Any] = field(default_factory=dict)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 CHOICES: Dict[str, tuple] = {
@@ -170,6 +191,8 @@ CHOICES: Dict[str, tuple] = {
     "model.torch_dtype": TORCH_DTYPES,
     "dataset.hub": DATASET_HUBS,
     "train.truncation_strategy": TRUNCATION_STRATEGIES,
+    "plan.format": PLAN_FORMATS,
+    "plan.target": PLAN_TARGETS,
 }
 """Keys whose value must be one of a fixed set; checked by :func:`npu_recipes.config.validate`."""
 

@@ -66,21 +66,7 @@ def build_model(config: RecipeConfig, dtype: torch.dtype):
     model = models.load_model(config.model, config.model.name_or_path, dtype)
     model.config.use_cache = False
     if config.train_type == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = config.lora
-        target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.lora_alpha,
-                lora_dropout=lora.lora_dropout,
-                target_modules=target,
-                bias=lora.bias,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = models.apply_lora(model, config.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("%s: %s trainable of %s parameters (%.3f%%)", config.train_type, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
