@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from npu_recipes import paths, schema
+from npu_recipes import packing, paths, schema
 from npu_recipes.errors import UserError
 
 RECIPE_GROUP = "recipe"
@@ -247,6 +247,8 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
             f"dataset.val_split_ratio={config.dataset.val_split_ratio} must be in [0, 1)",
             fix="pass a fraction such as dataset.val_split_ratio=0.01",
         )
+    if train.packing:
+        packing.check_attention(config.model.attn_implementation)
     _check_positive("lora.r", config.lora.r)
     _check_positive("lora.lora_alpha", config.lora.lora_alpha)
     if not 0 <= config.lora.lora_dropout < 1:

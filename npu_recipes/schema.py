@@ -87,7 +87,9 @@ class TrainConfig:
 
     ``warmup_steps`` is a step count, or a fraction of all steps when below 1 (transformers 5).
     ``max_length`` (tokens per sample) and ``truncation_strategy`` (``drop`` or ``truncate``
-    samples longer than ``max_length``) control tokenization. ``learning_rate`` is set by the
+    samples longer than ``max_length``) control tokenization. ``packing`` concatenates training
+    samples into packs of at most ``max_length`` tokens with per-sample position ids
+    (:mod:`npu_recipes.packing`); a micro-batch is then ``per_device_train_batch_size`` packs. ``learning_rate`` is set by the
     ``train_type`` group (1e-4 LoRA, 1e-5 full) unless given.
     """
 
@@ -115,6 +117,7 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     max_length: int = 2048
     truncation_strategy: str = "drop"
+    packing: bool = False
 
 
 @dataclass

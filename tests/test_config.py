@@ -53,9 +53,14 @@ def test_seed_single_card_command_is_a_recipe_plus_overrides():
     assert (config.model.name_or_path, config.model.hub) == ("Qwen/Qwen2-7B-Instruct", "modelscope")
     assert (config.dataset.path, config.dataset.hub) == ("AI-ModelScope/blossom-math-v2", "modelscope")
     assert config.train.num_train_epochs == 5 and config.train_type == "lora"
-    assert config.train.learning_rate == 1e-4 and config.train.gradient_accumulation_steps == 16
+    assert config.train.learning_rate == 1e-4
     assert config.train.save_steps == 100 and config.train.eval_steps == 100
     assert config.dataset.val_split_ratio == 0.01
+    # Packed (docs/packing.md): one ~2048-token pack (about 11 samples) per optimizer step instead of 16
+    # single samples; the seed's exact run is two overrides away.
+    assert config.train.packing and config.train.gradient_accumulation_steps == 1
+    exact = config_module.compose(["+recipe=qwen7b_lora_single", "train.packing=false", "train.gradient_accumulation_steps=16"])
+    assert not exact.train.packing and exact.train.gradient_accumulation_steps == 16
     overridden = config_module.compose(["+recipe=qwen7b_lora_single", "train.learning_rate=2e-4", "train_type=full"])
     assert overridden.train.learning_rate == 2e-4 and overridden.train_type == "full"
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from npu_recipes import data, devices, flops, heldout, kernels, models, plots, rundir
+from npu_recipes import data, devices, flops, heldout, kernels, models, packing, plots, rundir
 from npu_recipes.callbacks import JsonlLogger, SaveAndEvaluateAtEnd
 from npu_recipes.nan_guard import NanGuard
 from npu_recipes.rundir import RunDir
@@ -99,7 +99,7 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
             attention implementation this device cannot run (:func:`npu_recipes.kernels.check`).
         RunStopped: the NaN guard stopped training (:mod:`npu_recipes.nan_guard`).
     """
-    from transformers import DataCollatorForSeq2Seq, set_seed
+    from transformers import set_seed
 
     device = devices.resolve(config.device)
     kernels.check(config.kernels, config.model.attn_implementation, device)
@@ -109,35 +109,58 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
     splits = data.prepare(
         config.dataset, tokenizer, config.train.max_length, config.train.truncation_strategy, config.train.seed
     )
+    fit(config, run_dir, device, tokenizer, splits)
+
+
+def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer, splits: data.TokenizedSplits):
+    """Train on already tokenized ``splits`` (packed when ``train.packing``) and record the run.
+
+    :func:`run` calls this after tokenizing; bench/train_throughput.py calls it with generated
+    token ids, so the benchmark measures exactly this code path.
+
+    Returns:
+        transformers' ``TrainOutput`` (``global_step``, ``training_loss``, ``metrics``).
+    """
+    from transformers import Trainer
+
     dtype = models.select_dtype(config.model, config.model.name_or_path, device)
     peak = flops.resolve_peak(config.mfu.peak_tflops, device.type, device.name(), dtype)
+    train_dataset, collator, packing_stats = packing.training_inputs(
+        splits.train.remove_columns(data.ROW_ID), tokenizer, packing=config.train.packing,
+        max_length=config.train.max_length, attn_implementation=config.model.attn_implementation,
+        ignore_index=data.IGNORE_INDEX,
+    )
     run_dir.update_manifest(
         device={"type": device.type, "count": device.count, "name": device.name(), "dtype": str(dtype).replace("torch.", ""),
                 "peak_tflops": peak.tflops, "peak_source": peak.source},
         dataset={"name": config.dataset.name, "path": config.dataset.path, "fingerprint": splits.fingerprint, **splits.counts},
+        packing=packing_stats,
     )
     if splits.held_out_rows is not None:
         heldout.write(run_dir.path, splits.held_out_rows)
     model = build_model(config, dtype)
+    if packing_stats is not None:
+        packing.adapt_model(model, config.model.attn_implementation)
     device.reset_peak_memory()
     args = training_arguments(config, run_dir, device, dtype, has_eval=splits.eval is not None)
     nan_guard = NanGuard(config.nan_guard, run_dir)
     trainer = RecipeTrainer(
         model=model,
         args=args,
-        train_dataset=splits.train.remove_columns(data.ROW_ID),
+        train_dataset=train_dataset,
         eval_dataset=None if splits.eval is None else splits.eval.remove_columns(data.ROW_ID),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX),
+        data_collator=collator,
         processing_class=tokenizer,
         # The NaN guard comes last: it cancels checkpoints that earlier callbacks ask for at a skipped step.
         callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), nan_guard],
         flops_model=flops.FlopsModel.from_model(model, model.config),
         nan_guard=nan_guard,
     )
-    trainer.train()
+    output = trainer.train()
     nan_guard.raise_if_stopped(config.train.learning_rate)
     if trainer.is_world_process_zero():
         finish(config, run_dir)
+    return output
 
 
 def _rounded(loss: Optional[float]) -> str:
