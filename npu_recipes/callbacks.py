@@ -18,9 +18,11 @@ class JsonlLogger(TrainerCallback):
 
     Training records: ``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``,
     ``tokens_per_second`` (non-padding input tokens over all ranks per wall-clock second since the
-    previous record) and ``peak_memory_gib`` (:meth:`Device.peak_memory_gib`, GiB). Evaluation
-    records carry ``eval_loss`` instead; the final record has ``type: summary``.
-    Only the world's process zero writes.
+    previous record: the Trainer gathers ``num_input_tokens_seen`` from every rank) and
+    ``peak_memory_gib`` (:meth:`Device.peak_memory_gib` in GiB, the maximum over ranks). Evaluation
+    records carry ``eval_loss`` instead; the final record has ``type: summary`` and adds
+    ``peak_memory_gib_per_rank`` (a list in rank order). Every rank takes part in the maximum (the Trainer calls ``on_log`` on all of them with the
+    same keys); only the world's process zero writes.
     """
 
     def __init__(self, run_dir: RunDir, device: Device):
@@ -34,7 +36,7 @@ class JsonlLogger(TrainerCallback):
         self._last_tokens = state.num_input_tokens_seen
 
     def on_log(self, args, state, control, logs: Dict[str, Any] | None = None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
             return
         record: Dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "eval_loss" in logs:
@@ -46,15 +48,18 @@ class JsonlLogger(TrainerCallback):
             record["type"] = "train"
             record.update({key: logs[key] for key in _TRAIN_KEYS if key in logs})
             record["tokens_per_second"] = round(tokens / elapsed, 2) if elapsed > 0 else None
-            record["peak_memory_gib"] = round(self.device.peak_memory_gib(), 4)
+            record["peak_memory_gib"] = round(max(self.device.gather_over_ranks(self.device.peak_memory_gib())), 4)
         elif "train_runtime" in logs:
             record["type"] = "summary"
             record.update(logs)
             record["num_input_tokens_seen"] = state.num_input_tokens_seen
-            record["peak_memory_gib"] = round(self.device.peak_memory_gib(), 4)
+            per_rank = [round(peak, 4) for peak in self.device.gather_over_ranks(self.device.peak_memory_gib())]
+            record["peak_memory_gib"] = max(per_rank)
+            record["peak_memory_gib_per_rank"] = per_rank
         else:
             return
-        self.run_dir.append_log(record)
+        if state.is_world_process_zero:
+            self.run_dir.append_log(record)
 
 
 class SaveAndEvaluateAtEnd(TrainerCallback):

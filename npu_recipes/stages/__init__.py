@@ -3,6 +3,10 @@
 * ``prepare(config, fresh_output_dir) -> RunDir | None``: once, in the process the user started
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
+
+A stage that can run in several processes sets ``DISTRIBUTED = True``: the runner then plans the
+launch from ``parallelism.*`` and starts torchrun workers when more than one process (or DeepSpeed)
+is asked for. Every other stage runs once, in the launching process.
 """
 
 from __future__ import annotations
