@@ -9,7 +9,6 @@ import logging
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from npu_recipes import config as config_module
@@ -27,7 +26,6 @@ def setup_logging() -> None:
 @hydra.main(version_base="1.3", config_path=str(paths.conf_dir()), config_name="config")
 def _compose_and_run(cfg: DictConfig) -> None:
     try:
-        cfg.recipe = HydraConfig.get().runtime.choices.get(config_module.RECIPE_GROUP) or "adhoc"
         fresh_output_dir = "${now:" in OmegaConf.to_container(cfg, resolve=False)["output_dir"]
         config = config_module.validate(cfg)
         runner.run(config, fresh_output_dir)
@@ -48,4 +46,8 @@ def main() -> None:
         config_module.check_overrides(args.overrides)
     except UserError as error:
         report_and_exit(error)
-    _compose_and_run()
+    try:
+        _compose_and_run()
+    except KeyboardInterrupt:
+        print("npu_recipes: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import string
 import typing
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -35,13 +37,16 @@ def register() -> None:
 
     Recipes live in the top-level ``recipes/`` directory (a name users look for) rather than in
     ``conf/recipe/``, so they are stored as the ``recipe`` group under the ``_global_`` package:
-    ``+recipe=NAME`` then works exactly like Hydra's "configuring experiments" pattern.
+    ``+recipe=NAME`` then works exactly like Hydra's "configuring experiments" pattern. Each
+    recipe's ``recipe`` key is set to its file name, so ``--cfg job`` shows it too.
     """
     schema.register()
     OmegaConf.register_new_resolver("npu_cache", lambda name: str(paths.cache_dir() / name), replace=True)
     store = ConfigStore.instance()
     for path in sorted(paths.recipes_dir().glob("*.yaml")):
-        store.store(group=RECIPE_GROUP, name=path.stem, node=OmegaConf.load(path), package="_global_")
+        node = OmegaConf.load(path)
+        node.recipe = path.stem
+        store.store(group=RECIPE_GROUP, name=path.stem, node=node, package="_global_")
 
 
 def group_options() -> Dict[str, List[str]]:
@@ -89,6 +94,15 @@ def _check_key(dotted: str) -> None:
         node_type = fields[part]
 
 
+def _check_type(dotted: str, value, text: str) -> None:
+    probe = OmegaConf.structured(schema.RecipeConfig)
+    try:
+        OmegaConf.update(probe, dotted, value, merge=True)
+    except OmegaConfBaseException as error:
+        reason = str(error).splitlines()[0]
+        raise UserError(f"{dotted}={text}: {reason}", fix=f"give {dotted} a value of the type shown by `--cfg job`") from None
+
+
 def check_overrides(overrides: List[str]) -> None:
     """Check command-line overrides against the schema and the config groups before Hydra composes.
 
@@ -127,21 +141,61 @@ def check_overrides(overrides: List[str]) -> None:
                     )
             continue
         _check_key(key)
+        if not override.is_sweep_override():
+            _check_type(key, override.value(), override.get_value_element_as_str())
+
+
+def _reject_choice(dotted: str, value: str, allowed: tuple) -> None:
+    raise UserError(
+        f"{dotted}={value!r} is not valid{_closest(value, allowed)}; choose one of: {', '.join(allowed)}",
+        fix=f"pass {dotted}=<one of the choices above>",
+    )
 
 
 def _check_choice(dotted: str, value: str) -> None:
     allowed = schema.CHOICES[dotted]
     if value not in allowed:
-        raise UserError(
-            f"{dotted}={value!r} is not valid{_closest(value, allowed)}; choose one of: {', '.join(allowed)}",
-            fix=f"pass {dotted}=<one of the choices above>",
-        )
+        _reject_choice(dotted, value, allowed)
 
 
 def _check_positive(name: str, value, minimum=0, inclusive=False) -> None:
-    if value < minimum or (value == minimum and not inclusive):
+    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
         sign = ">=" if inclusive else ">"
         raise UserError(f"{name}={value} must be {sign} {minimum}", fix=f"pass {name} with a value {sign} {minimum}")
+
+
+def _scheduler_types() -> List[str]:
+    from transformers.trainer_utils import SchedulerType
+
+    return [member.value for member in SchedulerType]
+
+
+def _optimizer_names() -> List[str]:
+    from transformers.training_args import OptimizerNames
+
+    return [member.value for member in OptimizerNames]
+
+
+def _check_choice_from_library(dotted: str, value: str, allowed: List[str]) -> None:
+    if value not in allowed:
+        raise UserError(
+            f"{dotted}={value!r} is not valid{_closest(value, allowed)}; choose one of: {', '.join(allowed)}",
+            fix=f"pass {dotted}=<one of the choices above> (transformers' names)",
+        )
+
+
+def _check_templates(dataset: schema.DatasetConfig) -> None:
+    for key in ("system_template", "user_template", "assistant_template"):
+        template = getattr(dataset, key)
+        if template is None:
+            continue
+        try:
+            list(string.Formatter().parse(template))
+        except ValueError as error:
+            raise UserError(
+                f"dataset.{key}={template!r} is not a valid str.format template ({error})",
+                fix="write columns as {column}; double literal braces as {{ and }}",
+            ) from None
 
 
 def validate(cfg: DictConfig) -> schema.RecipeConfig:
@@ -170,11 +224,24 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     _check_positive("train.max_length", train.max_length, minimum=8, inclusive=True)
     if config.dataset.max_samples is not None:
         _check_positive("dataset.max_samples", config.dataset.max_samples)
-    if train.max_steps <= 0 and train.num_train_epochs <= 0:
+    if train.max_steps == 0 or train.max_steps < -1:
         raise UserError(
-            "train.num_train_epochs and train.max_steps are both unset or zero: nothing to train",
-            fix="pass train.num_train_epochs=N or train.max_steps=N",
+            f"train.max_steps={train.max_steps} is neither a step count nor -1 (train by epochs)",
+            fix="pass train.max_steps=N with N > 0, or train.max_steps=-1 and train.num_train_epochs=N",
         )
+    if train.max_steps == -1:
+        _check_positive("train.num_train_epochs", train.num_train_epochs)
+    _check_choice_from_library("train.lr_scheduler_type", train.lr_scheduler_type, _scheduler_types())
+    _check_choice_from_library("train.optim", train.optim, _optimizer_names())
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(train, name)
+        if not 0 <= value < 1:
+            raise UserError(f"train.{name}={value} must be in [0, 1)", fix=f"pass e.g. train.{name}=0.9")
+    for name in ("warmup_steps", "weight_decay", "max_grad_norm", "seed", "dataloader_num_workers"):
+        _check_positive(f"train.{name}", getattr(train, name), inclusive=True)
+    _check_templates(config.dataset)
+    if not str(config.dataset.path).strip():
+        raise UserError("dataset.path is empty", fix="pass dataset.path=FILE or a hub id")
     if not 0 <= config.dataset.val_split_ratio < 1:
         raise UserError(
             f"dataset.val_split_ratio={config.dataset.val_split_ratio} must be in [0, 1)",
@@ -185,6 +252,13 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     if not 0 <= config.lora.lora_dropout < 1:
         raise UserError(f"lora.lora_dropout={config.lora.lora_dropout} must be in [0, 1)", fix="pass e.g. lora.lora_dropout=0.05")
     _check_parallelism(config, timestamped_output_dir="${now:" in str(OmegaConf.to_container(cfg, resolve=False)["output_dir"]))
+    _check_positive("nan_guard.max_consecutive_bad_steps", config.nan_guard.max_consecutive_bad_steps)
+    if config.mfu.peak_tflops is not None:
+        _check_positive("mfu.peak_tflops", config.mfu.peak_tflops)
+    if config.dataset.answer_format is not None and config.dataset.answer_format not in schema.ANSWER_FORMATS:
+        _reject_choice("dataset.answer_format", config.dataset.answer_format, schema.ANSWER_FORMATS)
+    _validate_infer(config.infer)
+    _validate_serve(config.serve)
     return config
 
 
@@ -246,6 +320,48 @@ def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool
             )
 
 
+def _validate_infer(infer: schema.InferConfig) -> None:
+    """Ranges of the generation options (as transformers ``GenerationConfig.validate`` expects them)."""
+    _check_positive("infer.max_new_tokens", infer.max_new_tokens)
+    _check_positive("infer.batch_size", infer.batch_size)
+    if infer.max_samples is not None:
+        _check_positive("infer.max_samples", infer.max_samples)
+    if infer.temperature is not None:
+        _check_positive("infer.temperature", infer.temperature)
+    if infer.top_k is not None:
+        _check_positive("infer.top_k", infer.top_k)
+    if infer.repetition_penalty is not None:
+        _check_positive("infer.repetition_penalty", infer.repetition_penalty)
+    if infer.top_p is not None and not 0 < infer.top_p <= 1:
+        raise UserError(f"infer.top_p={infer.top_p} must be in (0, 1]", fix="pass e.g. infer.top_p=0.8")
+    sampling = [f"infer.{key}" for key in ("temperature", "top_p", "top_k") if getattr(infer, key) is not None]
+    if sampling and not infer.do_sample:
+        raise UserError(
+            f"sampling options are set ({', '.join(sampling)}) but infer.do_sample=false (greedy decoding ignores them)",
+            fix="add infer.do_sample=true to sample, or drop those options for greedy decoding",
+        )
+
+
+def _validate_serve(serve: schema.ServeConfig) -> None:
+    if not 0 <= serve.port <= 65535:
+        raise UserError(f"serve.port={serve.port} is not a TCP port", fix="pass serve.port=N with 1 <= N <= 65535 (0 picks a free port)")
+    _check_positive("serve.max_batch_size", serve.max_batch_size)
+    _check_positive("serve.batch_wait_ms", serve.batch_wait_ms, inclusive=True)
+    _check_positive("serve.default_max_tokens", serve.default_max_tokens)
+    _check_positive("serve.max_tokens_limit", serve.max_tokens_limit)
+    if serve.default_max_tokens > serve.max_tokens_limit:
+        raise UserError(
+            f"serve.default_max_tokens={serve.default_max_tokens} exceeds serve.max_tokens_limit={serve.max_tokens_limit}",
+            fix="lower serve.default_max_tokens or raise serve.max_tokens_limit",
+        )
+    if serve.max_model_len is not None:
+        _check_positive("serve.max_model_len", serve.max_model_len)
+    if serve.timeout_graceful_shutdown is not None:
+        _check_positive("serve.timeout_graceful_shutdown", serve.timeout_graceful_shutdown)
+    if serve.api_key is not None and not serve.api_key.strip():
+        raise UserError("serve.api_key is empty", fix="pass a non-empty key, or leave serve.api_key unset to serve without authentication")
+
+
 def load_resolved(path: Path) -> schema.RecipeConfig:
     """Load a run directory's ``resolved.yaml`` back into a typed :class:`RecipeConfig`.
 
@@ -275,6 +391,4 @@ def compose(overrides: List[str]) -> schema.RecipeConfig:
     check_overrides(overrides)
     with initialize_config_dir(version_base="1.3", config_dir=str(paths.conf_dir()), job_name="npu_recipes"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
-    recipes = [o.split("=", 1)[1] for o in overrides if o.startswith(f"+{RECIPE_GROUP}=")]
-    cfg.recipe = recipes[-1] if recipes else "adhoc"
     return validate(cfg)

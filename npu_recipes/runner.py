@@ -7,7 +7,7 @@ from types import ModuleType
 from typing import Optional
 
 from npu_recipes import launch, rundir, stages
-from npu_recipes.errors import EXIT_USER_ERROR, UserError
+from npu_recipes.errors import EXIT_USER_ERROR, RunStopped, UserError
 from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
 
@@ -15,10 +15,10 @@ from npu_recipes.schema import RecipeConfig
 def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     """Plan the launch, prepare once, then run ``config.stage``.
 
-    One process without DeepSpeed, or a stage that is not ``DISTRIBUTED``, runs here; anything else
+    A stage marked ``IN_LAUNCHER_ONLY``, or one process without DeepSpeed, runs here; anything else
     starts torchrun workers (:mod:`npu_recipes.launch`), each of which loads the ``resolved.yaml``
-    written by prepare. Every check that needs no worker (the environment, visible devices, the device's runtime)
-    happens before prepare, so such a mistake leaves no run directory.
+    written by prepare. Every check that needs no worker (the environment, visible devices, the
+    device's runtime) happens before prepare, so such a mistake leaves no run directory.
 
     Args:
         config: the validated, resolved config.
@@ -31,7 +31,7 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
             (128 + the signal's number).
     """
     stage = stages.load(config.stage)
-    plan = launch.plan(config) if getattr(stage, "DISTRIBUTED", False) else None
+    plan = None if getattr(stage, "IN_LAUNCHER_ONLY", False) else launch.plan(config)
     run_dir = stage.prepare(config, fresh_output_dir)
     if plan is None or plan.in_process or run_dir is None:
         run_stage(stage, config, run_dir)
@@ -54,17 +54,19 @@ def run_stage(stage: ModuleType, config: RecipeConfig, run_dir: Optional[RunDir]
 
     When the stage fails and ``records_failure`` is set (the single process, or rank 0 of a
     torchrun job), the manifest says ``failed`` with the reason; a run that failed on bad input
-    before its first checkpoint leaves no directory at all.
+    before its first checkpoint leaves no directory at all; a run that stopped itself
+    (:class:`RunStopped`) keeps its directory and records.
     """
     try:
         stage.run(config, run_dir)
     except UserError as error:
         if run_dir is not None and records_failure:
             run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=str(error))
-            run_dir.discard_if_empty_of_results()
+            if not isinstance(error, RunStopped):
+                run_dir.discard_if_empty_of_results()
         raise
     except BaseException as error:
         if run_dir is not None and records_failure:
-            reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            reason = "interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
             run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=reason)
         raise

@@ -86,6 +86,16 @@ def test_defaults_equal_swift_sft():
         ("train.truncation_strategy=cut", "choose one of: drop, truncate"),
         ("train.gradient_accumulation_steps=0", "must be > 0"),
         ("dataset.val_split_ratio=1.5", "must be in [0, 1)"),
+        ("train.learning_rate=nan", "must be > 0"),
+        ("train.learning_rate=abc", "train.learning_rate=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        ("model.name_or_path=null", "model.name_or_path=null"),
+        ("train.max_steps=0", "neither a step count nor -1"),
+        ("train.lr_scheduler_type=cosin", "did you mean 'cosine'"),
+        ("train.optim=adamw", "train.optim='adamw' is not valid"),
+        ("train.adam_beta2=2", "must be in [0, 1)"),
+        ("lora.bias=bogus", "choose one of: none, all, lora_only"),
+        ("model.attn_implementation=flash", "model.attn_implementation='flash' is not valid"),
+        ('dataset.user_template="{question"', "not a valid str.format template"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_closest_match(override, expected):

@@ -4,9 +4,10 @@
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
 
-A stage that can run in several processes sets ``DISTRIBUTED = True``: the runner then plans the
-launch from ``parallelism.*`` and starts torchrun workers when more than one process (or DeepSpeed)
-is asked for. Every other stage runs once, in the launching process.
+A stage that sets ``IN_LAUNCHER_ONLY = True`` (doctor, merge, infer, serve) runs once in the
+launching process whatever ``parallelism`` or ``NPROC_PER_NODE`` say; it is never started as N workers.
+Any other stage (train) is planned from ``parallelism.*`` and started as torchrun workers when more
+than one process, or DeepSpeed, is asked for (:mod:`npu_recipes.launch`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from types import ModuleType
 
 from npu_recipes.errors import UserError
 
-STAGE_MODULES = {"train": "npu_recipes.stages.train"}
+STAGE_MODULES = {
+    "train": "npu_recipes.stages.train",
+    "doctor": "npu_recipes.stages.doctor",
+    "merge": "npu_recipes.stages.merge",
+    "infer": "npu_recipes.stages.infer",
+    "serve": "npu_recipes.stages.serve",
+}
 
 
 def load(name: str) -> ModuleType:

@@ -16,15 +16,14 @@ from typing import Optional
 
 import torch
 
-from npu_recipes import data, deepspeed_config, devices, launch, models, plots, rundir
+from npu_recipes import data, deepspeed_config, devices, flops, heldout, kernels, launch, models, plots, rundir
 from npu_recipes.callbacks import JsonlLogger, SaveAndEvaluateAtEnd
+from npu_recipes.nan_guard import NanGuard
 from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
+from npu_recipes.trainer import RecipeTrainer
 
 log = logging.getLogger(__name__)
-
-DISTRIBUTED = True
-"""Runs in every torchrun worker when ``parallelism`` asks for several processes or DeepSpeed."""
 
 # train.* keys passed to TrainingArguments under the same name.
 TRAINING_ARGUMENT_KEYS = (
@@ -88,6 +87,7 @@ def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.De
         include_num_input_tokens_seen="non_padding",
         prediction_loss_only=True,
         report_to=report_to,
+        **kernels.training_arguments(config.kernels),
     )
 
 
@@ -97,7 +97,7 @@ def _numel(parameter: torch.nn.Parameter) -> int:
 
 
 def build_model(config: RecipeConfig, dtype: torch.dtype):
-    """Load the base model; wrap it with PEFT LoRA for ``train_type=lora``."""
+    """Load the base model; wrap it with PEFT LoRA for ``train_type=lora``; apply ``kernels=npu``."""
     model = models.load_model(config.model, config.model.name_or_path, dtype)
     model.config.use_cache = False
     if config.train_type == "lora":
@@ -116,6 +116,7 @@ def build_model(config: RecipeConfig, dtype: torch.dtype):
                 task_type="CAUSAL_LM",
             ),
         )
+    kernels.apply(config.kernels, model)
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in model.parameters())
     log.info("%s: %s trainable of %s parameters (%.3f%%)", config.train_type, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -126,11 +127,14 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
     """Fine-tune ``config.model`` on ``config.dataset`` and record everything in ``run_dir``.
 
     Raises:
-        UserError: bad data or model settings (see :func:`npu_recipes.data.prepare`).
+        UserError: bad data or model settings (see :func:`npu_recipes.data.prepare`), a kernel or
+            attention implementation this device cannot run (:func:`npu_recipes.kernels.check`).
+        RunStopped: the NaN guard stopped training (:mod:`npu_recipes.nan_guard`).
     """
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import DataCollatorForSeq2Seq
 
     device = devices.resolve(config.device)
+    kernels.check(config.kernels, config.model.attn_implementation, device)
     placement = devices.process_placement()
     device.init_process_group(config.parallelism.ddp_timeout, deepspeed_config.uses_deepspeed(config.parallelism))
     device.seed(config.train.seed)
@@ -138,27 +142,40 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
     tokenizer.padding_side = "right"
     splits = tokenized_splits(config, tokenizer)
     dtype = models.select_dtype(config.model, config.model.name_or_path, device)
+    peak = flops.resolve_peak(config.mfu.peak_tflops, device.type, device.name(), dtype)
     if placement.rank == 0:
         run_dir.update_manifest(
             device={"type": device.type, "count": device.count, "name": device.name(), "dtype": str(dtype).replace("torch.", ""),
-                    "world_size": placement.world_size},
+                    "world_size": placement.world_size, "peak_tflops": peak.tflops, "peak_source": peak.source},
             dataset={"name": config.dataset.name, "path": config.dataset.path, "fingerprint": splits.fingerprint, **splits.counts},
         )
+        if splits.held_out_rows is not None:
+            heldout.write(run_dir.path, splits.held_out_rows)
+    # Before the model: under ZeRO-3 the arguments make from_pretrained load weights already partitioned.
     args = training_arguments(config, run_dir, device, dtype, has_eval=splits.eval is not None)
     model = build_model(config, dtype)
     device.reset_peak_memory()
-    trainer = Trainer(
+    nan_guard = NanGuard(config.nan_guard, run_dir)
+    trainer = RecipeTrainer(
         model=model,
         args=args,
         train_dataset=splits.train.remove_columns(data.ROW_ID),
         eval_dataset=None if splits.eval is None else splits.eval.remove_columns(data.ROW_ID),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX),
         processing_class=tokenizer,
-        callbacks=[JsonlLogger(run_dir, device), SaveAndEvaluateAtEnd()],
+        # The NaN guard comes last: it cancels checkpoints that earlier callbacks ask for at a skipped step.
+        callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), nan_guard],
+        flops_model=flops.FlopsModel.from_model(model, model.config),
+        nan_guard=nan_guard,
     )
     trainer.train()
+    nan_guard.raise_if_stopped(config.train.learning_rate)
     if trainer.is_world_process_zero():
         finish(config, run_dir)
+
+
+def _rounded(loss: Optional[float]) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
 
 
 def finish(config: RecipeConfig, run_dir: RunDir) -> None:
@@ -170,20 +187,26 @@ def finish(config: RecipeConfig, run_dir: RunDir) -> None:
     summary = next((r for r in reversed(records) if r.get("type") == "summary"), {})
     checkpoints = run_dir.checkpoints()
     metrics = {
-        "steps": train_records[-1]["step"] if train_records else 0,
+        "steps": summary.get("step", train_records[-1]["step"] if train_records else 0),
         "first_loss": train_records[0]["loss"] if train_records else None,
         "last_loss": train_records[-1]["loss"] if train_records else None,
         "last_eval_loss": eval_records[-1]["eval_loss"] if eval_records else None,
         "train_runtime_s": summary.get("train_runtime"),
         "num_input_tokens_seen": summary.get("num_input_tokens_seen"),
         "peak_memory_gib": summary.get("peak_memory_gib"),
+        "model_tflops": summary.get("model_tflops"),
+        "mfu": summary.get("mfu"),
+        "skipped_steps": sum(1 for r in records if r.get("type") == "skipped_step"),
         "last_checkpoint": str(checkpoints[-1]) if checkpoints else None,
     }
     run_dir.update_manifest(status="completed", finished_at=rundir.now(), final_metrics=metrics)
     print(
         f"\nrun directory: {run_dir.path}\n"
         f"checkpoint:    {metrics['last_checkpoint']}\n"
-        f"loss:          first {metrics['first_loss']} -> last {metrics['last_loss']}"
-        + (f" (eval {metrics['last_eval_loss']:.4f})" if metrics["last_eval_loss"] is not None else ""),
+        f"loss:          first {_rounded(metrics['first_loss'])} -> last {_rounded(metrics['last_loss'])}"
+        + (f" (eval {metrics['last_eval_loss']:.4f})" if metrics["last_eval_loss"] is not None else "")
+        + f"\nthroughput:    {metrics['model_tflops']} model TFLOP/s per device, MFU "
+        + (f"{100 * metrics['mfu']:.1f}%" if metrics["mfu"] is not None else "n/a (no peak: see docs/mfu.md)")
+        + (f"\nskipped steps: {metrics['skipped_steps']} (non-finite loss or grad norm)" if metrics["skipped_steps"] else ""),
         flush=True,
     )

@@ -1,0 +1,190 @@
+"""Loading a model for generation: a base model, a merged model, or a base plus PEFT adapters.
+
+Shared by the merge, infer and serve stages. With ``adapters`` set, the base model is the one the
+adapter was trained on: taken from the training run's ``resolved.yaml`` (the checkpoint's parent
+directory) when there is one, else from the adapter's ``adapter_config.json``
+(``base_model_name_or_path``). A run that used a local or built model is therefore never downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+
+from npu_recipes import config as config_module
+from npu_recipes import models, rundir
+from npu_recipes.devices import Device
+from npu_recipes.errors import UserError
+from npu_recipes.schema import ModelConfig, RecipeConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+TRAINING_RUN_KEY = "training_run"
+"""Key of a merged model's manifest.json naming the training run its adapter came from."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One PEFT adapter checkpoint: its PEFT adapter name and absolute directory."""
+
+    name: str
+    path: Path
+
+    @property
+    def run_dir(self) -> Optional[Path]:
+        """The training run directory holding this checkpoint (it has resolved.yaml), if any."""
+        parent = self.path.parent
+        return parent if (parent / rundir.RESOLVED).is_file() else None
+
+    @property
+    def base_model_name_or_path(self) -> str:
+        """``base_model_name_or_path`` from adapter_config.json."""
+        return json.loads((self.path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
+def _safe_name(text: str) -> str:
+    # PEFT adapter names become torch ModuleDict keys, which may not contain dots.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+def _checked_adapter(name: str, raw_path: Any) -> Adapter:
+    path = Path(str(raw_path)).expanduser().absolute()
+    if not path.is_dir():
+        raise UserError(f"adapters: {path} does not exist", fix="pass adapters=RUN_DIR/checkpoint-N of a LoRA training run")
+    if not (path / ADAPTER_CONFIG).is_file():
+        if (path / "config.json").is_file():
+            raise UserError(
+                f"adapters: {path} is a full model checkpoint, not a PEFT adapter (it has config.json, no {ADAPTER_CONFIG})",
+                fix=f"load it as the model instead: model.name_or_path={path}",
+            )
+        raise UserError(
+            f"adapters: {path} holds no adapter files ({ADAPTER_CONFIG} is missing)",
+            fix="pass the checkpoint-N directory of a LoRA run (it holds adapter_config.json and adapter_model.safetensors)",
+        )
+    return Adapter(name=_safe_name(name), path=path)
+
+
+def parse_adapters(value: Any) -> List[Adapter]:
+    """Normalise the ``adapters`` key into a checked list of :class:`Adapter`.
+
+    Accepts None (no adapter), one path (named ``default``), a list of paths (named after their
+    checkpoint directories, made unique), or a name -> path mapping (names kept, made PEFT-safe).
+
+    Raises:
+        UserError: a path does not exist, is a full checkpoint, or holds no adapter files.
+    """
+    if value in (None, "", [], {}):
+        return []
+    if isinstance(value, (str, Path)):
+        return [_checked_adapter("default", value)]
+    if isinstance(value, dict):
+        return [_checked_adapter(str(name), path) for name, path in value.items()]
+    adapters, seen = [], set()
+    for raw_path in value:
+        name = base = _safe_name(Path(str(raw_path)).name)
+        suffix = 2
+        while name in seen:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        seen.add(name)
+        adapters.append(_checked_adapter(name, raw_path))
+    return adapters
+
+
+def base_model_config(config: RecipeConfig, adapters: List[Adapter]) -> ModelConfig:
+    """The model to load under ``adapters``: the adapters' training run's model, else ``config.model``.
+
+    Raises:
+        UserError: the adapters were trained on different base models (names both).
+    """
+    if not adapters:
+        return config.model
+    bases = {adapter.base_model_name_or_path for adapter in adapters}
+    if len(bases) > 1:
+        listed = "; ".join(f"{a.path} was trained on {a.base_model_name_or_path}" for a in adapters)
+        raise UserError(f"adapters do not share one base model: {listed}", fix="serve or stack only adapters of the same base model")
+    first = adapters[0]
+    if first.run_dir is not None:
+        return config_module.load_resolved(first.run_dir / rundir.RESOLVED).model
+    return ModelConfig(
+        name_or_path=first.base_model_name_or_path,
+        hub=config.model.hub,
+        torch_dtype=config.model.torch_dtype,
+        trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation,
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for ``generate``: on its device, in eval mode, tokenizer padding on the left.
+
+    ``model`` is a ``PeftModel`` when ``adapters`` is non-empty (every adapter loaded under its
+    name, the first one active), else the plain ``PreTrainedModel``.
+    """
+
+    model: Any
+    tokenizer: Any
+    base: ModelConfig
+    adapters: List[Adapter] = field(default_factory=list)
+
+
+def training_run_dir(config: RecipeConfig) -> Optional[Path]:
+    """The training run behind the model ``config`` loads, or None when there is none.
+
+    In order: the (first) adapter's run directory; for a merged model, the run its manifest.json
+    names (``training_run``, written by the merge stage); for a full fine-tuning checkpoint
+    (``model.name_or_path=RUN/checkpoint-N``), its parent when that holds resolved.yaml.
+
+    Raises:
+        UserError: as :func:`parse_adapters`.
+    """
+    adapters = parse_adapters(config.adapters)
+    if adapters:
+        return adapters[0].run_dir
+    model_dir = Path(str(config.model.name_or_path)).expanduser().absolute()
+    if not model_dir.is_dir():
+        return None
+    recorded = rundir.RunDir(model_dir).read_manifest().get(TRAINING_RUN_KEY)
+    if recorded:
+        return Path(recorded)
+    return model_dir.parent if (model_dir.parent / rundir.RESOLVED).is_file() else None
+
+
+def load(config: RecipeConfig, device: Device, local_rank: int = 0, dtype: Optional[torch.dtype] = None) -> LoadedModel:
+    """Load the base (or merged) model named by ``config`` plus its ``adapters`` for generation.
+
+    ``dtype`` overrides the weights' dtype (default :func:`models.select_dtype`: fp32 on CPU,
+    the checkpoint's dtype on accelerators).
+
+    Raises:
+        UserError: as :func:`parse_adapters`, :func:`base_model_config` and :func:`models.resolve_path`.
+    """
+    adapters = parse_adapters(config.adapters)
+    base = base_model_config(config, adapters)
+    path = models.resolve_path(base)
+    tokenizer = models.load_tokenizer(base, path)
+    tokenizer.padding_side = "left"
+    model = models.load_model(base, path, dtype or models.select_dtype(base, path, device))
+    if adapters:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name=adapters[0].name)
+        for adapter in adapters[1:]:
+            model.load_adapter(str(adapter.path), adapter_name=adapter.name)
+        model.set_adapter(adapters[0].name)
+    model.to(device.torch_device(local_rank)).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, base=base, adapters=adapters)
+
+
+def stack_adapters(loaded: LoadedModel) -> None:
+    """Make every loaded adapter active at once, so their LoRA deltas add up (as the merge stage
+    merges them); with one adapter or none this changes nothing.
+
+    The infer stage stacks; the serve stage keeps one adapter active per request instead.
+    """
+    if len(loaded.adapters) > 1:
+        loaded.model.base_model.set_adapter([a.name for a in loaded.adapters], inference_mode=True)

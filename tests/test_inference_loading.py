@@ -1,0 +1,46 @@
+"""Loading base models and adapters for generation (shared by merge, infer and serve)."""
+
+from __future__ import annotations
+
+import pytest
+
+from npu_recipes import config as config_module
+from npu_recipes import devices, inference
+from npu_recipes.errors import UserError
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("lora") / "run"
+    result = run_cli("device=cpu", "train.max_steps=2", "train.gradient_accumulation_steps=1",
+                     "dataset.val_split_ratio=0", f"output_dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_adapter_loads_on_the_base_of_its_run(lora_run):
+    config = config_module.compose(["device=cpu", "model=qwen2_7b_instruct", f"adapters={lora_run}/checkpoint-2"])
+    loaded = inference.load(config, devices.resolve("cpu"))
+    assert loaded.base.name_or_path.endswith("tiny_qwen2-v1")
+    assert [a.name for a in loaded.adapters] == ["default"]
+    assert loaded.model.active_adapter == "default"
+    assert loaded.tokenizer.padding_side == "left"
+
+
+def test_named_adapters_keep_their_names(lora_run):
+    adapters = inference.parse_adapters({"math.v1": f"{lora_run}/checkpoint-2", "other": f"{lora_run}/checkpoint-2"})
+    assert [a.name for a in adapters] == ["math_v1", "other"]
+    listed = inference.parse_adapters([f"{lora_run}/checkpoint-2", f"{lora_run}/checkpoint-2"])
+    assert [a.name for a in listed] == ["checkpoint-2", "checkpoint-2_2"]
+
+
+def test_bad_adapter_paths_say_what_to_do(tmp_path, tiny_model_path):
+    with pytest.raises(UserError, match="does not exist"):
+        inference.parse_adapters(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="is a full model checkpoint"):
+        inference.parse_adapters(str(tiny_model_path))
+    with pytest.raises(UserError, match="holds no adapter files"):
+        inference.parse_adapters(str(tmp_path))
