@@ -16,7 +16,8 @@ from npu_recipes import paths, runner
 from npu_recipes.errors import UserError, report_and_exit
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """Log INFO and above to stderr as `HH:MM:SS LEVEL logger: message`, quieting chatty libraries."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -38,7 +39,7 @@ def main() -> None:
 
     if len(sys.argv) == 1:
         sys.argv.append("+recipe=demo")
-    _setup_logging()
+    setup_logging()
     config_module.register()
     args = get_args_parser().parse_args(sys.argv[1:])
     try:

@@ -144,7 +144,8 @@ def load_tokenizer(model: ModelConfig, path: str):
 
 
 def load_model(model: ModelConfig, path: str, dtype: torch.dtype):
-    """Load ``AutoModelForCausalLM`` weights from ``path`` in ``dtype`` on the CPU (the Trainer moves them)."""
+    """Load ``AutoModelForCausalLM`` weights from ``path`` in ``dtype``: on the CPU (the Trainer moves them), or
+    spread over the visible devices by ``model.device_map`` (e.g. ``auto``) when that is set."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -154,6 +155,7 @@ def load_model(model: ModelConfig, path: str, dtype: torch.dtype):
             attn_implementation=model.attn_implementation,
             trust_remote_code=model.trust_remote_code,
             revision=model.revision,
+            device_map=model.device_map,
         )
     except OSError as error:
         raise UserError(

@@ -18,6 +18,7 @@ STAGES = ("train", "doctor", "merge", "infer", "serve")
 DEVICES = ("auto", "npu", "cuda", "cpu")
 TRAIN_TYPES = ("lora", "full")
 PARALLELISMS = ("single", "ddp", "zero2", "zero3", "zero3_offload")
+OFFLOAD_DEVICES = ("none", "cpu")
 MODEL_HUBS = ("huggingface", "modelscope")
 DATASET_HUBS = ("local", "huggingface", "modelscope")
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -35,7 +36,9 @@ class ModelConfig:
     """``model/`` group: which base model to load and how.
 
     ``builder`` names a local builder (see :mod:`npu_recipes.models`) that creates the model at
-    ``name_or_path`` on first use; hub models leave it unset.
+    ``name_or_path`` on first use; hub models leave it unset. ``device_map`` is ``from_pretrained``'s:
+    null lets the Trainer place the model on this process's device; ``auto`` spreads one model over
+    every visible device (one process only: it cannot be combined with DDP or DeepSpeed).
     """
 
     name_or_path: str = MISSING
@@ -45,6 +48,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
     builder: Optional[str] = None
+    device_map: Optional[str] = None
 
 
 @dataclass
@@ -179,14 +183,27 @@ class InferConfig:
 
 @dataclass
 class ParallelismConfig:
-    """``parallelism/`` group: how many processes, on how many nodes (torchrun's arguments)."""
+    """``parallelism/`` group: how many processes on how many nodes, and how they share the model.
+
+    ``nproc_per_node``, ``nnodes``, ``node_rank``, ``master_addr`` and ``master_port`` are torchrun's
+    arguments (``master_port: null`` lets torchrun pick a free port on a single node).
+    ``zero_stage`` is DeepSpeed's ``zero_optimization.stage`` (null: no DeepSpeed; several processes
+    then run DDP). ``offload_optimizer_device`` and ``offload_param_device`` are DeepSpeed's
+    ``offload_optimizer.device`` / ``offload_param.device`` (``none`` or ``cpu``; parameters only
+    with stage 3). ``ddp_timeout`` (seconds, transformers' name) bounds every collective of the
+    process group (HCCL, NCCL or gloo), e.g. ranks waiting at a barrier for a slow one.
+    """
 
     name: str = "single"
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: Optional[int] = None
+    zero_stage: Optional[int] = None
+    offload_optimizer_device: str = "none"
+    offload_param_device: str = "none"
+    ddp_timeout: int = 1800
 
 
 @dataclass
@@ -296,6 +313,8 @@ CHOICES: Dict[str, tuple] = {
     "model.torch_dtype": TORCH_DTYPES,
     "dataset.hub": DATASET_HUBS,
     "train.truncation_strategy": TRUNCATION_STRATEGIES,
+    "parallelism.offload_optimizer_device": OFFLOAD_DEVICES,
+    "parallelism.offload_param_device": OFFLOAD_DEVICES,
     "lora.bias": LORA_BIASES,
     "model.attn_implementation": ATTN_IMPLEMENTATIONS,
     "kernels": KERNELS,

@@ -6,6 +6,8 @@
 
 A stage that sets ``IN_LAUNCHER_ONLY = True`` (doctor, merge, infer, serve) runs once in the
 launching process whatever ``parallelism`` or ``NPROC_PER_NODE`` say; it is never started as N workers.
+Any other stage (train) is planned from ``parallelism.*`` and started as torchrun workers when more
+than one process, or DeepSpeed, is asked for (:mod:`npu_recipes.launch`).
 """
 
 from __future__ import annotations
