@@ -30,6 +30,8 @@ class Target:
             steps tensor by tensor.
         overhead_gib: allocations no formula covers (kernel workspaces, RoPE caches, the batch),
             GiB; fitted to the measurements in bench/results/ (see docs/memory.md).
+        overlap_comm: DeepSpeed overlaps communication with computation here (npu_recipes'
+            generated config turns it on for accelerators), which holds more bucket memory.
         auto_dtype: the dtype ``model.torch_dtype=auto`` loads in here, or None for the
             checkpoint's own (every listed accelerator computes bf16 natively; the CPU trains in
             fp32, as :func:`npu_recipes.models.select_dtype` decides).
@@ -44,6 +46,7 @@ class Target:
     fused_dropout: bool
     foreach_optimizer: bool
     overhead_gib: float
+    overlap_comm: bool
     auto_dtype: str | None
     source: str
 
@@ -56,11 +59,11 @@ _NVIDIA_SOURCE = "NVIDIA's nominal memory; about 1.5 GiB goes to the driver's re
 
 
 def _ascend(model: str, memory_gib: float) -> Target:
-    return Target(f"ascend_{model.lower()}", f"Ascend {model}", "npu", memory_gib, 3.3, True, True, 0.25, None, _NPU_SOURCE)
+    return Target(f"ascend_{model.lower()}", f"Ascend {model}", "npu", memory_gib, 3.3, True, True, 0.25, True, None, _NPU_SOURCE)
 
 
 def _nvidia(name: str, label: str, memory_gib: float) -> Target:
-    return Target(name, label, "cuda", memory_gib, 1.5, True, True, 0.25, None, _NVIDIA_SOURCE)
+    return Target(name, label, "cuda", memory_gib, 1.5, True, True, 0.25, True, None, _NVIDIA_SOURCE)
 
 
 TARGETS: Dict[str, Target] = {
@@ -74,7 +77,7 @@ TARGETS: Dict[str, Target] = {
         _nvidia("a100_80gb", "NVIDIA A100 80GB", 80.0),
         _nvidia("h100_80gb", "NVIDIA H100 80GB", 80.0),
         _nvidia("h200", "NVIDIA H200", 141.0),
-        Target("cpu", "CPU (host RAM)", "cpu", None, 0.0, False, False, 0.0, "float32", "physical RAM of the machine running the plan"),
+        Target("cpu", "CPU (host RAM)", "cpu", None, 0.0, False, False, 0.0, False, "float32", "physical RAM of the machine running the plan"),
     )
 }
 """Every ``plan.target`` choice except ``auto``, by name."""

@@ -41,25 +41,33 @@ def write_with(path: Path, writer: Callable[[Path], None]) -> None:
             temporary.unlink()
 
 
-def publish_directory(build: Callable[[Path], None], target: Path) -> bool:
+def publish_directory(build: Callable[[Path], None], target: Path, replace: bool = False) -> bool:
     """Build a directory under a temporary name beside ``target`` and rename it into place.
 
     Returns False (and discards the new build) when another process published ``target`` first,
-    so concurrent builders of the same cached artefact are safe.
+    so concurrent builders of the same cached artefact are safe. With ``replace=True`` an existing
+    ``target`` is moved aside only once the new build is complete, then deleted: readers see the
+    old directory or the new one, never a partial one.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.building-{os.getpid()}")
+    retired = target.with_name(f".{target.name}.replaced-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         build(staging)
+        if replace and target.exists():
+            os.rename(target, retired)
         try:
             os.rename(staging, target)
         except OSError:
+            if retired.exists() and not target.exists():
+                os.rename(retired, target)
             if target.is_dir():
                 return False
             raise
         return True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)

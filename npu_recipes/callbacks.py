@@ -2,39 +2,67 @@
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from transformers import TrainerCallback
 
+from npu_recipes import flops
 from npu_recipes.devices import Device
 from npu_recipes.rundir import RunDir
 
-_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm")
+_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "skipped_steps")
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value``, or None for an inf/NaN float (which strict JSON cannot hold)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _significant(value: Optional[float], digits: int = 4) -> Optional[float]:
+    return None if value is None else float(f"{value:.{digits}g}")
 
 
 class JsonlLogger(TrainerCallback):
     """Append one record per logging step, evaluation and end of training to ``logging.jsonl``.
 
-    Training records: ``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``,
+    Training records: ``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``, ``skipped_steps``
+    (optimizer steps the NaN guard skipped so far),
     ``tokens_per_second`` (non-padding input tokens over all ranks per wall-clock second since the
-    previous record) and ``peak_memory_gib`` (:meth:`Device.peak_memory_gib`, GiB). Evaluation
-    records carry ``eval_loss`` instead; the final record has ``type: summary``.
-    Only the world's process zero writes.
+    previous record: the Trainer gathers ``num_input_tokens_seen`` from every rank),
+    ``peak_memory_gib`` (:meth:`Device.peak_memory_gib` in GiB, the maximum over ranks), ``model_tflops``
+    (model TFLOP/s per device, from the Trainer's ``total_flos``; see :mod:`npu_recipes.flops`) and
+    ``mfu`` (``model_tflops`` over the device's peak; null without a peak). Evaluation records carry
+    ``eval_loss`` instead; the final record has ``type: summary`` with the whole run's figures and
+    ``peak_memory_gib_per_rank`` (a list in rank order). inf/NaN values are written as null. Every
+    rank takes part in gathering the peaks (the Trainer calls ``on_log`` on all of them with the
+    same keys); only the world's process zero writes.
     """
 
-    def __init__(self, run_dir: RunDir, device: Device):
+    def __init__(self, run_dir: RunDir, device: Device, peak: flops.Peak, world_size: int = 1):
         self.run_dir = run_dir
         self.device = device
+        self.peak = peak
+        self.world_size = world_size
         self._last_time = None
         self._last_tokens = 0
+        self._last_flos = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.perf_counter()
         self._last_tokens = state.num_input_tokens_seen
+        self._last_flos = state.total_flos
+
+    def _throughput(self, model_flops: float, seconds: float) -> Dict[str, Optional[float]]:
+        per_device = model_flops / seconds / self.world_size / flops.TERA if seconds > 0 else None
+        return {
+            "model_tflops": _significant(per_device),
+            "mfu": _significant(flops.utilisation(model_flops, seconds, self.peak, self.world_size)),
+        }
 
     def on_log(self, args, state, control, logs: Dict[str, Any] | None = None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
             return
         record: Dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "eval_loss" in logs:
@@ -42,26 +70,35 @@ class JsonlLogger(TrainerCallback):
         elif "loss" in logs:
             elapsed = time.perf_counter() - self._last_time
             tokens = state.num_input_tokens_seen - self._last_tokens
+            model_flops = state.total_flos - self._last_flos
             self._last_time, self._last_tokens = time.perf_counter(), state.num_input_tokens_seen
+            self._last_flos = state.total_flos
             record["type"] = "train"
-            record.update({key: logs[key] for key in _TRAIN_KEYS if key in logs})
+            record.update({key: finite_or_none(logs[key]) for key in _TRAIN_KEYS if key in logs})
             record["tokens_per_second"] = round(tokens / elapsed, 2) if elapsed > 0 else None
-            record["peak_memory_gib"] = round(self.device.peak_memory_gib(), 4)
+            record["peak_memory_gib"] = round(max(self.device.gather_over_ranks(self.device.peak_memory_gib())), 4)
+            record.update(self._throughput(model_flops, elapsed))
         elif "train_runtime" in logs:
             record["type"] = "summary"
-            record.update(logs)
+            record.update({key: finite_or_none(value) for key, value in logs.items()})
             record["num_input_tokens_seen"] = state.num_input_tokens_seen
-            record["peak_memory_gib"] = round(self.device.peak_memory_gib(), 4)
+            per_rank = [round(peak, 4) for peak in self.device.gather_over_ranks(self.device.peak_memory_gib())]
+            record["peak_memory_gib"] = max(per_rank)
+            record["peak_memory_gib_per_rank"] = per_rank
+            record.update(self._throughput(state.total_flos, logs["train_runtime"]))
+            record["peak_tflops"] = self.peak.tflops
         else:
             return
-        self.run_dir.append_log(record)
+        if state.is_world_process_zero:
+            self.run_dir.append_log(record)
 
 
 class SaveAndEvaluateAtEnd(TrainerCallback):
-    """Save and evaluate at the last step too, as ``swift sft`` does, not only every N steps."""
+    """Log, save and evaluate at the last step too (as ``swift sft`` saves and evaluates), not only every N steps."""
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
+            control.should_log = True
             control.should_save = True
             control.should_evaluate = args.eval_strategy != "no"
         return control

@@ -18,7 +18,8 @@ from npu_recipes import paths, runner
 from npu_recipes.errors import UserError, report_and_exit
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """Log INFO and above to stderr as `HH:MM:SS LEVEL logger: message`, quieting chatty libraries."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -27,9 +28,8 @@ def _setup_logging() -> None:
 @hydra.main(version_base="1.3", config_path=str(paths.conf_dir()), config_name="config")
 def _compose_and_run(cfg: DictConfig) -> None:
     try:
-        hydra_config = HydraConfig.get()
-        cfg.recipe = hydra_config.runtime.choices.get(config_module.RECIPE_GROUP) or "adhoc"
         fresh_output_dir = "${now:" in OmegaConf.to_container(cfg, resolve=False)["output_dir"]
+        hydra_config = HydraConfig.get()
         if fresh_output_dir and hydra_config.mode == RunMode.MULTIRUN:
             # One run directory per job: the job's own sweep subdirectory (outputs/multirun/<time>/<job number>).
             cfg.output_dir, fresh_output_dir = hydra_config.runtime.output_dir, False
@@ -45,11 +45,15 @@ def main() -> None:
 
     if len(sys.argv) == 1:
         sys.argv.append("+recipe=demo")
-    _setup_logging()
+    setup_logging()
     config_module.register()
     args = get_args_parser().parse_args(sys.argv[1:])
     try:
         config_module.check_overrides(args.overrides)
     except UserError as error:
         report_and_exit(error)
-    _compose_and_run()
+    try:
+        _compose_and_run()
+    except KeyboardInterrupt:
+        print("npu_recipes: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import string
 from dataclasses import dataclass, field
@@ -38,8 +39,14 @@ def resolve_path(dataset: DatasetConfig) -> str:
     """Return the absolute local path (building it when ``builder`` is set) or the hub id.
 
     Raises:
-        UserError: unknown builder; ``hub: local`` and the path does not exist.
+        UserError: no dataset selected (``dataset=none``); unknown builder; ``hub: local`` and the
+            path does not exist.
     """
+    if dataset.path is None:
+        raise UserError(
+            f"dataset={dataset.name} selects no data, and this stage needs some",
+            fix="choose a dataset, e.g. dataset=gsm8k dataset.path=FILE or dataset=local dataset.path=FILE",
+        )
     if dataset.builder is not None:
         if dataset.builder not in BUILDERS:
             raise UserError(
@@ -53,8 +60,9 @@ def resolve_path(dataset: DatasetConfig) -> str:
         return str(target)
     local = Path(dataset.path).expanduser()
     if local.exists():
-        return str(local.absolute())
-    if dataset.hub == "local":
+        return os.path.abspath(local)
+    looks_local = local.suffix in _LOCAL_FORMATS or dataset.path.startswith(("/", "./", "../", "~"))
+    if dataset.hub == "local" or looks_local:
         raise UserError(
             f"dataset file {dataset.path!r} (dataset.path, dataset={dataset.name}) does not exist",
             fix="pass dataset.path=FILE with an existing .jsonl/.json/.csv/.parquet file or directory, "
@@ -85,28 +93,80 @@ def _load_local(path: Path, split: str):
         raise UserError(
             f"dataset directory {path} holds no .jsonl/.json/.csv/.parquet file", fix="point dataset.path at a data file"
         )
-    suffix = files[0].suffix
-    if suffix not in _LOCAL_FORMATS:
+    suffixes = sorted({f.suffix for f in files})
+    if len({_LOCAL_FORMATS.get(suffix) for suffix in suffixes}) > 1:
         raise UserError(
-            f"dataset file {path} has an unsupported extension {suffix!r}",
+            f"dataset directory {path} mixes formats ({', '.join(suffixes)})",
+            fix="keep one format per directory, or point dataset.path at one file",
+        )
+    if suffixes[0] not in _LOCAL_FORMATS:
+        raise UserError(
+            f"dataset file {path} has an unsupported extension {suffixes[0]!r}",
             fix=f"use one of {', '.join(_LOCAL_FORMATS)}",
         )
-    split_name, _, slice_spec = split.partition("[")
+    builder = _LOCAL_FORMATS[suffixes[0]]
+    for candidate in files:
+        try:
+            with open(candidate, "rb") as handle:
+                has_content = bool(handle.read(1 << 16).strip())
+        except OSError as error:
+            raise UserError(f"cannot read dataset file {candidate}: {error.strerror}", fix="check the path and its permissions") from None
+        if not has_content:
+            raise UserError(f"dataset file {candidate} is empty (no rows)", fix="point dataset.path at a file with rows")
+    split_name = split.partition("[")[0]
     try:
-        return load_dataset(
-            _LOCAL_FORMATS[suffix],
-            data_files={split_name: [str(f) for f in files]},
-            split=split,
-        )
+        return load_dataset(builder, data_files={split_name: [str(f) for f in files]}, split=split)
     except Exception as error:
-        if _LOCAL_FORMATS[suffix] == "json":
+        if builder == "json":
             for candidate in files:
                 bad = _first_bad_json_line(candidate)
                 if bad is not None:
                     raise UserError(
                         f"{candidate} line {bad[0]}: {bad[1]}", fix="fix or delete that line of the dataset file"
                     ) from None
-        raise UserError(f"could not read dataset {path}: {error}", fix="check the file's format") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not read dataset {path}: {reason}", fix=f"check that it is valid {builder}, UTF-8 encoded") from None
+
+
+def _leaf_types(value: Any) -> frozenset:
+    if isinstance(value, dict):
+        return frozenset().union(*(_leaf_types(v) for v in value.values())) if value else frozenset()
+    if isinstance(value, list):
+        return frozenset().union(*(_leaf_types(v) for v in value)) if value else frozenset()
+    return frozenset({type(value).__name__})
+
+
+def _contains_json_feature(feature: Any) -> bool:
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, dict):
+        return any(_contains_json_feature(v) for v in feature.values())
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _contains_json_feature(inner)
+
+
+def _check_consistent_types(dataset: DatasetConfig, rows, path: Path) -> None:
+    """HF datasets types a JSON column holding both text and numbers as ``Json`` and silently turns
+    ``"007"`` into ``7``; refuse such a column and name the first line that differs."""
+    mapped = _mapped_columns(dataset)
+    mixed = [c for c in mapped if c in rows.features and _contains_json_feature(rows.features[c])]
+    if not mixed or not path.is_file():
+        return
+    column = mixed[0]
+    first = None
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            types = _leaf_types(json.loads(line).get(column))
+            if first is None:
+                first = (number, types)
+            elif types != first[1]:
+                raise UserError(
+                    f"{path} line {number}: column {column!r} holds {'/'.join(sorted(types))} where line {first[0]} "
+                    f"holds {'/'.join(sorted(first[1]))}; mixed JSON types would be silently converted",
+                    fix=f"make every value of {column!r} the same JSON type (quote numbers as strings)",
+                )
 
 
 def load_rows(dataset: DatasetConfig):
@@ -125,6 +185,7 @@ def load_rows(dataset: DatasetConfig):
     local = Path(dataset.path)
     if local.exists():
         rows = _load_local(local, dataset.split)
+        _check_consistent_types(dataset, rows, local)
     elif dataset.hub == "modelscope":
         try:
             from modelscope import snapshot_download
@@ -137,7 +198,10 @@ def load_rows(dataset: DatasetConfig):
             directory = snapshot_download(dataset.path, repo_type="dataset")
             rows = load_dataset(directory, name=dataset.subset, split=dataset.split)
         except Exception as error:
-            raise UserError(f"could not load {dataset.path!r} from ModelScope: {error}") from None
+            raise UserError(
+                f"could not load {dataset.path!r} from ModelScope: {error}",
+                fix="check the id and your network, or download the data and pass dataset.path=FILE",
+            ) from None
     else:
         try:
             rows = load_dataset(dataset.path, name=dataset.subset, split=dataset.split)
@@ -204,26 +268,36 @@ def check_columns(dataset: DatasetConfig, column_names: List[str]) -> None:
             )
 
 
+def _where(dataset: DatasetConfig, row: Dict[str, Any]) -> str:
+    return f"{dataset.path} row {row[ROW_ID]} (0-based; record {row[ROW_ID] + 1} of the file)"
+
+
 def _field_text(row: Dict[str, Any], column: str, dataset: DatasetConfig) -> str:
     value = row.get(column)
-    if isinstance(value, bool) or value is None or isinstance(value, (dict, list)) or (isinstance(value, str) and not value.strip()):
-        found = [c for c in row if c != ROW_ID and row[c] not in (None, "")]
-        kind = "missing or empty" if value in (None, "") or (isinstance(value, str) and not value.strip()) else f"a {type(value).__name__}, not text"
-        raise UserError(
-            f"{dataset.path} row {row[ROW_ID]}: column {column!r} is {kind}; columns found in that row: {', '.join(found)}",
-            fix="fix or remove that row, or map other columns with dataset.*_template",
-        )
-    return str(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        problem = "missing or empty"
+    elif isinstance(value, (bool, dict, list)):
+        problem = f"a {type(value).__name__}, not text"
+    else:
+        return str(value)
+    found = [c for c in row if c != ROW_ID and row[c] not in (None, "")]
+    raise UserError(
+        f"{_where(dataset, row)}: column {column!r} is {problem}; columns found in that row: {', '.join(found)}",
+        fix="fix or remove that row, or map other columns with dataset.*_template",
+    )
 
 
-def to_messages(row: Dict[str, Any], dataset: DatasetConfig) -> List[Dict[str, str]]:
+def to_messages(row: Dict[str, Any], dataset: DatasetConfig, require_assistant: bool = True) -> List[Dict[str, str]]:
     """Turn one raw row into OpenAI-style chat messages ``[{"role", "content"}, ...]``.
+
+    ``require_assistant=False`` accepts a ``messages`` conversation without an assistant turn
+    (a prompt to generate for, as the infer stage reads them).
 
     Raises:
         UserError: a mapped field is missing, empty or not text; a messages list is malformed
             (names the row and column).
     """
-    where = f"{dataset.path} row {row[ROW_ID]}"
+    where = _where(dataset, row)
     if dataset.messages_column is not None:
         messages = row.get(dataset.messages_column)
         if not isinstance(messages, list) or not messages:
@@ -239,10 +313,16 @@ def to_messages(row: Dict[str, Any], dataset: DatasetConfig) -> List[Dict[str, s
                     fix="fix or remove that row",
                 )
             cleaned.append({"role": message["role"], "content": message["content"]})
-        if not any(m["role"] == "assistant" for m in cleaned):
+        if require_assistant and not any(m["role"] == "assistant" for m in cleaned):
             raise UserError(f"{where}: the conversation has no assistant turn to learn from", fix="fix or remove that row")
+        first_turn = next(m["role"] for m in cleaned if m["role"] != "system")
+        if first_turn != "user":
+            raise UserError(f"{where}: the conversation must open with a user turn (after an optional system turn)", fix="fix or remove that row")
+        empty = [i for i, m in enumerate(cleaned) if m["role"] == "assistant" and not m["content"].strip()]
+        if empty:
+            raise UserError(f"{where}: assistant message {empty[0]} is empty", fix="fix or remove that row")
         return cleaned
-    values = {column: _field_text(row, column, dataset) for column in _all_template_columns(dataset)}
+    values = {column: _field_text(row, column, dataset) for column in _mapped_columns(dataset)}
     messages = []
     if dataset.system_template:
         messages.append({"role": "system", "content": dataset.system_template.format(**values)})
@@ -251,7 +331,9 @@ def to_messages(row: Dict[str, Any], dataset: DatasetConfig) -> List[Dict[str, s
     return messages
 
 
-def _all_template_columns(dataset: DatasetConfig) -> List[str]:
+def _mapped_columns(dataset: DatasetConfig) -> List[str]:
+    if dataset.messages_column is not None:
+        return [dataset.messages_column]
     columns: List[str] = []
     for template in (dataset.system_template, dataset.user_template, dataset.assistant_template):
         columns.extend(c for c in _template_columns(template) if c not in columns)
@@ -304,12 +386,15 @@ class TokenizedSplits:
 
     ``counts`` holds row counts (``rows``, ``held_out`` (before filtering), ``train``, ``validation``, ``dropped_too_long``,
     ``dropped_no_assistant_tokens``, ``truncated``, ``train_tokens``); ``fingerprint`` identifies the raw rows (HF datasets fingerprint).
+    ``held_out_rows`` are the raw validation rows before tokenization and length filtering (None
+    when nothing is held out), recorded for the infer stage (:mod:`npu_recipes.heldout`).
     """
 
     train: Any
     eval: Any
     counts: Dict[str, int] = field(default_factory=dict)
     fingerprint: str = ""
+    held_out_rows: Any = None
 
 
 def _tokenizer_digest(tokenizer) -> str:
@@ -398,4 +483,4 @@ def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str,
             f"{counts['dropped_no_assistant_tokens']} dropped with no assistant tokens",
             fix="raise train.max_length, set train.truncation_strategy=truncate, or check dataset.split",
         )
-    return TokenizedSplits(train=train, eval=evaluation, counts=counts, fingerprint=rows._fingerprint)
+    return TokenizedSplits(train=train, eval=evaluation, counts=counts, fingerprint=rows._fingerprint, held_out_rows=val_rows)

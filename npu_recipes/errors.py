@@ -24,6 +24,15 @@ class UserError(Exception):
         return self.message if not self.fix else f"{self.message}\n  fix: {self.fix}"
 
 
+class RunStopped(UserError):
+    """A run that stopped itself for a reason the user can fix, after recording results worth keeping.
+
+    The runner marks the manifest ``failed`` as for any UserError, but keeps the run directory even
+    without a checkpoint, because its logging.jsonl shows what went wrong (e.g. the NaN guard's
+    skipped steps).
+    """
+
+
 EXIT_USER_ERROR = 2
 
 

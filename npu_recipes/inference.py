@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+import torch
+
 from npu_recipes import config as config_module
 from npu_recipes import models, rundir
 from npu_recipes.devices import Device
@@ -21,6 +23,8 @@ from npu_recipes.errors import UserError
 from npu_recipes.schema import ModelConfig, RecipeConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
+TRAINING_RUN_KEY = "training_run"
+"""Key of a merged model's manifest.json naming the training run its adapter came from."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,33 @@ class LoadedModel:
     adapters: List[Adapter] = field(default_factory=list)
 
 
-def load(config: RecipeConfig, device: Device, local_rank: int = 0) -> LoadedModel:
+def training_run_dir(config: RecipeConfig) -> Optional[Path]:
+    """The training run behind the model ``config`` loads, or None when there is none.
+
+    In order: the (first) adapter's run directory; for a merged model, the run its manifest.json
+    names (``training_run``, written by the merge stage); for a full fine-tuning checkpoint
+    (``model.name_or_path=RUN/checkpoint-N``), its parent when that holds resolved.yaml.
+
+    Raises:
+        UserError: as :func:`parse_adapters`.
+    """
+    adapters = parse_adapters(config.adapters)
+    if adapters:
+        return adapters[0].run_dir
+    model_dir = Path(str(config.model.name_or_path)).expanduser().absolute()
+    if not model_dir.is_dir():
+        return None
+    recorded = rundir.RunDir(model_dir).read_manifest().get(TRAINING_RUN_KEY)
+    if recorded:
+        return Path(recorded)
+    return model_dir.parent if (model_dir.parent / rundir.RESOLVED).is_file() else None
+
+
+def load(config: RecipeConfig, device: Device, local_rank: int = 0, dtype: Optional[torch.dtype] = None) -> LoadedModel:
     """Load the base (or merged) model named by ``config`` plus its ``adapters`` for generation.
+
+    ``dtype`` overrides the weights' dtype (default :func:`models.select_dtype`: fp32 on CPU,
+    the checkpoint's dtype on accelerators).
 
     Raises:
         UserError: as :func:`parse_adapters`, :func:`base_model_config` and :func:`models.resolve_path`.
@@ -139,7 +168,7 @@ def load(config: RecipeConfig, device: Device, local_rank: int = 0) -> LoadedMod
     path = models.resolve_path(base)
     tokenizer = models.load_tokenizer(base, path)
     tokenizer.padding_side = "left"
-    model = models.load_model(base, path, models.select_dtype(base, path, device))
+    model = models.load_model(base, path, dtype or models.select_dtype(base, path, device))
     if adapters:
         from peft import PeftModel
 
@@ -149,3 +178,13 @@ def load(config: RecipeConfig, device: Device, local_rank: int = 0) -> LoadedMod
         model.set_adapter(adapters[0].name)
     model.to(device.torch_device(local_rank)).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, base=base, adapters=adapters)
+
+
+def stack_adapters(loaded: LoadedModel) -> None:
+    """Make every loaded adapter active at once, so their LoRA deltas add up (as the merge stage
+    merges them); with one adapter or none this changes nothing.
+
+    The infer stage stacks; the serve stage keeps one adapter active per request instead.
+    """
+    if len(loaded.adapters) > 1:
+        loaded.model.base_model.set_adapter([a.name for a in loaded.adapters], inference_mode=True)

@@ -31,7 +31,6 @@ from typing import Dict, Optional, Tuple
 
 from npu_recipes.accelerators import Target
 from npu_recipes.errors import UserError
-from npu_recipes.schema import DEEPSPEED_PARALLELISMS
 
 GIB = 1024**3
 
@@ -41,8 +40,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _SHARED_INPUT = {"q_proj": "attention input", "k_proj": "attention input", "v_proj": "attention input",
                  "gate_proj": "mlp input", "up_proj": "mlp input"}
 
-# DeepSpeed settings the estimate assumes: the values HF's "auto" fills in from hidden_size
-# (transformers integrations/deepspeed.py) and DeepSpeed's own defaults.
+# DeepSpeed settings the estimate assumes: those npu_recipes.deepspeed_config generates (overlap_comm
+# on accelerators, reduce_bucket_size "auto" = hidden_size^2 as transformers fills it in) and
+# DeepSpeed's own defaults.
 OVERLAP_COMM_BUCKET_FACTOR = 4.5  # DeepSpeed docs: overlap_comm uses 4.5x reduce_bucket_size
 STAGE3_MAX_LIVE_PARAMETERS = 1e9  # DeepSpeed default
 
@@ -87,24 +87,35 @@ class TrainSetting:
 
     ``dtype`` is the weights' dtype (``bfloat16``/``float16``/``float32``), which is also the
     activations' dtype. ``world_size`` is the number of processes (devices) in total and
-    ``nproc_per_node`` those on one machine (for host memory under offload).
+    ``nproc_per_node`` those on one machine (for host memory under offload). ``zero_stage`` is
+    DeepSpeed's ZeRO stage (None: no DeepSpeed; several processes then run DDP), with
+    ``offload_optimizer`` / ``offload_param`` moving optimizer states / parameters to host memory.
+    With ``packing`` a micro-batch is ``micro_batch`` packs of ``max_length`` tokens in one row.
     """
 
     train_type: str
     dtype: str
-    parallelism: str
     world_size: int
     micro_batch: int
     max_length: int
     gradient_checkpointing: bool
     gradient_accumulation_steps: int
     lora_dropout: float
+    zero_stage: Optional[int] = None
+    offload_optimizer: bool = False
+    offload_param: bool = False
     nproc_per_node: int = 1
+    packing: bool = False
 
     @property
     def tokens(self) -> int:
-        """Tokens per micro-batch at the longest (every sample padded to ``max_length``)."""
+        """Tokens per micro-batch at the longest (every sample or pack ``max_length`` tokens)."""
         return self.micro_batch * self.max_length
+
+    @property
+    def padded(self) -> bool:
+        """True when a micro-batch holds several padded rows (an attention mask, KV heads repeated)."""
+        return self.micro_batch > 1 and not self.packing
 
 
 @dataclass(frozen=True)
@@ -260,7 +271,8 @@ def activation_bytes_per_token(shape: ModelShape, setting: TrainSetting, target:
       root of the variance); full training adds 2ah
       (normalised input and output, saved for the norm weight's and the next linear's gradient);
     * attention: a(q + 2kv + q) for rotated queries, keys, values and the SDPA output, plus a 4-byte
-      log-sum-exp per head; with padding (micro-batch > 1) transformers repeats the KV heads, kv -> q;
+      log-sum-exp per head; with padding (micro-batch > 1 without packing) transformers repeats the
+      KV heads for SDPA, kv -> q;
     * SwiGLU MLP: 3aI (gate output, its SiLU, up output), full training adds aI (down's input);
     * LoRA, per adapted linear with in_features n: (a + m)n for the dropout's output and mask
       (m = 1 byte on fused kernels, a on the CPU), plus a*r for lora_B's input; without dropout the
@@ -271,7 +283,7 @@ def activation_bytes_per_token(shape: ModelShape, setting: TrainSetting, target:
     a = DTYPE_BYTES[setting.dtype]
     full = setting.train_type == "full"
     h, intermediate = shape.hidden_size, shape.intermediate_size
-    kv = shape.query_dim if setting.micro_batch > 1 else shape.kv_dim
+    kv = shape.query_dim if setting.padded else shape.kv_dim
     norm = 4 * h + 4 + (2 * a * h if full else 0)
     attention = a * (2 * shape.query_dim + 2 * kv) + 4 * shape.num_heads
     mlp = 3 * a * intermediate + (a * intermediate if full else 0)
@@ -320,20 +332,18 @@ def estimate(shape: ModelShape, setting: TrainSetting, target: Target) -> Estima
     n = setting.world_size
     total, trainable = shape.params, shape.trainable_params
     frozen = total - trainable
-    deepspeed = setting.parallelism in DEEPSPEED_PARALLELISMS
-    offload = setting.parallelism == "zero3_offload"
-    stage3 = setting.parallelism in ("zero3", "zero3_offload")
+    stage = setting.zero_stage
     full = setting.train_type == "full"
 
     notes: Dict[str, str] = {}
-    if not deepspeed:
+    if stage is None:
         # PEFT keeps adapters in fp32 under a half-precision model (autocast_adapter_dtype=True).
         adapter = w if full else 4
         weights = frozen * w + trainable * adapter
         gradients = trainable * adapter
         states = 2 * trainable * adapter
         step_temporaries = trainable * adapter if target.foreach_optimizer else 2 * shape.largest_trainable * adapter
-        buckets = trainable * adapter if setting.parallelism == "ddp" and n > 1 else 0
+        buckets = trainable * adapter if n > 1 else 0
         notes["weights"] = f"{format_count(total)} params x {w} B" if full else (
             f"{format_count(frozen)} frozen params x {w} B + {format_count(trainable)} adapter params x {adapter} B"
         )
@@ -347,29 +357,41 @@ def estimate(shape: ModelShape, setting: TrainSetting, target: Target) -> Estima
         gathered = 0.0
         host = 0.0
     else:
+        # DeepSpeed casts the module to bf16/fp16 and keeps an fp32 master partition for the
+        # optimizer (none in fp32); the Trainer's torch AdamW steps on the fp32 partitions.
         master = 4 if w < 4 else 0
         k = master + 8
-        weights = 0.0 if offload else total * w / (n if stage3 else 1)
-        gradients = 0.0 if offload else trainable * w / n
-        states = 0.0 if offload else trainable * k / n
-        step_temporaries = 0.0 if offload or not master else trainable * 4 / n
-        buckets = OVERLAP_COMM_BUCKET_FACTOR * shape.hidden_size**2 * w
-        gathered = min(shape.largest_module_params + shape.layer_params, STAGE3_MAX_LIVE_PARAMETERS) * w if stage3 else 0.0
-        host = (total * w + trainable * (4 + k)) * setting.nproc_per_node / n if offload else 0.0
-        where = "offloaded to host RAM" if offload else f"/ {n} (ZeRO-{3 if stage3 else 2} partitions)"
+        partitions = f"/ {n} (ZeRO-{stage} partitions)"
+        weights = 0.0 if setting.offload_param else total * w / (n if stage == 3 else 1)
+        gradients = 0.0 if setting.offload_optimizer else trainable * w / (n if stage >= 2 else 1)
+        states = 0.0 if setting.offload_optimizer else trainable * k / n
+        sqrt_temporary = 4 if target.foreach_optimizer else 8  # one fp32 partition, or two on the CPU
+        step_temporaries = 0.0 if setting.offload_optimizer else (4 + sqrt_temporary) * trainable / n
+        buckets = (OVERLAP_COMM_BUCKET_FACTOR if target.overlap_comm else 1) * shape.hidden_size**2 * w
+        gathered = min(shape.largest_module_params + shape.layer_params, STAGE3_MAX_LIVE_PARAMETERS) * w if stage == 3 else 0.0
+        host = (
+            (total * w if setting.offload_param else 0) + (trainable * (4 + k) if setting.offload_optimizer else 0)
+        ) * setting.nproc_per_node / n
         notes["weights"] = f"{format_count(total)} params x {w} B" + (
-            " offloaded to host RAM" if offload else (f" / {n} (ZeRO-3 partitions)" if stage3 else ", replicated")
+            " offloaded to host RAM" if setting.offload_param else (f" / {n} (ZeRO-3 partitions)" if stage == 3 else ", replicated")
         )
-        notes["gradients"] = f"{format_count(trainable)} trainable x {w} B {where}"
-        notes["optimizer_states"] = f"{k} B per trainable parameter ({'fp32 master + ' if master else ''}2 fp32 moments) {where}"
-        notes["optimizer_step"] = "fp32 gradient partition for the step" if step_temporaries else "none on the device"
-        overhead_note = "DeepSpeed buckets (4.5 x hidden_size^2) + " + (
-            "ZeRO-3 gathered parameters (largest module + one layer) + " if stage3 else ""
+        notes["gradients"] = f"{format_count(trainable)} trainable x {w} B " + (
+            "reduced into host RAM" if setting.offload_optimizer else (partitions if stage >= 2 else "(replicated)")
+        )
+        notes["optimizer_states"] = f"{k} B per trainable parameter ({'fp32 master + ' if master else ''}2 fp32 moments) " + (
+            "in host RAM" if setting.offload_optimizer else partitions
+        )
+        notes["optimizer_step"] = (
+            "the step runs on the host (DeepSpeed CPU Adam)" if setting.offload_optimizer
+            else "fp32 gradient partition + AdamW's sqrt(exp_avg_sq) on the partition"
+        )
+        overhead_note = f"DeepSpeed buckets ({OVERLAP_COMM_BUCKET_FACTOR if target.overlap_comm else 1:g} x hidden_size^2) + " + (
+            "ZeRO-3 gathered parameters (largest module + one layer) + " if stage == 3 else ""
         )
 
     per_token = activation_bytes_per_token(shape, setting, target)
     tokens = setting.tokens
-    mask = setting.micro_batch * setting.max_length**2 if setting.micro_batch > 1 else 0
+    mask = setting.micro_batch * setting.max_length**2 if setting.padded else 0
     logits = tokens * (_LOSS_FP32_COPIES * 4 * shape.vocab_size + _BATCH_BYTES_PER_TOKEN)
     rope = tokens * per_token["rope"]
     backward = _BACKWARD_GRADIENTS[0] * w * shape.hidden_size + _BACKWARD_GRADIENTS[1] * w * shape.intermediate_size
@@ -425,17 +447,19 @@ def estimate(shape: ModelShape, setting: TrainSetting, target: Target) -> Estima
 
 def setting_from_config(config, dtype: str) -> TrainSetting:
     """The :class:`TrainSetting` of a resolved :class:`npu_recipes.schema.RecipeConfig` in ``dtype``."""
-    parallelism = config.parallelism
+    parallelism, train = config.parallelism, config.train
     return TrainSetting(
         train_type=config.train_type,
         dtype=dtype,
-        parallelism=parallelism.name,
         world_size=parallelism.nproc_per_node * parallelism.nnodes,
-        nproc_per_node=parallelism.nproc_per_node,
-        micro_batch=config.train.per_device_train_batch_size,
-        max_length=config.train.max_length,
-        gradient_checkpointing=config.train.gradient_checkpointing,
-        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        micro_batch=train.per_device_train_batch_size,
+        max_length=train.max_length,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
         lora_dropout=config.lora.lora_dropout,
+        zero_stage=parallelism.zero_stage,
+        offload_optimizer=parallelism.offload_optimizer_device != "none",
+        offload_param=parallelism.offload_param_device != "none",
+        nproc_per_node=parallelism.nproc_per_node,
+        packing=train.packing,
     )
-

@@ -6,20 +6,31 @@ Model paths are resolved once by the runner (:func:`resolve_path`), so workers, 
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 
-from npu_recipes import atomic, tiny_model
+from npu_recipes import atomic, paths, tiny_model
 from npu_recipes.devices import Device
 from npu_recipes.errors import UserError
 from npu_recipes.schema import LoraConfig, ModelConfig
 
+log = logging.getLogger(__name__)
+
 BUILDERS: Dict[str, Callable[[Path], None]] = {"tiny_qwen2": tiny_model.build}
 """Local model builders by name: ``model.builder=NAME`` creates ``model.name_or_path`` on first use."""
 
+BUILT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+"""Files every locally built model has; a cached build missing any of them is rebuilt."""
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+_PATH_PREFIXES = ("/", "./", "../", "~")
+"""A ``model.name_or_path`` starting so is a local path, never a hub id."""
 
 
 def resolve_path(model: ModelConfig) -> str:
@@ -40,12 +51,32 @@ def resolve_path(model: ModelConfig) -> str:
                 fix=f"use one of {sorted(BUILDERS)} or unset model.builder",
             )
         target = Path(model.name_or_path).expanduser().absolute()
-        if not (target / "config.json").is_file():
+        if not target.is_relative_to(paths.cache_dir()) and not target.exists():
+            raise UserError(
+                f"model directory {target} (model.name_or_path) does not exist; model.builder={model.builder} only "
+                f"builds inside the cache {paths.cache_dir()}",
+                fix="check model.name_or_path, or pass model=local for your own checkpoint",
+            )
+        missing = [name for name in BUILT_FILES if not (target / name).is_file()]
+        if target.exists() and missing:
+            log.warning("rebuilding %s: the cached model is incomplete (missing %s)", target, ", ".join(missing))
+            shutil.rmtree(target, ignore_errors=True)
+        if not target.exists():
             atomic.publish_directory(BUILDERS[model.builder], target)
         return str(target)
     local = Path(model.name_or_path).expanduser()
     if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(
+                f"model directory {local.absolute()} has no config.json, so it is not a transformers checkpoint",
+                fix="point model.name_or_path at a directory saved with save_pretrained (config.json, weights, tokenizer)",
+            )
         return str(local.absolute())
+    if model.name_or_path.startswith(_PATH_PREFIXES):
+        raise UserError(
+            f"model directory {model.name_or_path!r} (model.name_or_path) does not exist",
+            fix="pass an existing checkpoint directory, or a hub id such as Qwen/Qwen2-7B-Instruct",
+        )
     if model.hub == "modelscope":
         try:
             from modelscope import snapshot_download
@@ -67,21 +98,18 @@ def resolve_path(model: ModelConfig) -> str:
 def fetch_config(model: ModelConfig) -> str:
     """A local directory holding ``model``'s config.json, fetching only that file from a hub.
 
-    * ``builder`` set or a local directory: as :func:`resolve_path` (the tiny model is built locally);
+    * ``builder`` set or a local path: as :func:`resolve_path` (the tiny model is built locally; a
+      directory must hold config.json);
     * a hub id: ``config.json`` alone, through ``huggingface_hub.hf_hub_download`` or ModelScope's
       ``model_file_download`` (``model.hub``), into their usual caches.
 
     Raises:
-        UserError: the directory has no config.json, modelscope is missing, or the download fails
+        UserError: the path does not exist or has no config.json, modelscope is missing, or the download fails
             (offline, unknown id); the fix names ``model.name_or_path=DIR``.
     """
     offline_fix = "check the id and the network, or put the model's config.json into a directory and pass model.name_or_path=DIR"
-    local = Path(model.name_or_path).expanduser()
-    if model.builder is not None or local.is_dir():
-        directory = Path(resolve_path(model))
-        if not (directory / "config.json").is_file():
-            raise UserError(f"{directory} (model.name_or_path) has no config.json", fix="point model.name_or_path at a model directory")
-        return str(directory)
+    if model.builder is not None or Path(model.name_or_path).expanduser().is_dir() or model.name_or_path.startswith(_PATH_PREFIXES):
+        return resolve_path(model)
     if model.hub == "modelscope":
         try:
             from modelscope.hub.file_download import model_file_download
@@ -117,21 +145,37 @@ def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
         return _DTYPES[model.torch_dtype]
     if device.type == "cpu":
         return torch.float32
+    declared = checkpoint_dtype(model, path)
+    if declared == torch.bfloat16 and not device.supports_bf16():
+        return torch.float16
+    return declared
+
+
+def checkpoint_dtype(model: ModelConfig, path: str) -> torch.dtype:
+    """The dtype the checkpoint's ``config.json`` declares (``dtype``/``torch_dtype``), fp32 when none."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    declared = _DTYPES.get(declared, declared) if isinstance(declared, str) else declared
-    if declared == torch.bfloat16 and not device.supports_bf16():
-        return torch.float16
-    return declared
+    return _DTYPES.get(declared, declared) if isinstance(declared, str) else declared
+
+
+def dtype_by_name(name: str) -> torch.dtype:
+    """``torch.bfloat16``/``float16``/``float32`` for a ``*.torch_dtype`` value other than ``auto``."""
+    return _DTYPES[name]
 
 
 def load_tokenizer(model: ModelConfig, path: str):
     """Load the tokenizer; sets a pad token (eos) when the checkpoint defines none."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"cannot load the tokenizer of {path}: {str(error).splitlines()[0]}",
+            fix="check model.name_or_path (a complete local checkpoint, or a hub id reachable from here)",
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -143,16 +187,24 @@ def load_tokenizer(model: ModelConfig, path: str):
 
 
 def load_model(model: ModelConfig, path: str, dtype: torch.dtype):
-    """Load ``AutoModelForCausalLM`` weights from ``path`` in ``dtype`` on the CPU (the Trainer moves them)."""
+    """Load ``AutoModelForCausalLM`` weights from ``path`` in ``dtype``: on the CPU (the Trainer moves them), or
+    spread over the visible devices by ``model.device_map`` (e.g. ``auto``) when that is set."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        attn_implementation=model.attn_implementation,
-        trust_remote_code=model.trust_remote_code,
-        revision=model.revision,
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+            revision=model.revision,
+            device_map=model.device_map,
+        )
+    except OSError as error:
+        raise UserError(
+            f"cannot load model weights from {path}: {str(error).splitlines()[0]}",
+            fix="check model.name_or_path (a complete local checkpoint, or a hub id reachable from here)",
+        ) from None
 
 
 def apply_lora(model, lora: LoraConfig):

@@ -8,13 +8,16 @@ Layout (see docs/run-directory.md)::
                       start/end time, status (running | completed | failed), final metrics
     logging.jsonl     one JSON object per logging or evaluation step
     loss.png          training and evaluation loss against step
+    validation_rows.json  the held-out rows' ids and content hash (see npu_recipes.heldout)
     checkpoint-<N>/   adapter or full weights (safetensors) + trainer state
+    checkpoint-<N>-merged/, checkpoint-<N>/infer_result/   written by the merge and infer stages
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -67,11 +70,29 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN/inf float replaced by None, so records stay strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would retype it (``python -m npu_recipes ...``)."""
+    return shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]])
+
+
 class RunDir:
     """A run directory on disk; every write to it is atomic (see :mod:`npu_recipes.atomic`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, created_here: bool = False, created_parents: tuple = ()):
         self.path = Path(path)
+        self.created_here = created_here
+        self.created_parents = created_parents
 
     @property
     def manifest_path(self) -> Path:
@@ -86,13 +107,13 @@ class RunDir:
     def update_manifest(self, **fields: Any) -> None:
         """Merge ``fields`` into manifest.json (top-level keys replaced) and rewrite it atomically."""
         manifest = self.read_manifest()
-        manifest.update(fields)
+        manifest.update(finite_or_null(fields))
         atomic.write_json(self.manifest_path, manifest)
 
     def append_log(self, record: Dict[str, Any]) -> None:
         """Append one JSON record as a line of logging.jsonl (a single write, flushed at once)."""
         with open(self.path / LOGGING, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
 
     def read_log(self) -> list[Dict[str, Any]]:
         """All records of logging.jsonl, in order."""
@@ -107,10 +128,49 @@ class RunDir:
         return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
     def discard_if_empty_of_results(self) -> None:
-        """Delete the directory when it holds no checkpoint: a run that failed before saving anything
-        leaves nothing that looks like a result."""
-        if self.path.is_dir() and not self.checkpoints():
+        """Remove what this run wrote when it holds no checkpoint, so a run that failed before saving
+        anything leaves nothing that looks like a result. A directory the user made beforehand is
+        kept (only this run's files go); one this run created is deleted."""
+        if not self.path.is_dir() or self.checkpoints():
+            return
+        if self.created_here:
             shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self.created_parents:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+            return
+        for name in (RESOLVED, MANIFEST, LOGGING, LOSS_PLOT):
+            (self.path / name).unlink(missing_ok=True)
+
+
+def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":
+    """Create ``path`` exclusively (``mkdir`` without ``exist_ok``), so two runs never share it."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output_dir {path} is an existing file, not a directory", fix="pass a directory path as output_dir=DIR")
+    created_parents = tuple(p for p in path.parents if not p.exists())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output_dir {path}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
+    candidate, suffix = path, 2
+    while True:
+        try:
+            candidate.mkdir()
+            return RunDir(candidate, created_here=True, created_parents=created_parents)
+        except FileExistsError:
+            if fresh_output_dir:
+                candidate, suffix = path.with_name(f"{path.name}-{suffix}"), suffix + 1
+                continue
+            if any(candidate.iterdir()):
+                raise UserError(
+                    f"output_dir {candidate} already exists and is not empty",
+                    fix="pass a new output_dir=DIR, or delete the old run",
+                ) from None
+            return RunDir(candidate, created_here=False)
+        except OSError as error:
+            raise UserError(f"cannot create output_dir {candidate}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
 
 
 def create(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
@@ -118,37 +178,35 @@ def create(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
 
     With ``fresh_output_dir`` (the default ``outputs/<recipe>/<timestamp>``), a ``-2``, ``-3``...
     suffix avoids two runs started in the same second colliding. An explicit ``output_dir`` that
-    already holds files is refused.
+    already holds files is refused, except on a node other than node 0 of a multi-node run, which
+    joins the directory node 0 created on a shared filesystem (writing nothing to it).
 
     Raises:
         UserError: output_dir exists and is not empty, or cannot be created (names the path).
     """
     path = Path(config.output_dir).expanduser().absolute()
-    if fresh_output_dir:
-        base, suffix = path, 2
-        while path.exists():
-            path, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
-    elif path.exists() and any(path.iterdir()):
-        raise UserError(
-            f"output_dir {path} already exists and is not empty",
-            fix="pass a new output_dir=DIR, or delete the old run",
-        )
+    if config.parallelism.node_rank > 0 and (path / RESOLVED).is_file():
+        # Another node of a multi-node run on a shared filesystem: node 0 created the directory and
+        # owns resolved.yaml and the manifest; this node's workers read them.
+        config.output_dir = str(path)
+        return RunDir(path)
+    run_dir = _claim(path, fresh_output_dir)
+    config.output_dir = str(run_dir.path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir.path / RESOLVED, config_module.to_yaml(config))
     except OSError as error:
-        raise UserError(f"cannot create output_dir {path}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
-    config.output_dir = str(path)
-    run_dir = RunDir(path)
-    atomic.write_text(path / RESOLVED, config_module.to_yaml(config))
+        run_dir.discard_if_empty_of_results()
+        raise UserError(f"cannot write into output_dir {run_dir.path}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
     run_dir.update_manifest(
         recipe=config.recipe,
         stage=config.stage,
         status="running",
-        command=shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]]),
+        command=command_line(),
         cwd=os.getcwd(),
         git_commit=git_commit(),
         versions=package_versions(),
         host=platform.node(),
+        pid=os.getpid(),
         started_at=now(),
     )
     return run_dir

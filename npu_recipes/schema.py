@@ -16,15 +16,21 @@ from omegaconf import MISSING
 
 from npu_recipes import accelerators
 
-STAGES = ("train", "plan")
+STAGES = ("train", "doctor", "merge", "infer", "serve", "plan")
 DEVICES = ("auto", "npu", "cuda", "cpu")
 TRAIN_TYPES = ("lora", "full")
 PARALLELISMS = ("single", "ddp", "zero2", "zero3", "zero3_offload")
-DEEPSPEED_PARALLELISMS = ("zero2", "zero3", "zero3_offload")
+OFFLOAD_DEVICES = ("none", "cpu")
 MODEL_HUBS = ("huggingface", "modelscope")
 DATASET_HUBS = ("local", "huggingface", "modelscope")
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 TRUNCATION_STRATEGIES = ("drop", "truncate")
+LORA_BIASES = ("none", "all", "lora_only")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+KERNELS = ("none", "npu", "liger")
+DOCTOR_FORMATS = ("table", "json")
+ANSWER_FORMATS = ("gsm8k", "blossom")
+SERVE_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 PLAN_FORMATS = ("text", "json")
 PLAN_TARGETS = ("auto", *accelerators.TARGETS)
 
@@ -34,7 +40,9 @@ class ModelConfig:
     """``model/`` group: which base model to load and how.
 
     ``builder`` names a local builder (see :mod:`npu_recipes.models`) that creates the model at
-    ``name_or_path`` on first use; hub models leave it unset.
+    ``name_or_path`` on first use; hub models leave it unset. ``device_map`` is ``from_pretrained``'s:
+    null lets the Trainer place the model on this process's device; ``auto`` spreads one model over
+    every visible device (one process only: it cannot be combined with DDP or DeepSpeed).
     """
 
     name_or_path: str = MISSING
@@ -44,6 +52,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
     builder: Optional[str] = None
+    device_map: Optional[str] = None
 
 
 @dataclass
@@ -56,13 +65,16 @@ class DatasetConfig:
     * otherwise ``user_template`` / ``assistant_template`` (and optionally ``system_template``) are
       Python ``str.format`` templates over the row's columns, e.g. ``"{output}\\n\\nAnswer: {answer}"``.
 
+    ``dataset=none`` (``path: null``) selects no data: the infer stage then chats in the terminal.
+    ``answer_format`` (``gsm8k`` or ``blossom``) tells the infer stage how to extract final answers.
+
     ``max_samples`` keeps only the first N rows of the split (``split`` also accepts HF datasets
     slice syntax, quoted for Hydra: ``'dataset.split="train[:200]"'``). ``val_split_ratio`` of the rows
     (at least one row when positive) is held out for evaluation with ``train.seed``.
     """
 
     name: str = MISSING
-    path: str = MISSING
+    path: Optional[str] = MISSING
     hub: str = "local"
     subset: Optional[str] = None
     split: str = "train"
@@ -83,7 +95,9 @@ class TrainConfig:
 
     ``warmup_steps`` is a step count, or a fraction of all steps when below 1 (transformers 5).
     ``max_length`` (tokens per sample) and ``truncation_strategy`` (``drop`` or ``truncate``
-    samples longer than ``max_length``) control tokenization. ``learning_rate`` is set by the
+    samples longer than ``max_length``) control tokenization. ``packing`` concatenates training
+    samples into packs of at most ``max_length`` tokens with per-sample position ids
+    (:mod:`npu_recipes.packing`); a micro-batch is then ``per_device_train_batch_size`` packs. ``learning_rate`` is set by the
     ``train_type`` group (1e-4 LoRA, 1e-5 full) unless given.
     """
 
@@ -111,6 +125,7 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     max_length: int = 2048
     truncation_strategy: str = "drop"
+    packing: bool = False
 
 
 @dataclass
@@ -128,15 +143,132 @@ class LoraConfig:
 
 
 @dataclass
+class MergeConfig:
+    """``merge.*``: where and how the merge stage writes a LoRA merged into its base model.
+
+    ``output_dir`` defaults to ``<checkpoint>-merged`` beside the (first) adapter checkpoint.
+    ``exist_ok`` allows replacing an existing target (built aside, swapped in when complete).
+    ``max_shard_size`` is transformers ``save_pretrained``'s (``"5GB"``, ``"500MB"`` or bytes).
+    ``torch_dtype`` is the dtype of the saved weights; ``auto`` keeps the dtype the base
+    checkpoint's config.json declares (bf16 for Qwen2), so the merged model replaces the base 1:1.
+    """
+
+    output_dir: Optional[str] = None
+    exist_ok: bool = False
+    max_shard_size: str = "5GB"
+    torch_dtype: str = "auto"
+
+
+@dataclass
+class InferConfig:
+    """``infer.*``: generation options (transformers ``GenerationConfig`` names) and batch settings.
+
+    Options left ``None`` keep the model's ``generation_config.json`` value. ``do_sample: false``
+    (the default, for reproducible evaluation) is greedy decoding. ``system`` is a system prompt:
+    the chat's first turn, and in batch mode it replaces the dataset's system turn.
+    ``batch_size`` prompts are generated together (left padding); ``max_samples`` evaluates only
+    the first N prompts; ``result_dir`` overrides where ``<timestamp>.jsonl`` results are written
+    (default: ``infer_result/`` beside the checkpoint, or under ``output_dir`` for a plain base model).
+    ``seed`` seeds sampling (``train.seed`` when unset).
+    """
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    batch_size: int = 8
+    system: Optional[str] = None
+    max_samples: Optional[int] = None
+    result_dir: Optional[str] = None
+    seed: Optional[int] = None
+
+
+@dataclass
 class ParallelismConfig:
-    """``parallelism/`` group: how many processes, on how many nodes (torchrun's arguments)."""
+    """``parallelism/`` group: how many processes on how many nodes, and how they share the model.
+
+    ``nproc_per_node``, ``nnodes``, ``node_rank``, ``master_addr`` and ``master_port`` are torchrun's
+    arguments (``master_port: null`` lets torchrun pick a free port on a single node).
+    ``zero_stage`` is DeepSpeed's ``zero_optimization.stage`` (null: no DeepSpeed; several processes
+    then run DDP). ``offload_optimizer_device`` and ``offload_param_device`` are DeepSpeed's
+    ``offload_optimizer.device`` / ``offload_param.device`` (``none`` or ``cpu``; parameters only
+    with stage 3). ``ddp_timeout`` (seconds, transformers' name) bounds every collective of the
+    process group (HCCL, NCCL or gloo), e.g. ranks waiting at a barrier for a slow one.
+    """
 
     name: str = "single"
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: Optional[int] = None
+    zero_stage: Optional[int] = None
+    offload_optimizer_device: str = "none"
+    offload_param_device: str = "none"
+    ddp_timeout: int = 1800
+
+
+@dataclass
+class NanGuardConfig:
+    """``nan_guard.*``: what a training run does when a step's loss or gradient norm is inf or NaN.
+
+    Such a step's update is skipped and recorded in logging.jsonl; after
+    ``max_consecutive_bad_steps`` bad steps in a row the run stops (see :mod:`npu_recipes.nan_guard`).
+    ``inject_nan_at_steps`` (1-based optimizer steps) turns those steps' loss into NaN on purpose,
+    to rehearse the guard on a given setup.
+    """
+
+    max_consecutive_bad_steps: int = 5
+    inject_nan_at_steps: List[int] = field(default_factory=list)
+
+
+@dataclass
+class MfuConfig:
+    """``mfu.*``: the peak that model FLOPs utilisation divides by (see docs/mfu.md).
+
+    ``peak_tflops`` (TFLOP/s of one device) overrides the chip table, e.g. with a measured matmul
+    rate; without it, bf16/fp16 runs on a listed chip use the table and other runs log ``mfu: null``.
+    """
+
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class DoctorConfig:
+    """``doctor.*``: options of ``stage=doctor``; ``format`` is ``table`` (readable) or ``json``."""
+
+    format: str = "table"
+
+
+@dataclass
+class ServeConfig:
+    """``serve.*``: the OpenAI-compatible HTTP server of ``stage=serve`` (see docs/serving.md).
+
+    ``host``/``port`` are where uvicorn listens (port 0 picks a free port, printed at start-up).
+    ``api_key`` (None: no authentication) is the bearer token every route but ``/health`` requires.
+    ``served_model_name`` is the base model's id in ``/v1/models`` (default: the last component of
+    its path or hub id); each adapter's id is its name. Up to ``max_batch_size`` queued requests
+    with the same model and sampling settings share one ``generate`` call; an idle worker waits
+    ``batch_wait_ms`` milliseconds for company before starting. A request without ``max_tokens``
+    gets ``default_max_tokens``; one asking for more than ``max_tokens_limit`` is refused (400).
+    ``max_model_len`` (tokens, prompt plus completion) defaults to the model's
+    ``max_position_embeddings``. ``timeout_graceful_shutdown`` (seconds, None: wait for every
+    in-flight request) and ``log_level`` are uvicorn's settings of the same names.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None
+    max_batch_size: int = 8
+    batch_wait_ms: float = 10.0
+    default_max_tokens: int = 512
+    max_tokens_limit: int = 4096
+    max_model_len: Optional[int] = None
+    timeout_graceful_shutdown: Optional[int] = None
+    log_level: str = "info"
 
 
 @dataclass
@@ -157,10 +289,13 @@ class PlanConfig:
 class RecipeConfig:
     """The whole composed config: one object handed from the runner to every stage.
 
-    ``recipe`` is filled in by the runner from ``+recipe=NAME``. ``output_dir`` is the run
+    ``recipe`` is the name of the chosen ``+recipe=NAME`` (``adhoc`` without one). ``output_dir`` is the run
     directory (``outputs/<recipe>/<timestamp>`` unless given). ``adapters`` (a checkpoint path, a
     list, or a name -> path mapping) and ``load_data_args`` are read by merge, infer and serve.
+    ``merge``, ``infer`` and ``serve`` hold those stages' options.
     ``reference`` carries a recipe's metadata (the seed document's reported memory and runtime).
+    ``kernels`` picks fused kernels: ``none``, ``npu`` (torch_npu RMSNorm, rotary embedding and
+    SwiGLU for Qwen2) or ``liger`` (Liger kernels on CUDA); see docs/kernels.md.
     ``plan`` holds the options of ``stage=plan``.
     """
 
@@ -178,7 +313,14 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     reference: Dict[str, Any] = field(default_factory=dict)
+    kernels: str = "none"
+    nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    mfu: MfuConfig = field(default_factory=MfuConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
 
 
@@ -191,6 +333,14 @@ CHOICES: Dict[str, tuple] = {
     "model.torch_dtype": TORCH_DTYPES,
     "dataset.hub": DATASET_HUBS,
     "train.truncation_strategy": TRUNCATION_STRATEGIES,
+    "parallelism.offload_optimizer_device": OFFLOAD_DEVICES,
+    "parallelism.offload_param_device": OFFLOAD_DEVICES,
+    "lora.bias": LORA_BIASES,
+    "model.attn_implementation": ATTN_IMPLEMENTATIONS,
+    "kernels": KERNELS,
+    "doctor.format": DOCTOR_FORMATS,
+    "merge.torch_dtype": TORCH_DTYPES,
+    "serve.log_level": SERVE_LOG_LEVELS,
     "plan.format": PLAN_FORMATS,
     "plan.target": PLAN_TARGETS,
 }

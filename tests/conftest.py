@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import GSM8K
+from tests.helpers import GSM8K, NPU_SMI_FIXTURES
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,6 +18,9 @@ def isolated_caches(tmp_path_factory):
     os.environ["HF_DATASETS_CACHE"] = str(cache / "hf_datasets")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # One intra-op thread per CLI subprocess: the tiny model gains nothing from more, and on a
+    # loaded 2-core machine torch's spinning threads made runs up to 13x slower.
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield cache
 
 
@@ -37,3 +40,12 @@ def gsm8k_dir() -> Path:
     if not (GSM8K / "train.jsonl").is_file():
         pytest.skip(f"GSM8K data not found at {GSM8K} (expected beside the project as ../shared/data/gsm8k)")
     return GSM8K
+
+
+@pytest.fixture(scope="session")
+def npu_smi_texts() -> dict:
+    """The real 8 x 910B3 ``npu-smi info`` and ``npu-smi info -t topo`` outputs from ../shared/fixtures/npu-smi."""
+    info, topo = NPU_SMI_FIXTURES / "info_8x910B3.txt", NPU_SMI_FIXTURES / "topo_8x910B3_hccs.txt"
+    if not (info.is_file() and topo.is_file()):
+        pytest.skip(f"npu-smi fixtures not found in {NPU_SMI_FIXTURES} (expected beside the project as ../shared/fixtures/npu-smi)")
+    return {"info": info.read_text(), "topo": topo.read_text()}

@@ -11,15 +11,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 GSM8K = SHARED / "data" / "gsm8k"
+NPU_SMI_FIXTURES = SHARED / "fixtures" / "npu-smi"
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m npu_recipes ARGS`` as a user would; returns the completed process (text output)."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m npu_recipes ARGS`` as a user would; returns the completed process (text output).
+
+    ``input`` is typed on its stdin (then end of input); without it stdin is empty.
+    """
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "npu_recipes", *args],
         cwd=cwd or REPO,
         env=full_env,
+        input=input if input is not None else "",
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -33,7 +33,7 @@ CASES = {
     "row missing a mapped column": (
         lambda tmp: ["dataset=demo_math", "dataset.builder=null",
                      f"dataset.path={_rows_file(tmp, [GOOD_ROW, json.dumps({'input': 'q', 'output': 'o'})])}"],
-        "row 1: column 'answer' is missing or empty; columns found in that row: input, output",
+        "row 1 (0-based; record 2 of the file): column 'answer' is missing or empty; columns found in that row: input, output",
     ),
 }
 
@@ -56,3 +56,18 @@ def test_existing_output_dir_is_refused(tmp_path):
     assert result.returncode != 0
     assert "already exists and is not empty" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_a_directory_the_user_made_survives_a_failed_run(tmp_path):
+    premade = tmp_path / "premade"
+    premade.mkdir()
+    result = run_cli("device=cpu", "dataset=local", f"dataset.path={tmp_path}/missing.jsonl", f"output_dir={premade}")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert premade.is_dir() and not any(premade.iterdir())
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    result = run_cli("device=cpu", f"output_dir={target}")
+    assert result.returncode == 2 and "is an existing file, not a directory" in result.stderr

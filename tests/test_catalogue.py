@@ -45,7 +45,9 @@ def test_every_seed_table_row_is_one_recipe_with_the_seeds_settings():
         assert config.reference["max_memory_gb_per_device"] == gb
         assert (config.dataset.path, config.dataset.hub, config.dataset.val_split_ratio) == ("AI-ModelScope/blossom-math-v2", "modelscope", 0.01)
         train = config.train
-        assert (train.num_train_epochs, train.learning_rate, train.gradient_accumulation_steps) == (5, 1e-4, 16)
+        # The seed accumulates 16 samples per step; a recipe that packs accumulates one pack of
+        # max_length tokens (about 11 blossom-math-v2 samples) instead (docs/packing.md).
+        assert (train.num_train_epochs, train.learning_rate, train.gradient_accumulation_steps) == (5, 1e-4, 1 if train.packing else 16)
         assert (train.save_steps, train.eval_steps, config.train_type) == (100, 100, "lora")
         assert config.recipe.startswith(f"qwen{size.lower()}_lora_")
     assert recipe_for_row(4).recipe == "qwen7b_lora_zero3"

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from npu_recipes import config as config_module
 from npu_recipes.errors import UserError
-from tests.helpers import REPO
 
 # Options that need a user-supplied path before they validate.
 PATH_OVERRIDES = {
@@ -53,9 +50,14 @@ def test_seed_single_card_command_is_a_recipe_plus_overrides():
     assert (config.model.name_or_path, config.model.hub) == ("Qwen/Qwen2-7B-Instruct", "modelscope")
     assert (config.dataset.path, config.dataset.hub) == ("AI-ModelScope/blossom-math-v2", "modelscope")
     assert config.train.num_train_epochs == 5 and config.train_type == "lora"
-    assert config.train.learning_rate == 1e-4 and config.train.gradient_accumulation_steps == 16
+    assert config.train.learning_rate == 1e-4
     assert config.train.save_steps == 100 and config.train.eval_steps == 100
     assert config.dataset.val_split_ratio == 0.01
+    # Packed (docs/packing.md): one ~2048-token pack (about 11 samples) per optimizer step instead of 16
+    # single samples; the seed's exact run is two overrides away.
+    assert config.train.packing and config.train.gradient_accumulation_steps == 1
+    exact = config_module.compose(["+recipe=qwen7b_lora_single", "train.packing=false", "train.gradient_accumulation_steps=16"])
+    assert not exact.train.packing and exact.train.gradient_accumulation_steps == 16
     overridden = config_module.compose(["+recipe=qwen7b_lora_single", "train.learning_rate=2e-4", "train_type=full"])
     assert overridden.train.learning_rate == 2e-4 and overridden.train_type == "full"
 
@@ -86,6 +88,16 @@ def test_defaults_equal_swift_sft():
         ("train.truncation_strategy=cut", "choose one of: drop, truncate"),
         ("train.gradient_accumulation_steps=0", "must be > 0"),
         ("dataset.val_split_ratio=1.5", "must be in [0, 1)"),
+        ("train.learning_rate=nan", "must be > 0"),
+        ("train.learning_rate=abc", "train.learning_rate=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        ("model.name_or_path=null", "model.name_or_path=null"),
+        ("train.max_steps=0", "neither a step count nor -1"),
+        ("train.lr_scheduler_type=cosin", "did you mean 'cosine'"),
+        ("train.optim=adamw", "train.optim='adamw' is not valid"),
+        ("train.adam_beta2=2", "must be in [0, 1)"),
+        ("lora.bias=bogus", "choose one of: none, all, lora_only"),
+        ("model.attn_implementation=flash", "model.attn_implementation='flash' is not valid"),
+        ('dataset.user_template="{question"', "not a valid str.format template"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_closest_match(override, expected):

@@ -91,7 +91,7 @@ def test_missing_column_in_a_row_names_row_and_column(tmp_path):
     config = _blossom_config(path)
     loaded = data.load_rows(config)
     data.check_columns(config, loaded.column_names)
-    with pytest.raises(UserError, match=r"row 1: column 'answer' is missing or empty; columns found in that row: input, output"):
+    with pytest.raises(UserError, match=r"row 1 \(0-based; record 2 of the file\): column 'answer' is missing or empty; columns found in that row: input, output"):
         data.to_messages(loaded[1], config)
 
 
@@ -133,3 +133,43 @@ def test_validation_split_is_deterministic_and_disjoint(tmp_path):
     assert len(held_out) == 3 and held_out[data.ROW_ID] == again_held_out[data.ROW_ID]
     assert not set(train[data.ROW_ID]) & set(held_out[data.ROW_ID])
     assert len(train) + len(held_out) == 300
+
+
+def test_mixed_json_types_in_a_mapped_column_are_refused(tmp_path):
+    """HF datasets would type the column as Json and silently turn "007" into 7."""
+    path = tmp_path / "rows.jsonl"
+    rows = [{"input": "q", "output": "o", "answer": "007"}] * 3 + [{"input": "q", "output": "o", "answer": 7}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"rows.jsonl line 4: column 'answer' holds int where line 1 holds str"):
+        data.load_rows(_blossom_config(path))
+
+
+@pytest.mark.parametrize(
+    "conversation,expected",
+    [
+        ([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}], "must open with a user turn"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}], "assistant message 1 is empty"),
+    ],
+)
+def test_malformed_conversations_name_the_row(tmp_path, conversation, expected):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": conversation}) + "\n")
+    config = DatasetConfig(name="chat", path=str(path), messages_column="messages")
+    with pytest.raises(UserError, match=expected):
+        data.to_messages(data.load_rows(config)[0], config)
+
+
+def test_empty_and_mixed_inputs_are_named(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(UserError, match="is empty"):
+        data.load_rows(_blossom_config(empty))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text(json.dumps({"input": "q", "output": "o", "answer": "1"}) + "\n")
+    (mixed / "b.csv").write_text("input,output,answer\nq,o,1\n")
+    with pytest.raises(UserError, match=r"mixes formats \(.csv, .jsonl\)"):
+        data.load_rows(_blossom_config(mixed))
+    typo = DatasetConfig(name="gsm8k", path=str(tmp_path / "trian.jsonl"), hub="huggingface")
+    with pytest.raises(UserError, match="does not exist"):
+        data.resolve_path(typo)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -44,17 +45,20 @@ def test_every_seed_recipe_plans_offline_from_config_json_alone(tmp_path, recipe
     config, shape, estimate = plan.config, plan.shape, plan.estimate
     assert shape.params - shape.trainable_params == BASE_PARAMS[config.model.name_or_path]
     world = config.reference["devices"]
-    assert plan.launch.world_size == world
+    assert config.parallelism.nproc_per_node * config.parallelism.nnodes == world
     assert plan.target.name == "ascend_910b3" and plan.dtype == "bfloat16"
     live = sum(c.bytes for c in estimate.components.values() if c.at_peak)
     assert live == pytest.approx(estimate.total_bytes)
     assert 0 < estimate.total_gib < plan.usable_gib and plan.fits and plan.suggestion is None
+    assert plan.launch.environment == {"ASCEND_RT_VISIBLE_DEVICES": ",".join(map(str, range(world)))}
     if world > 1:
-        assert plan.launch.workers[:5] == ["python", "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
-        assert plan.launch.environment["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(map(str, range(world)))
+        assert plan.launch.workers == [
+            "python", "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--nnodes=1", "--node-rank=0",
+            "--master-addr=127.0.0.1", f"--log-dir={os.devnull}", "-m", "npu_recipes.worker", "RUN_DIR/resolved.yaml",
+        ]
+        assert plan.launch.worker_environment == {"DS_ACCELERATOR": "npu"}
     else:
-        assert plan.launch.workers is None and plan.launch.environment == {"ASCEND_RT_VISIBLE_DEVICES": "0"}
-    assert ("DS_ACCELERATOR" in plan.launch.environment) == config.parallelism.name.startswith("zero")
+        assert plan.launch.workers is None
 
 
 def test_zero3_divides_weights_by_the_world_size(tmp_path):
@@ -74,9 +78,10 @@ def test_plan_prints_settings_launch_and_memory_through_the_cli(tmp_path):
     assert "48 layers, hidden 5120, 40 heads / 8 KV heads, intermediate 13824, vocab 152064" in out
     assert "micro-batch 1 x accumulation 16 x 8 device(s) = global batch 128" in out
     assert "reference       8 x 31 GB" in out
-    assert (f"python -m torch.distributed.run --nproc_per_node 8 --nnodes 1 --node_rank 0 --master_addr 127.0.0.1 "
-            f"--master_port 29500 -m npu_recipes +recipe=qwen14b_lora_zero3 model.name_or_path={model}") in out
-    assert "ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 DS_ACCELERATOR=npu python -m npu_recipes" in out
+    assert ("python -m torch.distributed.run --nproc-per-node=8 --nnodes=1 --node-rank=0 --master-addr=127.0.0.1 "
+            f"--log-dir={os.devnull} -m npu_recipes.worker RUN_DIR/resolved.yaml") in out
+    assert f"ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 python -m npu_recipes +recipe=qwen14b_lora_zero3 model.name_or_path={model}\n" in out
+    assert "DS_ACCELERATOR=npu (set by the launcher)" in out
     for label in ("weights", "gradients", "optimizer states", "activations", "logits and loss", "framework overhead", "total"):
         assert f"\n  {label} " in out
     assert "Ascend 910B3 (ascend_910b3): 64.0 GiB" in out and "verdict         fits" in out
@@ -93,7 +98,8 @@ def test_plan_json_matches_the_in_process_plan(tmp_path):
     assert report["memory"] == expected["memory"] and report["device"] == expected["device"]
     assert report["settings"]["max_length"] == 512 and report["settings"]["world_size"] == 4
     assert report["reference"]["max_memory_gb_per_device"] == 22 and report["reference"]["runtime_hours"] == 8.5
-    assert report["launch"]["environment"] == {"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3", "DS_ACCELERATOR": "npu"}
+    assert report["launch"]["environment"] == {"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"}
+    assert report["launch"]["worker_environment"] == {"DS_ACCELERATOR": "npu"}
     assert report["launch"]["command"][-3:] == ["+recipe=qwen7b_lora_zero3", f"model.name_or_path={model}", "train.max_length=512"]
     components = report["memory"]["components"]
     assert set(components) == {"weights", "gradients", "optimizer_states", "activations", "logits_and_loss",
@@ -166,3 +172,9 @@ def test_unknown_target_lists_the_device_types():
 
     with pytest.raises(UserError, match=r"did you mean 'h200'.*ascend_910b3"):
         config_module.compose(["stage=plan", "plan.target=h300"])
+
+
+@pytest.mark.parametrize("name", sorted(plan_stage.PARALLELISM_SETTINGS))
+def test_suggested_parallelisms_set_what_their_group_option_sets(name):
+    parallel = config_module.compose([f"parallelism={name}"]).parallelism
+    assert (parallel.zero_stage, parallel.offload_optimizer_device, parallel.offload_param_device) == plan_stage.PARALLELISM_SETTINGS[name]

@@ -4,8 +4,10 @@
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
 
-A stage that sets ``IN_LAUNCHING_PROCESS_ONLY = True`` (plan) runs once in the process the user
-started, whatever the parallelism: the runner starts no workers for it.
+A stage that sets ``IN_LAUNCHER_ONLY = True`` (doctor, merge, infer, serve, plan) runs once in the
+launching process whatever ``parallelism`` or ``NPROC_PER_NODE`` say; it is never started as N workers.
+Any other stage (train) is planned from ``parallelism.*`` and started as torchrun workers when more
+than one process, or DeepSpeed, is asked for (:mod:`npu_recipes.launch`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from types import ModuleType
 
 from npu_recipes.errors import UserError
 
-STAGE_MODULES = {"train": "npu_recipes.stages.train", "plan": "npu_recipes.stages.plan"}
+STAGE_MODULES = {
+    "train": "npu_recipes.stages.train",
+    "doctor": "npu_recipes.stages.doctor",
+    "merge": "npu_recipes.stages.merge",
+    "infer": "npu_recipes.stages.infer",
+    "serve": "npu_recipes.stages.serve",
+    "plan": "npu_recipes.stages.plan",
+}
 
 
 def load(name: str) -> ModuleType:
@@ -27,8 +36,3 @@ def load(name: str) -> ModuleType:
     if name not in STAGE_MODULES:
         raise UserError(f"unknown stage {name!r}", fix=f"choose stage= one of {', '.join(STAGE_MODULES)}")
     return importlib.import_module(STAGE_MODULES[name])
-
-
-def needs_workers(stage: ModuleType, world_size: int) -> bool:
-    """True when ``stage`` runs in ``world_size`` > 1 worker processes rather than in the launching one."""
-    return world_size > 1 and not getattr(stage, "IN_LAUNCHING_PROCESS_ONLY", False)

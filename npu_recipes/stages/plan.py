@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 import sys
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
-from npu_recipes import accelerators, devices, launch_plan, memory, models
+from npu_recipes import accelerators, devices, launch, memory, models
 from npu_recipes.accelerators import Target
-from npu_recipes.rundir import RunDir
+from npu_recipes.rundir import RESOLVED, RunDir
 from npu_recipes.schema import RecipeConfig
 
-IN_LAUNCHING_PROCESS_ONLY = True
+IN_LAUNCHER_ONLY = True
 """The runner calls this stage in its own process and never starts workers for it."""
 
-# Parallelisms by the memory they need per device, most first; ddp holds what single holds.
+# Parallelisms by the memory they need per device, most first (ddp holds what single holds), with
+# the DeepSpeed settings their conf/parallelism/<name>.yaml sets (a test holds the two together):
+# zero_stage, offload_optimizer_device, offload_param_device.
 _LADDER = ("ddp", "zero2", "zero3", "zero3_offload")
+PARALLELISM_SETTINGS = {
+    "ddp": (None, "none", "none"),
+    "zero2": (2, "none", "none"),
+    "zero3": (3, "none", "none"),
+    "zero3_offload": (3, "cpu", "cpu"),
+}
+RUN_DIR = "RUN_DIR"
+"""Stands for the run directory in the printed worker command (``output_dir``; by default a new
+``outputs/<recipe>/<time>``)."""
 _MORE_DEVICES = (2, 4, 8)
 _SHORTEST_MAX_LENGTH = 256
 
@@ -35,6 +48,44 @@ class Suggestion:
     overrides: List[str]
     total_gib: float
     why: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the run starts.
+
+    Attributes:
+        environment: variables for the user's command (the devices the run may use).
+        command: what the user types.
+        workers: the torchrun command line the runner starts (:mod:`npu_recipes.launch`), with
+            ``RUN_DIR`` for the run directory; None when the stage runs in the launching process.
+        worker_environment: what the runner sets for every worker (``DS_ACCELERATOR``).
+    """
+
+    environment: Dict[str, str]
+    command: List[str]
+    workers: Optional[List[str]]
+    worker_environment: Dict[str, str]
+
+    def shell(self) -> str:
+        """The command with its environment, as one line to paste into a shell."""
+        return " ".join([*(f"{key}={shlex.quote(value)}" for key, value in self.environment.items()), shlex.join(self.command)])
+
+
+def launch_for(config: RecipeConfig, device_type: str, user_args: Sequence[str]) -> Launch:
+    """The :class:`Launch` of ``config`` on ``device_type`` machines, built by the launcher's own
+    functions (:func:`npu_recipes.launch.torchrun_arguments`, :meth:`npu_recipes.launch.Plan.command`)."""
+    parallel = config.parallelism
+    device = devices.Device(device_type, parallel.nproc_per_node)
+    environment = {}
+    if device.visibility_variable:
+        environment[device.visibility_variable] = ",".join(str(i) for i in range(parallel.nproc_per_node))
+    command = ["python", "-m", "npu_recipes", *user_args]
+    if launch.runs_in_process(config):
+        return Launch(environment, command, None, {})
+    world = parallel.nproc_per_node * parallel.nnodes
+    workers = launch.Plan(device, world, False, launch.torchrun_arguments(config)).command(Path(RUN_DIR) / RESOLVED)
+    return Launch(environment, command, ["python", *workers[1:]], device.worker_environment())
 
 
 @dataclass(frozen=True)
@@ -55,7 +106,7 @@ class Plan:
     reserve_gib: float
     estimate: memory.Estimate
     demand_gib: float
-    launch: launch_plan.LaunchPlan
+    launch: Launch
     suggestion: Optional[Suggestion]
 
     @property
@@ -103,6 +154,15 @@ def demand_gib(config: RecipeConfig, estimate: memory.Estimate, target: Target) 
     return estimate.total_gib
 
 
+def _with_parallelism(config: RecipeConfig, name: str, nproc_per_node: int) -> RecipeConfig:
+    """A copy of ``config`` with ``parallelism=name parallelism.nproc_per_node=N``."""
+    changed = copy.deepcopy(config)
+    parallel = changed.parallelism
+    parallel.name, parallel.nproc_per_node = name, nproc_per_node
+    parallel.zero_stage, parallel.offload_optimizer_device, parallel.offload_param_device = PARALLELISM_SETTINGS[name]
+    return changed
+
+
 def _candidates(config: RecipeConfig):
     """Changes that lower per-device memory, least disruptive first: (overrides, why, changed config)."""
     train, parallelism = config.train, config.parallelism
@@ -112,8 +172,7 @@ def _candidates(config: RecipeConfig):
         yield ["train.gradient_checkpointing=true"], "recompute activations in the backward pass", changed
     start = _LADDER.index(parallelism.name) + 1 if parallelism.name in _LADDER else 1
     for name in _LADDER[start:]:
-        changed = copy.deepcopy(config)
-        changed.parallelism.name = name
+        changed = _with_parallelism(config, name, parallelism.nproc_per_node)
         yield [f"parallelism={name}", f"parallelism.nproc_per_node={parallelism.nproc_per_node}"], (
             f"same {parallelism.nproc_per_node} device(s) per node"
         ), changed
@@ -128,8 +187,7 @@ def _candidates(config: RecipeConfig):
         if count <= parallelism.nproc_per_node:
             continue
         for name in ("zero2", "zero3"):
-            changed = copy.deepcopy(config)
-            changed.parallelism.name, changed.parallelism.nproc_per_node = name, count
+            changed = _with_parallelism(config, name, count)
             yield [f"parallelism={name}", f"parallelism.nproc_per_node={count}"], f"{count} devices per node", changed
     length = train.max_length // 2
     while length >= _SHORTEST_MAX_LENGTH:
@@ -180,7 +238,7 @@ def make(config: RecipeConfig, user_args: Sequence[str], model_dir: Optional[str
         reserve_gib=target.reserve_gib,
         estimate=estimate,
         demand_gib=demand,
-        launch=launch_plan.plan(config, target.device_type, user_args),
+        launch=launch_for(config, target.device_type, user_args),
         suggestion=None if demand <= usable else next_option(config, shape, target, usable),
     )
 
@@ -242,6 +300,7 @@ def to_dict(plan: Plan) -> dict:
             "command": plan.launch.command,
             "shell": plan.launch.shell(),
             "workers": plan.launch.workers,
+            "worker_environment": plan.launch.worker_environment,
         },
         "memory": plan.estimate.to_dict(),
         "device": {
@@ -312,7 +371,8 @@ def render_text(plan: Plan) -> str:
     row("environment", " ".join(f"{k}={v}" for k, v in plan.launch.environment.items()) or "(none)")
     row("command", plan.launch.shell())
     if plan.launch.workers:
-        row("workers", " ".join(plan.launch.workers))
+        row("workers", f"{shlex.join(plan.launch.workers)}  ({RUN_DIR}: the run directory)")
+        row("worker env", " ".join(f"{k}={v}" for k, v in plan.launch.worker_environment.items()) + " (set by the launcher)")
     if config.parallelism.nnodes > 1:
         row("nodes", f"run the command on each of the {config.parallelism.nnodes} nodes with parallelism.node_rank=0..{config.parallelism.nnodes - 1}")
 

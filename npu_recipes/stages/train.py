@@ -1,9 +1,11 @@
 """Train stage: supervised fine-tuning (LoRA or full) with transformers ``Trainer`` and PEFT.
 
-Life cycle: :func:`prepare` (resolve model and data, create the run directory) runs once in the
-launching process; :func:`run` (set up tokenizer, data, model and Trainer; train; record results)
-runs in every worker. Loss is the token-averaged cross-entropy over assistant tokens, averaged
-across gradient-accumulation steps and devices by the Trainer (``num_items_in_batch``).
+Life cycle: :func:`prepare` (resolve model and data, tokenize once, create the run directory) runs
+once in the launching process; :func:`run` (set up tokenizer, data, model and Trainer; train; record
+results) runs in every worker, where tokenization is read back from the HF datasets cache that
+prepare filled, so no rank waits in a collective while another tokenizes. Loss is the token-averaged
+cross-entropy over assistant tokens, averaged across gradient-accumulation steps and devices by the
+Trainer (``num_items_in_batch``, ``average_tokens_across_devices``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Optional
 
 import torch
 
-from npu_recipes import data, devices, models, plots, rundir
+from npu_recipes import data, deepspeed_config, devices, flops, heldout, kernels, launch, models, packing, plots, rundir
 from npu_recipes.callbacks import JsonlLogger, SaveAndEvaluateAtEnd
+from npu_recipes.nan_guard import NanGuard
 from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
+from npu_recipes.trainer import RecipeTrainer
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +35,41 @@ TRAINING_ARGUMENT_KEYS = (
 
 
 def prepare(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
-    """Resolve (build or download) model and dataset once, then create the run directory."""
+    """Resolve (build or download) model and dataset once and tokenize the data into HF datasets'
+    cache (so every worker reads it instead of tokenizing), then create the run directory.
+
+    Raises:
+        UserError: bad data (before any run directory exists), or an unusable output_dir.
+    """
     config.model.name_or_path = models.resolve_path(config.model)
     config.dataset.path = data.resolve_path(config.dataset)
+    tokenized_splits(config, models.load_tokenizer(config.model, config.model.name_or_path))
     return rundir.create(config, fresh_output_dir)
 
 
+def tokenized_splits(config: RecipeConfig, tokenizer) -> data.TokenizedSplits:
+    """``config.dataset`` tokenized for training (cached by HF datasets under a fingerprint of the
+    rows, tokenizer and settings; see :func:`npu_recipes.data.prepare`)."""
+    return data.prepare(
+        config.dataset, tokenizer, config.train.max_length, config.train.truncation_strategy, config.train.seed
+    )
+
+
 def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.Device, dtype: torch.dtype, has_eval: bool):
-    """Build ``TrainingArguments`` from ``config.train`` plus what npu_recipes fixes for every run."""
+    """Build ``TrainingArguments`` from ``config.train`` plus what npu_recipes fixes for every run.
+
+    Create it before the model: with ZeRO-3 it registers the DeepSpeed config, so that
+    ``from_pretrained`` loads weights already partitioned (``deepspeed.zero.Init``). ``use_cpu`` is
+    set on the CPU also under DeepSpeed: without it accelerate finds no accelerator and every
+    rank trains alone.
+    """
     from transformers import TrainingArguments
 
     train = config.train
     report_to = [] if train.report_to in ("none", "") else [name.strip() for name in train.report_to.split(",")]
     if "tensorboard" in report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.path / "tensorboard")
+    parallel = config.parallelism
     return TrainingArguments(
         output_dir=str(run_dir.path),
         **{key: getattr(train, key) for key in TRAINING_ARGUMENT_KEYS},
@@ -54,21 +79,32 @@ def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.De
         logging_first_step=True,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu=device.type == "cpu",
+        use_cpu=not device.is_accelerator,
+        deepspeed=str(run_dir.path / launch.DEEPSPEED_CONFIG) if deepspeed_config.uses_deepspeed(parallel) else None,
+        ddp_timeout=parallel.ddp_timeout,
+        ddp_find_unused_parameters=device.ddp_find_unused_parameters,
+        average_tokens_across_devices=True,
         include_num_input_tokens_seen="non_padding",
         prediction_loss_only=True,
         report_to=report_to,
+        **kernels.training_arguments(config.kernels),
     )
 
 
+def _numel(parameter: torch.nn.Parameter) -> int:
+    # ZeRO-3 leaves an empty tensor in each process and records the full size as ds_numel.
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def build_model(config: RecipeConfig, dtype: torch.dtype):
-    """Load the base model; wrap it with PEFT LoRA for ``train_type=lora``."""
+    """Load the base model; wrap it with PEFT LoRA for ``train_type=lora``; apply ``kernels=npu``."""
     model = models.load_model(config.model, config.model.name_or_path, dtype)
     model.config.use_cache = False
     if config.train_type == "lora":
         model = models.apply_lora(model, config.lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    kernels.apply(config.kernels, model)
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     log.info("%s: %s trainable of %s parameters (%.3f%%)", config.train_type, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
 
@@ -77,36 +113,74 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
     """Fine-tune ``config.model`` on ``config.dataset`` and record everything in ``run_dir``.
 
     Raises:
-        UserError: bad data or model settings (see :func:`npu_recipes.data.prepare`).
+        UserError: bad data or model settings (see :func:`npu_recipes.data.prepare`), a kernel or
+            attention implementation this device cannot run (:func:`npu_recipes.kernels.check`).
+        RunStopped: the NaN guard stopped training (:mod:`npu_recipes.nan_guard`).
     """
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
-
     device = devices.resolve(config.device)
-    set_seed(config.train.seed)
+    kernels.check(config.kernels, config.model.attn_implementation, device)
+    device.init_process_group(config.parallelism.ddp_timeout, deepspeed_config.uses_deepspeed(config.parallelism))
+    device.seed(config.train.seed)
     tokenizer = models.load_tokenizer(config.model, config.model.name_or_path)
     tokenizer.padding_side = "right"
-    splits = data.prepare(
-        config.dataset, tokenizer, config.train.max_length, config.train.truncation_strategy, config.train.seed
-    )
+    splits = tokenized_splits(config, tokenizer)
+    fit(config, run_dir, device, tokenizer, splits)
+
+
+def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer, splits: data.TokenizedSplits):
+    """Train on already tokenized ``splits`` (packed when ``train.packing``) and record the run.
+
+    :func:`run` calls this after tokenizing; bench/train_throughput.py calls it with generated
+    token ids, so the benchmark measures exactly this code path.
+
+    Returns:
+        transformers' ``TrainOutput`` (``global_step``, ``training_loss``, ``metrics``).
+    """
+    placement = devices.process_placement()
     dtype = models.select_dtype(config.model, config.model.name_or_path, device)
-    run_dir.update_manifest(
-        device={"type": device.type, "count": device.count, "name": device.name(), "dtype": str(dtype).replace("torch.", "")},
-        dataset={"name": config.dataset.name, "path": config.dataset.path, "fingerprint": splits.fingerprint, **splits.counts},
+    peak = flops.resolve_peak(config.mfu.peak_tflops, device.type, device.name(), dtype)
+    train_dataset, collator, packing_stats = packing.training_inputs(
+        splits.train.remove_columns(data.ROW_ID), tokenizer, packing=config.train.packing,
+        max_length=config.train.max_length, attn_implementation=config.model.attn_implementation,
+        ignore_index=data.IGNORE_INDEX,
     )
+    if placement.rank == 0:
+        run_dir.update_manifest(
+            device={"type": device.type, "count": device.count, "name": device.name(), "dtype": str(dtype).replace("torch.", ""),
+                    "world_size": placement.world_size, "peak_tflops": peak.tflops, "peak_source": peak.source},
+            dataset={"name": config.dataset.name, "path": config.dataset.path, "fingerprint": splits.fingerprint, **splits.counts},
+            packing=packing_stats,
+        )
+        if splits.held_out_rows is not None:
+            heldout.write(run_dir.path, splits.held_out_rows)
+    # Before the model: under ZeRO-3 the arguments make from_pretrained load weights already partitioned.
+    args = training_arguments(config, run_dir, device, dtype, has_eval=splits.eval is not None)
     model = build_model(config, dtype)
+    if packing_stats is not None:
+        packing.adapt_model(model, config.model.attn_implementation)
     device.reset_peak_memory()
-    trainer = Trainer(
+    nan_guard = NanGuard(config.nan_guard, run_dir)
+    trainer = RecipeTrainer(
         model=model,
-        args=training_arguments(config, run_dir, device, dtype, has_eval=splits.eval is not None),
-        train_dataset=splits.train.remove_columns(data.ROW_ID),
+        args=args,
+        train_dataset=train_dataset,
         eval_dataset=None if splits.eval is None else splits.eval.remove_columns(data.ROW_ID),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX),
+        data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[JsonlLogger(run_dir, device), SaveAndEvaluateAtEnd()],
+        # The NaN guard comes last: it cancels checkpoints that earlier callbacks ask for at a skipped step.
+        callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), nan_guard],
+        flops_model=flops.FlopsModel.from_model(model, model.config),
+        nan_guard=nan_guard,
     )
-    trainer.train()
+    output = trainer.train()
+    nan_guard.raise_if_stopped(config.train.learning_rate)
     if trainer.is_world_process_zero():
         finish(config, run_dir)
+    return output
+
+
+def _rounded(loss: Optional[float]) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
 
 
 def finish(config: RecipeConfig, run_dir: RunDir) -> None:
@@ -118,20 +192,26 @@ def finish(config: RecipeConfig, run_dir: RunDir) -> None:
     summary = next((r for r in reversed(records) if r.get("type") == "summary"), {})
     checkpoints = run_dir.checkpoints()
     metrics = {
-        "steps": train_records[-1]["step"] if train_records else 0,
+        "steps": summary.get("step", train_records[-1]["step"] if train_records else 0),
         "first_loss": train_records[0]["loss"] if train_records else None,
         "last_loss": train_records[-1]["loss"] if train_records else None,
         "last_eval_loss": eval_records[-1]["eval_loss"] if eval_records else None,
         "train_runtime_s": summary.get("train_runtime"),
         "num_input_tokens_seen": summary.get("num_input_tokens_seen"),
         "peak_memory_gib": summary.get("peak_memory_gib"),
+        "model_tflops": summary.get("model_tflops"),
+        "mfu": summary.get("mfu"),
+        "skipped_steps": sum(1 for r in records if r.get("type") == "skipped_step"),
         "last_checkpoint": str(checkpoints[-1]) if checkpoints else None,
     }
     run_dir.update_manifest(status="completed", finished_at=rundir.now(), final_metrics=metrics)
     print(
         f"\nrun directory: {run_dir.path}\n"
         f"checkpoint:    {metrics['last_checkpoint']}\n"
-        f"loss:          first {metrics['first_loss']} -> last {metrics['last_loss']}"
-        + (f" (eval {metrics['last_eval_loss']:.4f})" if metrics["last_eval_loss"] is not None else ""),
+        f"loss:          first {_rounded(metrics['first_loss'])} -> last {_rounded(metrics['last_loss'])}"
+        + (f" (eval {metrics['last_eval_loss']:.4f})" if metrics["last_eval_loss"] is not None else "")
+        + f"\nthroughput:    {metrics['model_tflops']} model TFLOP/s per device, MFU "
+        + (f"{100 * metrics['mfu']:.1f}%" if metrics["mfu"] is not None else "n/a (no peak: see docs/mfu.md)")
+        + (f"\nskipped steps: {metrics['skipped_steps']} (non-finite loss or grad norm)" if metrics["skipped_steps"] else ""),
         flush=True,
     )

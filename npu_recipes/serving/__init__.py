@@ -1,0 +1,8 @@
+"""The serve stage's OpenAI-compatible HTTP server (see docs/serving.md).
+
+* :mod:`~npu_recipes.serving.protocol`: pydantic request/response models in OpenAI's wire format;
+* :mod:`~npu_recipes.serving.generation`: one left-padded ``generate`` call for a batch of jobs;
+* :mod:`~npu_recipes.serving.batcher`: the queue that groups compatible jobs into batches;
+* :mod:`~npu_recipes.serving.app`: the FastAPI routes, authentication and error replies;
+* :mod:`~npu_recipes.serving.launcher`: start a server process and wait until it answers.
+"""

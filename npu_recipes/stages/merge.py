@@ -1,0 +1,134 @@
+"""Merge stage: fold LoRA adapters into their base model with PEFT's ``merge_and_unload`` and save it.
+
+``python -m npu_recipes stage=merge adapters=RUN/checkpoint-N`` writes ``RUN/checkpoint-N-merged/``
+(or ``merge.output_dir``): sharded safetensors, config, generation config, tokenizer with its chat
+template, and a ``manifest.json`` naming the base model, the adapters and the training run (which
+``infer load_data_args=true`` follows back to the run's validation split).
+
+The base model is the one the adapter's training run used (its resolved.yaml, see
+:func:`npu_recipes.inference.base_model_config`), so a local or built base is never downloaded.
+The directory is built under a temporary name and renamed when complete. The stage always runs in
+one process on one device (or the CPU), whatever ``NPROC_PER_NODE`` or ``parallelism.*`` say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from npu_recipes import atomic, devices, inference, models, rundir
+from npu_recipes.errors import UserError
+from npu_recipes.schema import RecipeConfig
+
+log = logging.getLogger(__name__)
+
+IN_LAUNCHER_ONLY = True
+MERGED_SUFFIX = "-merged"
+
+
+def target_dir(config: RecipeConfig, adapters: List[inference.Adapter]) -> Path:
+    """Where the merged model goes: ``merge.output_dir``, else ``<checkpoint>-merged`` beside the adapter.
+
+    Raises:
+        UserError: several adapters and no ``merge.output_dir`` (there is no single checkpoint to name it after).
+    """
+    if config.merge.output_dir:
+        return Path(config.merge.output_dir).expanduser().absolute()
+    if len(adapters) > 1:
+        raise UserError(
+            f"merging {len(adapters)} adapters into one model needs a target directory",
+            fix="pass merge.output_dir=DIR",
+        )
+    return adapters[0].path.with_name(adapters[0].path.name + MERGED_SUFFIX)
+
+
+def _checked_inputs(config: RecipeConfig):
+    adapters = inference.parse_adapters(config.adapters)
+    if not adapters:
+        raise UserError("stage=merge needs the LoRA checkpoint to merge", fix="pass adapters=RUN_DIR/checkpoint-N")
+    target = target_dir(config, adapters)
+    if target.exists() and not config.merge.exist_ok:
+        raise UserError(
+            f"merge target {target} already exists",
+            fix="pass merge.exist_ok=true to replace it, or merge.output_dir=DIR for another place",
+        )
+    return adapters, target
+
+
+def prepare(config: RecipeConfig, fresh_output_dir: bool) -> None:
+    """Check the adapters and the target before anything loads; the merge writes no run directory.
+
+    Raises:
+        UserError: no adapters, bad adapter paths, adapters of different bases, or an existing
+            target without ``merge.exist_ok=true``.
+    """
+    adapters, _ = _checked_inputs(config)
+    inference.base_model_config(config, adapters)
+    return None
+
+
+def _weight_files(directory: Path) -> List[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def run(config: RecipeConfig, run_dir: Optional[rundir.RunDir]) -> None:
+    """Merge ``config.adapters`` into their base and publish the merged model directory.
+
+    Weights are saved in ``merge.torch_dtype`` (``auto``: the dtype the base checkpoint declares);
+    the merge itself is PEFT's (``safe_merge=True`` checks the merged weights for NaN).
+
+    Raises:
+        UserError: as :func:`prepare`; the target appeared while merging.
+    """
+    adapters, target = _checked_inputs(config)
+    device = devices.resolve(config.device)
+    base = inference.base_model_config(config, adapters)
+    base_path = models.resolve_path(base)
+    if config.merge.torch_dtype == "auto":
+        dtype = models.checkpoint_dtype(base, base_path)
+    else:
+        dtype = models.dtype_by_name(config.merge.torch_dtype)
+    started = time.perf_counter()
+    loaded = inference.load(config, device, dtype=dtype)
+    merged = loaded.model.merge_and_unload(safe_merge=True, adapter_names=[a.name for a in adapters])
+    training_run = adapters[0].run_dir
+    log.info("merged %d adapter(s) into %s on %s in %s", len(adapters), base_path, device.type, str(dtype))
+
+    def build(staging: Path) -> None:
+        merged.save_pretrained(staging, max_shard_size=config.merge.max_shard_size)
+        models.load_tokenizer(base, base_path).save_pretrained(staging)
+        weights = _weight_files(staging)
+        rundir.RunDir(staging).update_manifest(**{
+            "kind": "merged_model",
+            "stage": "merge",
+            "base_model": base_path,
+            "base_model_config": dataclasses.asdict(base),
+            "adapters": [{"name": a.name, "path": str(a.path), "base_model_name_or_path": a.base_model_name_or_path} for a in adapters],
+            inference.TRAINING_RUN_KEY: str(training_run) if training_run else None,
+            "method": "peft merge_and_unload(safe_merge=True)",
+            "dtype": str(dtype).replace("torch.", ""),
+            "device": device.type,
+            "shards": [w.name for w in weights],
+            "weights_bytes": sum(w.stat().st_size for w in weights),
+            "command": rundir.command_line(),
+            "git_commit": rundir.git_commit(),
+            "versions": rundir.package_versions(),
+            "created_at": rundir.now(),
+        })
+
+    if not atomic.publish_directory(build, target, replace=config.merge.exist_ok):
+        raise UserError(
+            f"merge target {target} appeared while this merge was running (another merge of the same checkpoint?)",
+            fix="check that directory; pass merge.exist_ok=true to replace it",
+        )
+    weights = _weight_files(target)
+    size = sum(w.stat().st_size for w in weights)
+    print(
+        f"\nmerged model: {target}\n"
+        f"weights:      {len(weights)} safetensors file(s), {size / devices.GIB:.3f} GiB, {str(dtype).replace('torch.', '')}\n"
+        f"took:         {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )

@@ -1,0 +1,134 @@
+"""``stage=doctor`` through the real CLI: on this machine's CPU, and with fake npu-smi / nvidia-smi
+executables on PATH that print the real fixtures (or variants of them), so the tool paths run for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from tests import npu_smi_variants as variants
+from tests.test_smi import NVIDIA_TOPO
+from tests.helpers import run_cli
+
+
+def _fake_tool(bin_dir, name, outputs: dict) -> None:
+    """An executable ``name`` that prints ``outputs[args]`` (args joined by spaces; key "" for anything else)."""
+    bin_dir.mkdir(exist_ok=True)
+    cases = []
+    for index, (args, text) in enumerate(outputs.items()):
+        path = bin_dir / f"{name}-out{index}.txt"
+        path.write_text(text)
+        cases.append(f'  "{args}") cat "{path}" ;;' if args else f'  *) cat "{path}" ;;')
+    script = bin_dir / name
+    script.write_text("#!/bin/sh\ncase \"$*\" in\n" + "\n".join(cases) + "\nesac\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def _env(bin_dir, **extra) -> dict:
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+_MACHINE_SETTINGS = ("ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME")
+pytestmark = pytest.mark.skipif(
+    any(name in os.environ for name in _MACHINE_SETTINGS),
+    reason=f"these tests stage their own device settings; this shell sets some of {', '.join(_MACHINE_SETTINGS)}",
+)
+
+
+def _checks(result) -> dict:
+    report = json.loads(result.stdout)
+    return report, {check["name"]: check for check in report["checks"]}
+
+
+def test_cpu_doctor_passes_and_writes_nothing(tmp_path):
+    result = run_cli("stage=doctor", "device=cpu", "doctor.format=json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report, checks = _checks(result)
+    assert report["device"] == "cpu" and report["ok"] is True
+    assert checks["cpu matmul"]["status"] == "ok" and "max relative error" in checks["cpu matmul"]["detail"]
+    assert checks["bf16"]["status"] == "ok"
+    assert checks["CPU cores"]["detail"].startswith(f"{os.cpu_count()} ")
+    assert "GiB total" in checks["memory"]["detail"]
+    assert list(tmp_path.iterdir()) == [], "the doctor must not create a run directory"
+
+
+def test_npu_machine_with_a_sick_card_busy_card_and_pcie_links(tmp_path, npu_smi_texts):
+    """Four 910B4 32 GB cards, NPU2 in Alarm, a process on NPU0, PCIe-only links: all found, exit 1."""
+    info = variants.with_processes(
+        variants.with_health(variants.as_910b4_32gb(variants.fewer_cards(npu_smi_texts["info"], 4)), 2, "Alarm"),
+        [{"npu": 0, "pid": 4242, "name": "python3", "memory_mb": 20480}],
+    )
+    topo = variants.topology(variants.PCIE_ONLY_4, ["0-23", "0-23", "24-47", "24-47"], npu_smi_texts["topo"])
+    _fake_tool(tmp_path / "bin", "npu-smi", {"info -t topo": topo, "": info})
+    result = run_cli("stage=doctor", "parallelism.nproc_per_node=4", "doctor.format=json", cwd=tmp_path,
+                     env=_env(tmp_path / "bin", HCCL_CONNECT_TIMEOUT="600"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    report, checks = _checks(result)
+    assert report["device"] == "npu" and "npu-smi is on PATH" in report["reason"] and report["ok"] is False
+    assert checks["npu-smi chips"]["detail"] == "4 x 910B4 (npu-smi 24.1.rc1.b030)"
+    assert checks["health npu2"]["status"] == "fail" and "Alarm" in checks["health npu2"]["detail"]
+    assert "npu-smi info -t health -i 2" in checks["health npu2"]["fix"]
+    assert checks["HBM used/total MB"]["detail"].startswith("0: 3318/32768, 1: 3314/32768")
+    assert checks["processes"]["status"] == "warn" and "pid 4242 python3 on 0 (20480 MB)" in checks["processes"]["detail"]
+    assert checks["interconnect"]["status"] == "warn" and "NPU0-NPU3 SYS" in checks["interconnect"]["detail"]
+    assert checks["visible devices"]["status"] == "ok" and "lists 4" in checks["visible devices"]["detail"]
+    assert checks["HCCL settings"] == {"name": "HCCL settings", "status": "ok", "detail": "HCCL_CONNECT_TIMEOUT=600", "fix": None}
+    assert checks["CANN environment"]["status"] == "fail" and "set_env.sh" in checks["CANN environment"]["fix"]
+    assert [c["name"] for c in report["checks"] if c["status"] in ("warn", "fail") and not c["fix"]] == []
+    assert len(report["tools"]["npu_smi_info"]["chips"]) == 4
+    assert report["tools"]["npu_smi_topo"]["links"]["NPU1"]["NPU2"] == "PHB"
+
+
+def test_table_output_names_each_failure_and_its_fix(tmp_path, npu_smi_texts):
+    _fake_tool(tmp_path / "bin", "npu-smi", {"info -t topo": npu_smi_texts["topo"], "": npu_smi_texts["info"]})
+    result = run_cli("stage=doctor", "parallelism.nproc_per_node=4", cwd=tmp_path,
+                     env=_env(tmp_path / "bin", ASCEND_RT_VISIBLE_DEVICES="0,1", HCCL_EXEC_TIMEOUT="soon"))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0] == "npu_recipes doctor: npu (device=auto: npu-smi is on PATH)"
+    row = next(line for line in lines if line.startswith("visible devices"))
+    assert "FAIL" in row and "ASCEND_RT_VISIBLE_DEVICES=0,1; parallelism.nproc_per_node=4" in row
+    assert next(line for line in lines if line.startswith("interconnect")).split()[1] == "ok"
+    assert next(line for line in lines if line.startswith("npu-smi chips")).endswith("8 x 910B3 (npu-smi 24.1.rc1.b030)")
+    fixes = lines[lines.index("fixes:") + 1:]
+    assert "  FAIL visible devices: pass parallelism.nproc_per_node=2 or fewer, or export ASCEND_RT_VISIBLE_DEVICES with 4 devices" in fixes
+    assert "  FAIL HCCL settings: export HCCL_EXEC_TIMEOUT=<integer> or unset it" in fixes
+    failed = [line for line in lines if "  FAIL  " in line]
+    assert lines[-1] == f"{len(failed)} check(s) failed"
+    assert len([line for line in fixes if line.startswith("  FAIL ")]) == len(failed)
+
+
+def test_cuda_path_reads_nvidia_smi(tmp_path):
+    gpus = "0, NVIDIA H200, 00000000:19:00.0, 1021, 143771, GPU-aaa\n1, NVIDIA H200, 00000000:3B:00.0, 4, 143771, GPU-bbb\n"
+    _fake_tool(tmp_path / "bin", "nvidia-smi", {
+        "--query-gpu=index,name,pci.bus_id,memory.used,memory.total,uuid --format=csv,noheader,nounits": gpus,
+        "--query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits": "",
+        "topo -m": NVIDIA_TOPO,
+    })
+    result = run_cli("stage=doctor", "device=cuda", "parallelism.nproc_per_node=2", "doctor.format=json",
+                     cwd=tmp_path, env=_env(tmp_path / "bin", CUDA_VISIBLE_DEVICES="1,0"))
+    report, checks = _checks(result)
+    assert report["device"] == "cuda"
+    assert checks["nvidia-smi chips"]["detail"] == "2 x NVIDIA H200"
+    assert checks["interconnect"]["status"] == "ok" and "NV18" in checks["interconnect"]["detail"]
+    assert checks["interconnect"]["detail"].endswith("CPU affinity GPU1: 0-55,112-167, GPU0: 0-55,112-167")
+    assert checks["visible devices"]["status"] == "ok"
+    assert checks["visible devices"]["detail"] == "CUDA_VISIBLE_DEVICES=1,0; parallelism.nproc_per_node=2"
+    uuids = run_cli("stage=doctor", "device=cuda", "parallelism.nproc_per_node=3", "doctor.format=json",
+                    cwd=tmp_path, env=_env(tmp_path / "bin", CUDA_VISIBLE_DEVICES="GPU-aaa,GPU-bbb"))
+    visible = _checks(uuids)[1]["visible devices"]
+    assert visible["status"] == "fail" and visible["detail"].startswith("CUDA_VISIBLE_DEVICES=GPU-aaa,GPU-bbb;")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert result.returncode == 1
+        assert checks["devices"]["status"] == "fail" and "sees no CUDA device" in checks["devices"]["detail"]
+
+
+def test_bad_doctor_format_is_a_user_error(tmp_path):
+    result = run_cli("stage=doctor", "doctor.format=yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "doctor.format='yaml' is not valid" in result.stderr and "table, json" in result.stderr
