@@ -3,6 +3,9 @@
 #   PY=/path/to/python   use an existing environment (e.g. one with torch_npu) instead of .venv
 #   TORCH_VERSION=X.Y.Z  torch to install when the environment has none (never replaces an existing torch)
 #   ARGS="key=value ..." extra overrides for run targets; PYTEST_ARGS for `make test`
+#
+# Every recipe is a target: recipes/qwen7b_lora_zero3.yaml -> `make qwen7b-lora-zero3 ARGS="..."`.
+# `make list` shows them with the seed's and the planned memory; `make docs` regenerates docs/recipes.md.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,8 +14,9 @@ TORCH_VERSION ?= 2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 STAMP := .install-stamp
+RECIPE_TARGETS := $(subst _,-,$(filter-out demo,$(basename $(notdir $(wildcard recipes/*.yaml)))))
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean list docs $(RECIPE_TARGETS)
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "npu_recipes needs Python 3.10 or newer")'
@@ -29,6 +33,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	"$(PY)" -m pytest $(PYTEST_ARGS)
+
+$(RECIPE_TARGETS): $(STAMP)
+	"$(PY)" -m npu_recipes +recipe=$(subst -,_,$@) $(ARGS)
+
+list: $(STAMP)
+	"$(PY)" -m npu_recipes.catalogue
+
+docs: $(STAMP)
+	"$(PY)" -m npu_recipes.docs
 
 clean:
 	rm -rf $(STAMP) build dist *.egg-info outputs multirun .pytest_cache

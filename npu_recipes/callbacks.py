@@ -30,11 +30,14 @@ class JsonlLogger(TrainerCallback):
     Training records: ``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``, ``skipped_steps``
     (optimizer steps the NaN guard skipped so far),
     ``tokens_per_second`` (non-padding input tokens over all ranks per wall-clock second since the
-    previous record), ``peak_memory_gib`` (:meth:`Device.peak_memory_gib`, GiB), ``model_tflops``
+    previous record: the Trainer gathers ``num_input_tokens_seen`` from every rank),
+    ``peak_memory_gib`` (:meth:`Device.peak_memory_gib` in GiB, the maximum over ranks), ``model_tflops``
     (model TFLOP/s per device, from the Trainer's ``total_flos``; see :mod:`npu_recipes.flops`) and
     ``mfu`` (``model_tflops`` over the device's peak; null without a peak). Evaluation records carry
-    ``eval_loss`` instead; the final record has ``type: summary`` with the whole run's figures.
-    inf/NaN values are written as null. Only the world's process zero writes.
+    ``eval_loss`` instead; the final record has ``type: summary`` with the whole run's figures and
+    ``peak_memory_gib_per_rank`` (a list in rank order). inf/NaN values are written as null. Every
+    rank takes part in gathering the peaks (the Trainer calls ``on_log`` on all of them with the
+    same keys); only the world's process zero writes.
     """
 
     def __init__(self, run_dir: RunDir, device: Device, peak: flops.Peak, world_size: int = 1):
@@ -59,7 +62,7 @@ class JsonlLogger(TrainerCallback):
         }
 
     def on_log(self, args, state, control, logs: Dict[str, Any] | None = None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
             return
         record: Dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "eval_loss" in logs:
@@ -73,18 +76,21 @@ class JsonlLogger(TrainerCallback):
             record["type"] = "train"
             record.update({key: finite_or_none(logs[key]) for key in _TRAIN_KEYS if key in logs})
             record["tokens_per_second"] = round(tokens / elapsed, 2) if elapsed > 0 else None
-            record["peak_memory_gib"] = round(self.device.peak_memory_gib(), 4)
+            record["peak_memory_gib"] = round(max(self.device.gather_over_ranks(self.device.peak_memory_gib())), 4)
             record.update(self._throughput(model_flops, elapsed))
         elif "train_runtime" in logs:
             record["type"] = "summary"
             record.update({key: finite_or_none(value) for key, value in logs.items()})
             record["num_input_tokens_seen"] = state.num_input_tokens_seen
-            record["peak_memory_gib"] = round(self.device.peak_memory_gib(), 4)
+            per_rank = [round(peak, 4) for peak in self.device.gather_over_ranks(self.device.peak_memory_gib())]
+            record["peak_memory_gib"] = max(per_rank)
+            record["peak_memory_gib_per_rank"] = per_rank
             record.update(self._throughput(state.total_flos, logs["train_runtime"]))
             record["peak_tflops"] = self.peak.tflops
         else:
             return
-        self.run_dir.append_log(record)
+        if state.is_world_process_zero:
+            self.run_dir.append_log(record)
 
 
 class SaveAndEvaluateAtEnd(TrainerCallback):

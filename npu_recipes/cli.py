@@ -9,6 +9,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from npu_recipes import config as config_module
@@ -16,7 +18,8 @@ from npu_recipes import paths, runner
 from npu_recipes.errors import UserError, report_and_exit
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """Log INFO and above to stderr as `HH:MM:SS LEVEL logger: message`, quieting chatty libraries."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -26,6 +29,10 @@ def _setup_logging() -> None:
 def _compose_and_run(cfg: DictConfig) -> None:
     try:
         fresh_output_dir = "${now:" in OmegaConf.to_container(cfg, resolve=False)["output_dir"]
+        hydra_config = HydraConfig.get()
+        if fresh_output_dir and hydra_config.mode == RunMode.MULTIRUN:
+            # One run directory per job: the job's own sweep subdirectory (outputs/multirun/<time>/<job number>).
+            cfg.output_dir, fresh_output_dir = hydra_config.runtime.output_dir, False
         config = config_module.validate(cfg)
         runner.run(config, fresh_output_dir)
     except UserError as error:
@@ -38,7 +45,7 @@ def main() -> None:
 
     if len(sys.argv) == 1:
         sys.argv.append("+recipe=demo")
-    _setup_logging()
+    setup_logging()
     config_module.register()
     args = get_args_parser().parse_args(sys.argv[1:])
     try:

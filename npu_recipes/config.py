@@ -253,8 +253,7 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     _check_positive("lora.lora_alpha", config.lora.lora_alpha)
     if not 0 <= config.lora.lora_dropout < 1:
         raise UserError(f"lora.lora_dropout={config.lora.lora_dropout} must be in [0, 1)", fix="pass e.g. lora.lora_dropout=0.05")
-    _check_positive("parallelism.nproc_per_node", config.parallelism.nproc_per_node)
-    _check_positive("parallelism.nnodes", config.parallelism.nnodes)
+    _check_parallelism(config, timestamped_output_dir="${now:" in str(OmegaConf.to_container(cfg, resolve=False)["output_dir"]))
     _check_positive("nan_guard.max_consecutive_bad_steps", config.nan_guard.max_consecutive_bad_steps)
     if config.mfu.peak_tflops is not None:
         _check_positive("mfu.peak_tflops", config.mfu.peak_tflops)
@@ -262,7 +261,67 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
         _reject_choice("dataset.answer_format", config.dataset.answer_format, schema.ANSWER_FORMATS)
     _validate_infer(config.infer)
     _validate_serve(config.serve)
+    if config.plan.device_memory_gib is not None:
+        _check_positive("plan.device_memory_gib", config.plan.device_memory_gib)
     return config
+
+
+def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool) -> None:
+    """Rules of ``parallelism.*`` and its combination with ``model.device_map`` (see docs/distributed.md)."""
+    parallel = config.parallelism
+    _check_positive("parallelism.nproc_per_node", parallel.nproc_per_node)
+    _check_positive("parallelism.nnodes", parallel.nnodes)
+    _check_positive("parallelism.ddp_timeout", parallel.ddp_timeout)
+    if not 0 <= parallel.node_rank < parallel.nnodes:
+        raise UserError(
+            f"parallelism.node_rank={parallel.node_rank} must be in [0, parallelism.nnodes={parallel.nnodes})",
+            fix="number the nodes 0, 1, ... nnodes-1, with node_rank=0 on the master node",
+        )
+    if parallel.master_port is not None and not 1 <= parallel.master_port <= 65535:
+        raise UserError(f"parallelism.master_port={parallel.master_port} is not a TCP port", fix="pass a port in 1..65535")
+    if parallel.zero_stage is not None and parallel.zero_stage not in (0, 1, 2, 3):
+        raise UserError(
+            f"parallelism.zero_stage={parallel.zero_stage} is not a DeepSpeed ZeRO stage",
+            fix="choose parallelism=zero2, zero3 or zero3_offload, or pass zero_stage 0..3 (null: no DeepSpeed)",
+        )
+    if parallel.offload_optimizer_device != "none" and not parallel.zero_stage:
+        raise UserError(
+            f"parallelism.offload_optimizer_device={parallel.offload_optimizer_device} needs DeepSpeed ZeRO (stage 1-3), "
+            f"but parallelism.zero_stage={parallel.zero_stage}",
+            fix="choose parallelism=zero3_offload, or set parallelism.zero_stage",
+        )
+    if parallel.offload_param_device != "none" and parallel.zero_stage != 3:
+        raise UserError(
+            f"parallelism.offload_param_device={parallel.offload_param_device} needs ZeRO stage 3, "
+            f"but parallelism.zero_stage={parallel.zero_stage}",
+            fix="choose parallelism=zero3_offload, or set parallelism.offload_param_device=none",
+        )
+    if parallel.nnodes > 1:
+        if parallel.master_addr in ("127.0.0.1", "localhost", "::1") or parallel.master_port is None:
+            raise UserError(
+                f"a run over parallelism.nnodes={parallel.nnodes} nodes needs the master node's address and a port "
+                f"(parallelism.master_addr={parallel.master_addr}, parallelism.master_port={parallel.master_port})",
+                fix="pass parallelism.master_addr=<node 0's IP> parallelism.master_port=<free port>, the same on every node",
+            )
+        if timestamped_output_dir:
+            raise UserError(
+                f"a run over parallelism.nnodes={parallel.nnodes} nodes needs an explicit output_dir "
+                "(each node would otherwise name its run directory by its own clock)",
+                fix="pass output_dir=DIR, the same on every node",
+            )
+    if config.model.device_map is not None:
+        if parallel.zero_stage is not None:
+            raise UserError(
+                f"model.device_map={config.model.device_map} spreads one model over several devices per process, "
+                f"which DeepSpeed ZeRO (parallelism={parallel.name}) cannot combine with its own partitioning",
+                fix="drop model.device_map (ZeRO-3 already shards the model), or choose parallelism=single",
+            )
+        if parallel.nproc_per_node * parallel.nnodes > 1:
+            raise UserError(
+                f"model.device_map={config.model.device_map} spreads one model over every visible device, so "
+                f"{parallel.nproc_per_node * parallel.nnodes} processes (parallelism={parallel.name}) would all claim the same devices",
+                fix="drop model.device_map, or choose parallelism=single",
+            )
 
 
 def _validate_infer(infer: schema.InferConfig) -> None:

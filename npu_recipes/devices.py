@@ -6,11 +6,14 @@ launcher settings; no other module branches on the device type.
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import importlib.util
 import os
 import resource
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,21 +22,45 @@ from npu_recipes.errors import UserError
 GIB = 1024**3
 
 
+_CANN_SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
+_VISIBILITY_VARIABLES = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
+_DEVICE_NOUNS = {"npu": "NPU", "cuda": "CUDA GPU", "cpu": "CPU"}
+
+
+def _cann_sourced() -> bool:
+    return bool(os.environ.get("ASCEND_HOME_PATH") or os.environ.get("ASCEND_TOOLKIT_HOME"))
+
+
 def _npu_import_error() -> UserError | None:
-    """Import torch_npu; return a UserError describing what is missing instead of raising ImportError."""
+    """Import torch_npu; return a UserError saying exactly what to install or source instead of raising.
+
+    Three cases: the package is absent (pip install the torch_npu matching this torch); it is present
+    but fails to load with CANN's environment not sourced (source ``set_env.sh``); it fails with CANN
+    sourced (a torch / torch_npu / CANN version mismatch).
+    """
     if "torch_npu" in sys.modules:
         return None
-    if not (os.environ.get("ASCEND_HOME_PATH") or os.environ.get("ASCEND_TOOLKIT_HOME")):
-        cann_hint = "source CANN's environment first (source /usr/local/Ascend/ascend-toolkit/set_env.sh)"
-    else:
-        cann_hint = "CANN's environment is sourced"
+    torch_version = torch.__version__.split("+")[0]
+    if importlib.util.find_spec("torch_npu") is None:
+        return UserError(
+            f"device=npu needs the torch_npu package, which is not installed in {sys.executable} (torch {torch.__version__})",
+            fix=f"install CANN, `source {_CANN_SET_ENV}`, then `pip install torch-npu=={torch_version}` "
+            f"(torch_npu X.Y.Z pairs with torch X.Y.Z); or choose device=cuda or device=cpu",
+        )
     try:
         importlib.import_module("torch_npu")
-    except ImportError as error:
+    except Exception as error:  # torch_npu raises ImportError, OSError or RuntimeError when CANN is missing
+        if not _cann_sourced():
+            return UserError(
+                f"torch_npu is installed but failed to import ({type(error).__name__}: {error}); CANN's environment is "
+                "not sourced (ASCEND_HOME_PATH and ASCEND_TOOLKIT_HOME are unset)",
+                fix=f"`source {_CANN_SET_ENV}` (or the set_env.sh of your CANN install) in this shell, then rerun",
+            )
         return UserError(
-            f"device=npu needs the torch_npu package, which failed to import ({error}); {cann_hint}",
-            fix=f"pip install torch-npu=={torch.__version__.split('+')[0]} (it must match torch "
-            f"{torch.__version__}), source CANN's set_env.sh, or choose device=cuda/cpu",
+            f"torch_npu failed to import ({type(error).__name__}: {error}) with CANN at "
+            f"{os.environ.get('ASCEND_HOME_PATH') or os.environ.get('ASCEND_TOOLKIT_HOME')}",
+            fix=f"check that torch_npu's version equals torch's ({torch_version}) and that your CANN release supports "
+            "it (`pip show torch torch-npu`)",
         )
     return None
 
@@ -66,6 +93,11 @@ class Device:
         return torch.device("cpu") if self.type == "cpu" else torch.device(self.type, local_rank)
 
     @property
+    def is_accelerator(self) -> bool:
+        """True for NPU and GPU: memory and streams of their own, separate from the host's (False for the CPU)."""
+        return self.type != "cpu"
+
+    @property
     def distributed_backend(self) -> str:
         """The process-group backend: hccl (NPU), nccl (CUDA), gloo (CPU)."""
         return {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}[self.type]
@@ -73,12 +105,38 @@ class Device:
     @property
     def visibility_variable(self) -> str | None:
         """Environment variable that restricts visible devices, or None for the CPU."""
-        return {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}.get(self.type)
+        return _VISIBILITY_VARIABLES.get(self.type)
 
     @property
     def deepspeed_accelerator(self) -> str:
-        """Value for DeepSpeed's ``DS_ACCELERATOR`` environment variable."""
+        """Value for DeepSpeed's ``DS_ACCELERATOR`` environment variable (its accelerator names equal ours).
+
+        With ``cpu``, DeepSpeed 0.19's CPU accelerator communicates over gloo unless Intel's
+        oneccl_bindings_for_pytorch is importable, in which case it picks ccl
+        (``deepspeed/accelerator/cpu_accelerator.py``).
+        """
         return self.type
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool | None:
+        """``TrainingArguments.ddp_find_unused_parameters``: False on NPU, None (transformers decides) elsewhere.
+
+        transformers turns the search on for models that are not a ``PreTrainedModel`` (a PEFT
+        model, for instance) when gradient checkpointing is off, and DDP's unused-parameter search
+        is a known crash on Ascend NPUs (issue 3 asks for it off there).
+        """
+        return False if self.type == "npu" else None
+
+    def worker_environment(self) -> dict[str, str]:
+        """Environment variables every worker process of this device type needs (``DS_ACCELERATOR``)."""
+        return {"DS_ACCELERATOR": self.deepspeed_accelerator}
+
+    def seed(self, seed: int) -> None:
+        """Seed Python, NumPy, torch and this device's generators (transformers' ``set_seed``, which
+        calls ``torch.npu.manual_seed_all`` once torch_npu is imported, as :func:`resolve` ensures)."""
+        from transformers import set_seed
+
+        set_seed(seed)
 
     def name(self) -> str:
         """Human-readable chip name (e.g. ``Ascend910B3``, ``NVIDIA H200``) or the CPU's architecture."""
@@ -120,6 +178,112 @@ class Device:
         if self.module is not None:
             self.module.set_device(local_rank)
 
+    def init_process_group(self, timeout_s: int, use_deepspeed: bool) -> None:
+        """Join the torchrun job this worker belongs to: set the local device, then create the process
+        group with :attr:`distributed_backend` and a ``timeout_s``-second collective timeout.
+
+        With DeepSpeed the group is created through ``deepspeed.init_distributed``, so DeepSpeed's own
+        communication layer is initialised too; the Trainer (through accelerate) then reuses the group.
+        This matters on the CPU, where ``TrainingArguments(use_cpu=True)`` makes accelerate skip
+        DeepSpeed's initialisation, and ZeRO would otherwise size its batch for a world of one.
+        No-op outside torchrun (no ``WORLD_SIZE`` in the environment) or when already initialised.
+        """
+        import torch.distributed as dist
+
+        placement = process_placement()
+        if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+            return
+        self.set_current(placement.local_rank)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=self.distributed_backend, timeout=timeout, auto_mpi_discovery=False)
+        else:
+            dist.init_process_group(backend=self.distributed_backend, timeout=timeout)
+
+    def gather_over_ranks(self, value: float) -> list[float]:
+        """``value`` from every process of the job, in rank order (``[value]`` outside one).
+
+        A collective: every rank must call it at the same point. float32, because HCCL has no
+        float64 all-gather on every chip; 7 significant digits are plenty for GiB and seconds.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [value]
+        local = torch.tensor([value], dtype=torch.float32, device=self.torch_device(process_placement().local_rank))
+        gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        return [float(tensor.item()) for tensor in gathered]
+
+
+class Placement(NamedTuple):
+    """Where this process sits in a torchrun job: global ``rank``, ``local_rank`` on its node, ``world_size``."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def process_placement() -> Placement:
+    """This process's :class:`Placement`, from the variables torchrun sets (0, 0, 1 outside torchrun)."""
+    return Placement(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    )
+
+
+def visible_device_ids(device_type: str) -> list[str] | None:
+    """The device ids listed in ``device_type``'s visibility variable, or None when it is unset (or CPU).
+
+    ``ASCEND_RT_VISIBLE_DEVICES=0,1,2,3`` gives ``["0", "1", "2", "3"]``; an empty value hides every
+    device (``[]``). CUDA stops reading the list at the first negative id, and so does this.
+    """
+    variable = _VISIBILITY_VARIABLES.get(device_type)
+    value = os.environ.get(variable) if variable else None
+    if value is None:
+        return None
+    ids = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        ids.append(entry)
+    return ids
+
+
+def _too_few_devices(device_type: str, nproc_per_node: int, visible: int, cause: str) -> UserError:
+    noun = _DEVICE_NOUNS[device_type]
+    variable = _VISIBILITY_VARIABLES[device_type]
+    return UserError(
+        f"parallelism.nproc_per_node={nproc_per_node} processes need {nproc_per_node} {noun}s (one each), but "
+        f"{visible} {'is' if visible == 1 else 'are'} visible ({cause})",
+        fix=f"list at least {nproc_per_node} device ids in {variable} (e.g. {variable}={','.join(map(str, range(nproc_per_node)))}), "
+        f"or pass parallelism.nproc_per_node={max(visible, 1)}",
+    )
+
+
+def resolve_for_processes(requested: str, nproc_per_node: int) -> Device:
+    """Resolve ``device=requested`` for ``nproc_per_node`` processes on this node, one device each.
+
+    The visibility variable is checked before torch_npu is imported, so a contradiction between
+    it and ``nproc_per_node`` is reported even on a machine without the device's runtime. CPU
+    processes share the host and are not limited.
+
+    Raises:
+        UserError: more processes than visible devices (names both numbers and the variable), or
+            the device's runtime is missing (see :func:`resolve`).
+    """
+    listed = visible_device_ids(requested)
+    if listed is not None and nproc_per_node > len(listed):
+        variable = _VISIBILITY_VARIABLES[requested]
+        raise _too_few_devices(requested, nproc_per_node, len(listed), f"{variable}={os.environ[variable]}")
+    device = resolve(requested)
+    if device.type != "cpu" and nproc_per_node > device.count:
+        variable = device.visibility_variable
+        setting = f"{variable}={os.environ[variable]}" if variable in os.environ else f"{variable} is unset"
+        raise _too_few_devices(device.type, nproc_per_node, device.count, f"{device.count} on this machine, {setting}")
+    return device
+
 
 def resolve(requested: str) -> Device:
     """Turn ``device=auto|npu|cuda|cpu`` into a :class:`Device`.
@@ -127,7 +291,8 @@ def resolve(requested: str) -> Device:
     ``auto`` picks npu when torch_npu imports and sees a device, then cuda, then cpu.
 
     Raises:
-        UserError: an explicitly requested npu/cuda is missing (names the package or driver to install).
+        UserError: an explicitly requested npu/cuda is missing (names the package to install or
+            the environment to source).
     """
     if requested == "auto":
         if _npu_available():

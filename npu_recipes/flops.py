@@ -110,10 +110,12 @@ class FlopsModel:
         frozen = trainable = 0
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
+                # Under ZeRO-3 each process holds an empty shard; DeepSpeed keeps the full size as ds_numel.
+                count = getattr(module.weight, "ds_numel", module.weight.numel())
                 if module.weight.requires_grad:
-                    trainable += module.weight.numel()
+                    trainable += count
                 else:
-                    frozen += module.weight.numel()
+                    frozen += count
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(frozen, trainable, config.num_hidden_layers, config.num_attention_heads * head_dim)
 

@@ -16,7 +16,7 @@ import torch
 from npu_recipes import atomic, paths, tiny_model
 from npu_recipes.devices import Device
 from npu_recipes.errors import UserError
-from npu_recipes.schema import ModelConfig
+from npu_recipes.schema import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ BUILT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 """Files every locally built model has; a cached build missing any of them is rebuilt."""
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+_PATH_PREFIXES = ("/", "./", "../", "~")
+"""A ``model.name_or_path`` starting so is a local path, never a hub id."""
 
 
 def resolve_path(model: ModelConfig) -> str:
@@ -68,7 +72,7 @@ def resolve_path(model: ModelConfig) -> str:
                 fix="point model.name_or_path at a directory saved with save_pretrained (config.json, weights, tokenizer)",
             )
         return str(local.absolute())
-    if model.name_or_path.startswith(("/", "./", "../", "~")):
+    if model.name_or_path.startswith(_PATH_PREFIXES):
         raise UserError(
             f"model directory {model.name_or_path!r} (model.name_or_path) does not exist",
             fix="pass an existing checkpoint directory, or a hub id such as Qwen/Qwen2-7B-Instruct",
@@ -89,6 +93,45 @@ def resolve_path(model: ModelConfig) -> str:
                 fix="check the id and your network, or download it and pass model.name_or_path=DIR",
             ) from None
     return model.name_or_path
+
+
+def fetch_config(model: ModelConfig) -> str:
+    """A local directory holding ``model``'s config.json, fetching only that file from a hub.
+
+    * ``builder`` set or a local path: as :func:`resolve_path` (the tiny model is built locally; a
+      directory must hold config.json);
+    * a hub id: ``config.json`` alone, through ``huggingface_hub.hf_hub_download`` or ModelScope's
+      ``model_file_download`` (``model.hub``), into their usual caches.
+
+    Raises:
+        UserError: the path does not exist or has no config.json, modelscope is missing, or the download fails
+            (offline, unknown id); the fix names ``model.name_or_path=DIR``.
+    """
+    offline_fix = "check the id and the network, or put the model's config.json into a directory and pass model.name_or_path=DIR"
+    if model.builder is not None or Path(model.name_or_path).expanduser().is_dir() or model.name_or_path.startswith(_PATH_PREFIXES):
+        return resolve_path(model)
+    if model.hub == "modelscope":
+        try:
+            from modelscope.hub.file_download import model_file_download
+        except ImportError:
+            raise UserError(
+                f"model {model.name_or_path!r} is on ModelScope (model.hub=modelscope) but the modelscope package is missing",
+                fix="pip install modelscope, or pass model.hub=huggingface (Qwen publishes the same ids there), "
+                "or model.name_or_path=DIR with the model's config.json",
+            ) from None
+        try:
+            return str(Path(model_file_download(model.name_or_path, "config.json", revision=model.revision)).parent)
+        except Exception as error:
+            raise UserError(f"could not fetch config.json of {model.name_or_path!r} from ModelScope: {error}", fix=offline_fix) from None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return str(Path(hf_hub_download(model.name_or_path, "config.json", revision=model.revision)).parent)
+    except Exception as error:
+        raise UserError(
+            f"could not fetch config.json of {model.name_or_path!r} from the Hugging Face Hub: {type(error).__name__}: {error}",
+            fix=offline_fix,
+        ) from None
 
 
 def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
@@ -144,7 +187,8 @@ def load_tokenizer(model: ModelConfig, path: str):
 
 
 def load_model(model: ModelConfig, path: str, dtype: torch.dtype):
-    """Load ``AutoModelForCausalLM`` weights from ``path`` in ``dtype`` on the CPU (the Trainer moves them)."""
+    """Load ``AutoModelForCausalLM`` weights from ``path`` in ``dtype``: on the CPU (the Trainer moves them), or
+    spread over the visible devices by ``model.device_map`` (e.g. ``auto``) when that is set."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -154,9 +198,29 @@ def load_model(model: ModelConfig, path: str, dtype: torch.dtype):
             attn_implementation=model.attn_implementation,
             trust_remote_code=model.trust_remote_code,
             revision=model.revision,
+            device_map=model.device_map,
         )
     except OSError as error:
         raise UserError(
             f"cannot load model weights from {path}: {str(error).splitlines()[0]}",
             fix="check model.name_or_path (a complete local checkpoint, or a hub id reachable from here)",
         ) from None
+
+
+def apply_lora(model, lora: LoraConfig):
+    """Wrap ``model`` with PEFT LoRA adapters as ``lora.*`` says (also used on meta-device models by the planner)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=target,
+            bias=lora.bias,
+            task_type="CAUSAL_LM",
+        ),
+    )

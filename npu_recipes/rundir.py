@@ -178,12 +178,18 @@ def create(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
 
     With ``fresh_output_dir`` (the default ``outputs/<recipe>/<timestamp>``), a ``-2``, ``-3``...
     suffix avoids two runs started in the same second colliding. An explicit ``output_dir`` that
-    already holds files is refused.
+    already holds files is refused, except on a node other than node 0 of a multi-node run, which
+    joins the directory node 0 created on a shared filesystem (writing nothing to it).
 
     Raises:
         UserError: output_dir exists and is not empty, or cannot be created (names the path).
     """
     path = Path(config.output_dir).expanduser().absolute()
+    if config.parallelism.node_rank > 0 and (path / RESOLVED).is_file():
+        # Another node of a multi-node run on a shared filesystem: node 0 created the directory and
+        # owns resolved.yaml and the manifest; this node's workers read them.
+        config.output_dir = str(path)
+        return RunDir(path)
     run_dir = _claim(path, fresh_output_dir)
     config.output_dir = str(run_dir.path)
     try:

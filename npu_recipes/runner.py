@@ -1,43 +1,72 @@
-"""The thin runner: hand a validated config to its stage, and keep the run directory honest."""
+"""The thin runner: check the launch, prepare once, then run the stage in this process or in torchrun workers."""
 
 from __future__ import annotations
 
-from npu_recipes import rundir, stages
-from npu_recipes.errors import RunStopped, UserError
+import sys
+from types import ModuleType
+from typing import Optional
+
+from npu_recipes import launch, rundir, stages
+from npu_recipes.errors import EXIT_USER_ERROR, RunStopped, UserError
+from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
 
 
 def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
-    """Prepare once, then run ``config.stage`` in this process.
+    """Plan the launch, prepare once, then run ``config.stage``.
 
-    When the stage fails, the run directory's manifest says ``failed`` with the reason; a run that
-    failed on bad input before its first checkpoint leaves no directory at all; a run that stopped
-    itself (:class:`RunStopped`) keeps its directory and records.
+    A stage marked ``IN_LAUNCHER_ONLY``, or one process without DeepSpeed, runs here; anything else
+    starts torchrun workers (:mod:`npu_recipes.launch`), each of which loads the ``resolved.yaml``
+    written by prepare. Every check that needs no worker (the environment, visible devices, the
+    device's runtime) happens before prepare, so such a mistake leaves no run directory.
 
     Args:
         config: the validated, resolved config.
         fresh_output_dir: True when ``output_dir`` is the default timestamped path, which may be
             suffixed to avoid a collision; an explicit ``output_dir`` is used as given.
+
+    Raises:
+        UserError: bad input found here or by the stage.
+        SystemExit: a worker failed (with that worker's exit status) or a signal stopped the workers
+            (128 + the signal's number).
     """
     stage = stages.load(config.stage)
-    world_size = config.parallelism.nproc_per_node * config.parallelism.nnodes
-    if world_size > 1 and not getattr(stage, "IN_LAUNCHER_ONLY", False):
-        raise UserError(
-            f"parallelism={config.parallelism.name} with {world_size} processes needs the torchrun launcher, "
-            "which this build does not have yet",
-            fix="use parallelism=single",
-        )
+    plan = None if getattr(stage, "IN_LAUNCHER_ONLY", False) else launch.plan(config)
     run_dir = stage.prepare(config, fresh_output_dir)
+    if plan is None or plan.in_process or run_dir is None:
+        run_stage(stage, config, run_dir)
+        return
+    try:
+        launch.launch(config, plan, run_dir)
+    except launch.WorkersFailed as failure:
+        if not failure.reported:
+            print(f"npu_recipes: error: {failure}", file=sys.stderr, flush=True)
+        owns_manifest = config.parallelism.node_rank == 0
+        if owns_manifest and run_dir.path.is_dir() and run_dir.read_manifest().get("status") == "running":
+            run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=str(failure).split("\n")[0])
+            if failure.exit_code == EXIT_USER_ERROR:
+                run_dir.discard_if_empty_of_results()
+        sys.exit(failure.exit_code)
+
+
+def run_stage(stage: ModuleType, config: RecipeConfig, run_dir: Optional[RunDir], records_failure: bool = True) -> None:
+    """Run ``stage`` on ``config`` in this process and keep the run directory honest.
+
+    When the stage fails and ``records_failure`` is set (the single process, or rank 0 of a
+    torchrun job), the manifest says ``failed`` with the reason; a run that failed on bad input
+    before its first checkpoint leaves no directory at all; a run that stopped itself
+    (:class:`RunStopped`) keeps its directory and records.
+    """
     try:
         stage.run(config, run_dir)
     except UserError as error:
-        if run_dir is not None:
+        if run_dir is not None and records_failure:
             run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=str(error))
             if not isinstance(error, RunStopped):
                 run_dir.discard_if_empty_of_results()
         raise
     except BaseException as error:
-        if run_dir is not None:
+        if run_dir is not None and records_failure:
             reason = "interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
             run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=reason)
         raise

@@ -14,10 +14,13 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STAGES = ("train", "doctor", "merge", "infer", "serve")
+from npu_recipes import accelerators
+
+STAGES = ("train", "doctor", "merge", "infer", "serve", "plan")
 DEVICES = ("auto", "npu", "cuda", "cpu")
 TRAIN_TYPES = ("lora", "full")
 PARALLELISMS = ("single", "ddp", "zero2", "zero3", "zero3_offload")
+OFFLOAD_DEVICES = ("none", "cpu")
 MODEL_HUBS = ("huggingface", "modelscope")
 DATASET_HUBS = ("local", "huggingface", "modelscope")
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -28,6 +31,8 @@ KERNELS = ("none", "npu", "liger")
 DOCTOR_FORMATS = ("table", "json")
 ANSWER_FORMATS = ("gsm8k", "blossom")
 SERVE_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+PLAN_FORMATS = ("text", "json")
+PLAN_TARGETS = ("auto", *accelerators.TARGETS)
 
 
 @dataclass
@@ -35,7 +40,9 @@ class ModelConfig:
     """``model/`` group: which base model to load and how.
 
     ``builder`` names a local builder (see :mod:`npu_recipes.models`) that creates the model at
-    ``name_or_path`` on first use; hub models leave it unset.
+    ``name_or_path`` on first use; hub models leave it unset. ``device_map`` is ``from_pretrained``'s:
+    null lets the Trainer place the model on this process's device; ``auto`` spreads one model over
+    every visible device (one process only: it cannot be combined with DDP or DeepSpeed).
     """
 
     name_or_path: str = MISSING
@@ -45,6 +52,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
     builder: Optional[str] = None
+    device_map: Optional[str] = None
 
 
 @dataclass
@@ -179,14 +187,27 @@ class InferConfig:
 
 @dataclass
 class ParallelismConfig:
-    """``parallelism/`` group: how many processes, on how many nodes (torchrun's arguments)."""
+    """``parallelism/`` group: how many processes on how many nodes, and how they share the model.
+
+    ``nproc_per_node``, ``nnodes``, ``node_rank``, ``master_addr`` and ``master_port`` are torchrun's
+    arguments (``master_port: null`` lets torchrun pick a free port on a single node).
+    ``zero_stage`` is DeepSpeed's ``zero_optimization.stage`` (null: no DeepSpeed; several processes
+    then run DDP). ``offload_optimizer_device`` and ``offload_param_device`` are DeepSpeed's
+    ``offload_optimizer.device`` / ``offload_param.device`` (``none`` or ``cpu``; parameters only
+    with stage 3). ``ddp_timeout`` (seconds, transformers' name) bounds every collective of the
+    process group (HCCL, NCCL or gloo), e.g. ranks waiting at a barrier for a slow one.
+    """
 
     name: str = "single"
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: Optional[int] = None
+    zero_stage: Optional[int] = None
+    offload_optimizer_device: str = "none"
+    offload_param_device: str = "none"
+    ddp_timeout: int = 1800
 
 
 @dataclass
@@ -251,6 +272,20 @@ class ServeConfig:
 
 
 @dataclass
+class PlanConfig:
+    """``plan.*``: options of ``stage=plan`` (see docs/memory.md).
+
+    ``target`` is the device type to plan for (``auto``: by ``device``, the seed's Ascend 910B3 for
+    npu/auto, A100 80GB for cuda, host RAM for cpu); ``device_memory_gib`` overrides its memory (GiB).
+    ``format: json`` prints one JSON object instead of text.
+    """
+
+    format: str = "text"
+    target: str = "auto"
+    device_memory_gib: Optional[float] = None
+
+
+@dataclass
 class RecipeConfig:
     """The whole composed config: one object handed from the runner to every stage.
 
@@ -261,6 +296,7 @@ class RecipeConfig:
     ``reference`` carries a recipe's metadata (the seed document's reported memory and runtime).
     ``kernels`` picks fused kernels: ``none``, ``npu`` (torch_npu RMSNorm, rotary embedding and
     SwiGLU for Qwen2) or ``liger`` (Liger kernels on CUDA); see docs/kernels.md.
+    ``plan`` holds the options of ``stage=plan``.
     """
 
     recipe: str = "adhoc"
@@ -285,6 +321,7 @@ class RecipeConfig:
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
     mfu: MfuConfig = field(default_factory=MfuConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 CHOICES: Dict[str, tuple] = {
@@ -296,12 +333,16 @@ CHOICES: Dict[str, tuple] = {
     "model.torch_dtype": TORCH_DTYPES,
     "dataset.hub": DATASET_HUBS,
     "train.truncation_strategy": TRUNCATION_STRATEGIES,
+    "parallelism.offload_optimizer_device": OFFLOAD_DEVICES,
+    "parallelism.offload_param_device": OFFLOAD_DEVICES,
     "lora.bias": LORA_BIASES,
     "model.attn_implementation": ATTN_IMPLEMENTATIONS,
     "kernels": KERNELS,
     "doctor.format": DOCTOR_FORMATS,
     "merge.torch_dtype": TORCH_DTYPES,
     "serve.log_level": SERVE_LOG_LEVELS,
+    "plan.format": PLAN_FORMATS,
+    "plan.target": PLAN_TARGETS,
 }
 """Keys whose value must be one of a fixed set; checked by :func:`npu_recipes.config.validate`."""
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from npu_recipes import config as config_module
 from npu_recipes.errors import UserError
-from tests.helpers import REPO
 
 # Options that need a user-supplied path before they validate.
 PATH_OVERRIDES = {

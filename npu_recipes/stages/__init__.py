@@ -4,8 +4,10 @@
   (resolve and fetch inputs, create the run directory if the stage writes one);
 * ``run(config, run_dir) -> None``: the work itself, in every worker process.
 
-A stage that sets ``IN_LAUNCHER_ONLY = True`` (doctor, merge, infer, serve) runs once in the
+A stage that sets ``IN_LAUNCHER_ONLY = True`` (doctor, merge, infer, serve, plan) runs once in the
 launching process whatever ``parallelism`` or ``NPROC_PER_NODE`` say; it is never started as N workers.
+Any other stage (train) is planned from ``parallelism.*`` and started as torchrun workers when more
+than one process, or DeepSpeed, is asked for (:mod:`npu_recipes.launch`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ STAGE_MODULES = {
     "merge": "npu_recipes.stages.merge",
     "infer": "npu_recipes.stages.infer",
     "serve": "npu_recipes.stages.serve",
+    "plan": "npu_recipes.stages.plan",
 }
 
 

@@ -1,9 +1,11 @@
 """Train stage: supervised fine-tuning (LoRA or full) with transformers ``Trainer`` and PEFT.
 
-Life cycle: :func:`prepare` (resolve model and data, create the run directory) runs once in the
-launching process; :func:`run` (set up tokenizer, data, model and Trainer; train; record results)
-runs in every worker. Loss is the token-averaged cross-entropy over assistant tokens, averaged
-across gradient-accumulation steps and devices by the Trainer (``num_items_in_batch``).
+Life cycle: :func:`prepare` (resolve model and data, tokenize once, create the run directory) runs
+once in the launching process; :func:`run` (set up tokenizer, data, model and Trainer; train; record
+results) runs in every worker, where tokenization is read back from the HF datasets cache that
+prepare filled, so no rank waits in a collective while another tokenizes. Loss is the token-averaged
+cross-entropy over assistant tokens, averaged across gradient-accumulation steps and devices by the
+Trainer (``num_items_in_batch``, ``average_tokens_across_devices``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from npu_recipes import data, devices, flops, heldout, kernels, models, packing, plots, rundir
+from npu_recipes import data, deepspeed_config, devices, flops, heldout, kernels, launch, models, packing, plots, rundir
 from npu_recipes.callbacks import JsonlLogger, SaveAndEvaluateAtEnd
 from npu_recipes.nan_guard import NanGuard
 from npu_recipes.rundir import RunDir
@@ -33,20 +35,41 @@ TRAINING_ARGUMENT_KEYS = (
 
 
 def prepare(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
-    """Resolve (build or download) model and dataset once, then create the run directory."""
+    """Resolve (build or download) model and dataset once and tokenize the data into HF datasets'
+    cache (so every worker reads it instead of tokenizing), then create the run directory.
+
+    Raises:
+        UserError: bad data (before any run directory exists), or an unusable output_dir.
+    """
     config.model.name_or_path = models.resolve_path(config.model)
     config.dataset.path = data.resolve_path(config.dataset)
+    tokenized_splits(config, models.load_tokenizer(config.model, config.model.name_or_path))
     return rundir.create(config, fresh_output_dir)
 
 
+def tokenized_splits(config: RecipeConfig, tokenizer) -> data.TokenizedSplits:
+    """``config.dataset`` tokenized for training (cached by HF datasets under a fingerprint of the
+    rows, tokenizer and settings; see :func:`npu_recipes.data.prepare`)."""
+    return data.prepare(
+        config.dataset, tokenizer, config.train.max_length, config.train.truncation_strategy, config.train.seed
+    )
+
+
 def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.Device, dtype: torch.dtype, has_eval: bool):
-    """Build ``TrainingArguments`` from ``config.train`` plus what npu_recipes fixes for every run."""
+    """Build ``TrainingArguments`` from ``config.train`` plus what npu_recipes fixes for every run.
+
+    Create it before the model: with ZeRO-3 it registers the DeepSpeed config, so that
+    ``from_pretrained`` loads weights already partitioned (``deepspeed.zero.Init``). ``use_cpu`` is
+    set on the CPU also under DeepSpeed: without it accelerate finds no accelerator and every
+    rank trains alone.
+    """
     from transformers import TrainingArguments
 
     train = config.train
     report_to = [] if train.report_to in ("none", "") else [name.strip() for name in train.report_to.split(",")]
     if "tensorboard" in report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.path / "tensorboard")
+    parallel = config.parallelism
     return TrainingArguments(
         output_dir=str(run_dir.path),
         **{key: getattr(train, key) for key in TRAINING_ARGUMENT_KEYS},
@@ -56,7 +79,11 @@ def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.De
         logging_first_step=True,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu=device.type == "cpu",
+        use_cpu=not device.is_accelerator,
+        deepspeed=str(run_dir.path / launch.DEEPSPEED_CONFIG) if deepspeed_config.uses_deepspeed(parallel) else None,
+        ddp_timeout=parallel.ddp_timeout,
+        ddp_find_unused_parameters=device.ddp_find_unused_parameters,
+        average_tokens_across_devices=True,
         include_num_input_tokens_seen="non_padding",
         prediction_loss_only=True,
         report_to=report_to,
@@ -64,29 +91,20 @@ def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.De
     )
 
 
+def _numel(parameter: torch.nn.Parameter) -> int:
+    # ZeRO-3 leaves an empty tensor in each process and records the full size as ds_numel.
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def build_model(config: RecipeConfig, dtype: torch.dtype):
     """Load the base model; wrap it with PEFT LoRA for ``train_type=lora``; apply ``kernels=npu``."""
     model = models.load_model(config.model, config.model.name_or_path, dtype)
     model.config.use_cache = False
     if config.train_type == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = config.lora
-        target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.lora_alpha,
-                lora_dropout=lora.lora_dropout,
-                target_modules=target,
-                bias=lora.bias,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = models.apply_lora(model, config.lora)
     kernels.apply(config.kernels, model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     log.info("%s: %s trainable of %s parameters (%.3f%%)", config.train_type, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
 
@@ -99,16 +117,13 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
             attention implementation this device cannot run (:func:`npu_recipes.kernels.check`).
         RunStopped: the NaN guard stopped training (:mod:`npu_recipes.nan_guard`).
     """
-    from transformers import set_seed
-
     device = devices.resolve(config.device)
     kernels.check(config.kernels, config.model.attn_implementation, device)
-    set_seed(config.train.seed)
+    device.init_process_group(config.parallelism.ddp_timeout, deepspeed_config.uses_deepspeed(config.parallelism))
+    device.seed(config.train.seed)
     tokenizer = models.load_tokenizer(config.model, config.model.name_or_path)
     tokenizer.padding_side = "right"
-    splits = data.prepare(
-        config.dataset, tokenizer, config.train.max_length, config.train.truncation_strategy, config.train.seed
-    )
+    splits = tokenized_splits(config, tokenizer)
     fit(config, run_dir, device, tokenizer, splits)
 
 
@@ -120,10 +135,8 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
 
     Returns:
         transformers' ``TrainOutput`` (``global_step``, ``training_loss``, ``metrics``).
-
-    Raises:
-        RunStopped: the NaN guard stopped training (:mod:`npu_recipes.nan_guard`).
     """
+    placement = devices.process_placement()
     dtype = models.select_dtype(config.model, config.model.name_or_path, device)
     peak = flops.resolve_peak(config.mfu.peak_tflops, device.type, device.name(), dtype)
     train_dataset, collator, packing_stats = packing.training_inputs(
@@ -131,19 +144,21 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         max_length=config.train.max_length, attn_implementation=config.model.attn_implementation,
         ignore_index=data.IGNORE_INDEX,
     )
-    run_dir.update_manifest(
-        device={"type": device.type, "count": device.count, "name": device.name(), "dtype": str(dtype).replace("torch.", ""),
-                "peak_tflops": peak.tflops, "peak_source": peak.source},
-        dataset={"name": config.dataset.name, "path": config.dataset.path, "fingerprint": splits.fingerprint, **splits.counts},
-        packing=packing_stats,
-    )
-    if splits.held_out_rows is not None:
-        heldout.write(run_dir.path, splits.held_out_rows)
+    if placement.rank == 0:
+        run_dir.update_manifest(
+            device={"type": device.type, "count": device.count, "name": device.name(), "dtype": str(dtype).replace("torch.", ""),
+                    "world_size": placement.world_size, "peak_tflops": peak.tflops, "peak_source": peak.source},
+            dataset={"name": config.dataset.name, "path": config.dataset.path, "fingerprint": splits.fingerprint, **splits.counts},
+            packing=packing_stats,
+        )
+        if splits.held_out_rows is not None:
+            heldout.write(run_dir.path, splits.held_out_rows)
+    # Before the model: under ZeRO-3 the arguments make from_pretrained load weights already partitioned.
+    args = training_arguments(config, run_dir, device, dtype, has_eval=splits.eval is not None)
     model = build_model(config, dtype)
     if packing_stats is not None:
         packing.adapt_model(model, config.model.attn_implementation)
     device.reset_peak_memory()
-    args = training_arguments(config, run_dir, device, dtype, has_eval=splits.eval is not None)
     nan_guard = NanGuard(config.nan_guard, run_dir)
     trainer = RecipeTrainer(
         model=model,

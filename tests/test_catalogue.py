@@ -1,0 +1,103 @@
+"""The recipe catalogue: one recipe per seed table row with the seed's settings, `make list`, make
+targets generated from recipes/, and docs/recipes.md kept current."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from npu_recipes import config as config_module
+from npu_recipes import docs
+from tests.helpers import REPO, SHARED
+
+SEED = SHARED / "seed" / "NPU_SUPPORT.md"
+MODEL_FOR_SIZE = {"7B": "Qwen/Qwen2-7B-Instruct", "14B": "Qwen/Qwen2.5-14B-Instruct"}
+
+
+def seed_table() -> list[tuple[int, str, int, str, int]]:
+    """(row, model size, devices, DeepSpeed type, GB per device) of the seed's memory table."""
+    if not SEED.is_file():
+        pytest.skip(f"seed document not found at {SEED}")
+    rows = re.findall(r"^\| (\d+B)\s+\| (\d+)\s+\| (\w+)\s+\| \d+ \* (\d+) GB \|$", SEED.read_text(), flags=re.M)
+    assert len(rows) == 9
+    return [(i, size, int(n), ds, int(gb)) for i, (size, n, ds, gb) in enumerate(rows, 1)]
+
+
+def recipe_for_row(row: int):
+    matches = [c for c in map(lambda name: config_module.compose([f"+recipe={name}"]), config_module.recipe_names())
+               if c.reference.get("seed_row") == row]
+    assert len(matches) == 1, f"seed table row {row} has {len(matches)} recipes"
+    return matches[0]
+
+
+def test_every_seed_table_row_is_one_recipe_with_the_seeds_settings():
+    for row, size, devices, deepspeed, gb in seed_table():
+        config = recipe_for_row(row)
+        assert config.model.name_or_path == MODEL_FOR_SIZE[size] and config.model.hub == "modelscope"
+        assert config.parallelism.nproc_per_node * config.parallelism.nnodes == devices == config.reference["devices"]
+        expected = {"None": "single" if devices == 1 else "ddp", "zero2": "zero2", "zero3": "zero3"}[deepspeed]
+        assert config.parallelism.name == expected
+        assert config.reference["max_memory_gb_per_device"] == gb
+        assert (config.dataset.path, config.dataset.hub, config.dataset.val_split_ratio) == ("AI-ModelScope/blossom-math-v2", "modelscope", 0.01)
+        train = config.train
+        # The seed accumulates 16 samples per step; a recipe that packs accumulates one pack of
+        # max_length tokens (about 11 blossom-math-v2 samples) instead (docs/packing.md).
+        assert (train.num_train_epochs, train.learning_rate, train.gradient_accumulation_steps) == (5, 1e-4, 1 if train.packing else 16)
+        assert (train.save_steps, train.eval_steps, config.train_type) == (100, 100, "lora")
+        assert config.recipe.startswith(f"qwen{size.lower()}_lora_")
+    assert recipe_for_row(4).recipe == "qwen7b_lora_zero3"
+    assert config_module.compose(["+recipe=qwen14b_lora_zero3", "model=qwen1_5_14b_chat"]).model.name_or_path == "Qwen/Qwen1.5-14B-Chat"
+    assert config_module.compose(["+recipe=qwen7b_lora_zero3", "train_type=full"]).train_type == "full"
+
+
+def _make(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    """Run make in the checkout with this interpreter and an up-to-date install stamp (nothing installs)."""
+    stamp = tmp_path / "install-stamp"
+    stamp.touch()
+    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), f"PY={sys.executable}", f"STAMP={stamp}", *arguments],
+                          capture_output=True, text=True, timeout=900)
+
+
+def _documented_rows() -> dict[str, list[str]]:
+    table = [line.split("|")[1:-1] for line in docs.page_path().read_text().splitlines() if line.startswith("| ") and "`" in line]
+    return {cells[1].strip().strip("`"): [c.strip() for c in cells] for cells in table}
+
+
+def test_make_list_shows_every_recipe_with_the_seeds_and_the_planned_memory(tmp_path):
+    result = _make(tmp_path, "list")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    documented = _documented_rows()
+    assert set(documented) == set(config_module.recipe_names())
+    for name, cells in documented.items():
+        row = lines[name]
+        seed_gb, planned = cells[6], cells[8]
+        assert row[1] == name.replace("_", "-") and row[3] == cells[4] and row[4] == cells[5]
+        assert row[5] == seed_gb and planned in row, f"{name}: planned {planned} GiB not in {row}"
+    assert lines["qwen14b_lora_zero3"][2:6] == ["Qwen/Qwen2.5-14B-Instruct", "8", "zero3", "31"]
+
+
+def test_recipe_targets_are_generated_from_recipes_and_pass_args(tmp_path):
+    model = tmp_path / "qwen2-7b"
+    model.mkdir()
+    (model / "config.json").write_bytes((REPO / "npu_recipes/model_configs/Qwen--Qwen2-7B-Instruct/config.json").read_bytes())
+    dry = _make(tmp_path, "-n", *[name.replace("_", "-") for name in config_module.recipe_names() if name != "demo"])
+    assert dry.returncode == 0, dry.stderr
+    for name in config_module.recipe_names():
+        if name != "demo":
+            assert re.search(rf"-m npu_recipes \+recipe={name}\s*$", dry.stdout, flags=re.M), dry.stdout
+    result = _make(tmp_path, "qwen7b-lora-zero3", f"ARGS=stage=plan plan.format=json model.name_or_path={model} train.learning_rate=2e-4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["settings"]["recipe"] == "qwen7b_lora_zero3" and report["settings"]["learning_rate"] == 2e-4
+    assert report["settings"]["parallelism"] == "zero3" and report["settings"]["world_size"] == 4
+
+
+def test_docs_recipes_md_is_generated_from_the_current_recipes():
+    """Fails when a recipe, the estimator or the generator changed without `python -m npu_recipes.docs` (make docs)."""
+    assert docs.page_path().read_text() == docs.render(), "docs/recipes.md is stale: run `make docs`"

@@ -1,0 +1,279 @@
+"""Multi-process training through the real CLI: real torchrun, real DeepSpeed, 2 CPU processes over gloo.
+
+Every torchrun + DeepSpeed start costs many seconds on 2 cores, so each (parallelism, train_type)
+pair is trained once, for 10 steps, by a module-scoped fixture, and every assertion below reads
+those runs. A single-process run of the same settings is DDP's reference; DDP is ZeRO's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from npu_recipes import demo_data
+from tests.helpers import REPO, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+PARALLELISMS = ("ddp", "zero2", "zero3")
+TRAIN_TYPES = ("lora", "full")
+# The same global batch of 4 samples a step: one process accumulates 4 micro-batches of 1; two
+# processes accumulate 2 each. fp32 and no dropout, so equal data must give equal losses.
+COMMON = (
+    "model=tiny_qwen2", "dataset=demo_math", "dataset.builder=null", "dataset.val_split_ratio=0", "device=cpu",
+    f"train.max_steps={STEPS}", "train.logging_steps=1", "train.save_steps=100", "train.per_device_train_batch_size=1",
+    "train.max_length=512", "train.seed=42", "model.torch_dtype=float32",
+)
+BY_TRAIN_TYPE = {
+    "lora": ("train_type=lora", "train.learning_rate=1e-2", "lora.r=16", "lora.lora_dropout=0"),
+    "full": ("train_type=full", "train.learning_rate=2e-3"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def variable_length_rows(tmp_path_factory) -> Path:
+    """demo_math rows whose worked answer is repeated 1 to 4 times: 27 to about 160 labelled tokens a
+    sample, so a per-device or per-micro-batch mean would weigh tokens differently from a global one."""
+    rows = [json.loads(line) for line in _demo_lines(tmp_path_factory.mktemp("rows"), 64)]
+    path = tmp_path_factory.mktemp("data") / "variable.jsonl"
+    with open(path, "w") as handle:
+        for index, row in enumerate(rows):
+            row["output"] = " ".join([row["output"]] * (index % 4 + 1))
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def _demo_lines(directory: Path, count: int) -> list[str]:
+    demo_data.write(directory / "demo.jsonl", count)
+    return (directory / "demo.jsonl").read_text().splitlines()
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than 127.x (torchrun's multi-node master address), or None."""
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
+TWO_NODES = ("zero3", "lora")
+"""This pair runs as two one-process "nodes" on this machine, started with swift's multi-node variables,
+when the machine has a non-loopback address (else as one node of two processes): the same world of
+two ranks, so every assertion on it holds either way."""
+
+
+class Runs:
+    """Each (parallelism, train_type) run, made on first use and kept for the module."""
+
+    def __init__(self, root: Path, rows: Path):
+        self.root, self.rows, self.results = root, rows, {}
+
+    def get(self, parallelism: str, train_type: str):
+        key = (parallelism, train_type)
+        if key not in self.results:
+            run = self.root / f"{parallelism}-{train_type}"
+            overrides = [*COMMON, *BY_TRAIN_TYPE[train_type], f"dataset.path={self.rows}", f"output_dir={run}",
+                         f"parallelism={parallelism}"]
+            if parallelism == "single":
+                result = run_cli(*overrides, "train.gradient_accumulation_steps=4")
+            elif key == TWO_NODES and non_loopback_address():
+                result = self._two_nodes(run, [*overrides, "train.gradient_accumulation_steps=2"])
+            elif parallelism.startswith("zero"):
+                # The seed's style: the process count comes from NPROC_PER_NODE.
+                result = run_cli(*overrides, "train.gradient_accumulation_steps=2", f"parallelism.master_port={free_port()}",
+                                 env={"NPROC_PER_NODE": "2"})
+            else:
+                result = run_cli(*overrides, "train.gradient_accumulation_steps=2", f"parallelism.master_port={free_port()}",
+                                 "parallelism.nproc_per_node=2")
+            assert result.returncode == 0, result.stderr[-4000:]
+            self.results[key] = (run, result)
+        return self.results[key]
+
+    @staticmethod
+    def _two_nodes(run: Path, overrides: list[str]):
+        """Node 0 first (it creates the run directory), then node 1, which joins it; node 0's result is returned."""
+        env = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": non_loopback_address(), "MASTER_PORT": str(free_port()),
+               # Both "nodes" share this machine's cores: one thread each, as torchrun sets for processes sharing a node.
+               "OMP_NUM_THREADS": "1"}
+        # Files, not pipes: node 0 must never block on a full pipe while node 1 waits for it in a collective.
+        outputs = run.parent / f"{run.name}-node0.stdout", run.parent / f"{run.name}-node0.stderr"
+        with open(outputs[0], "w") as stdout, open(outputs[1], "w") as stderr:
+            node0 = subprocess.Popen([sys.executable, "-m", "npu_recipes", *overrides], cwd=REPO,
+                                     env={**os.environ, **env, "NODE_RANK": "0"}, stdout=stdout, stderr=stderr)
+            try:
+                deadline = time.monotonic() + 600
+                while not (run / "resolved.yaml").is_file():
+                    assert node0.poll() is None and time.monotonic() < deadline, outputs[1].read_text()[-4000:]
+                    time.sleep(0.2)
+                node1 = run_cli(*overrides, env={**env, "NODE_RANK": "1"})
+                node0.wait(timeout=600)
+            finally:
+                if node0.poll() is None:
+                    node0.kill()
+        assert node1.returncode == 0, node1.stderr[-4000:]
+        assert "--nnodes=2 --node-rank=1" in node1.stderr and "run directory:" not in node1.stdout
+        return subprocess.CompletedProcess(node0.args, node0.returncode, outputs[0].read_text(), outputs[1].read_text())
+
+    def losses(self, parallelism: str, train_type: str) -> list[float]:
+        run, _ = self.get(parallelism, train_type)
+        return [r["loss"] for r in read_jsonl(run / "logging.jsonl") if r["type"] == "train"]
+
+    def summary(self, parallelism: str, train_type: str) -> dict:
+        run, _ = self.get(parallelism, train_type)
+        return read_jsonl(run / "logging.jsonl")[-1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, variable_length_rows) -> Runs:
+    return Runs(tmp_path_factory.mktemp("runs"), variable_length_rows)
+
+
+def _adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / f"checkpoint-{STEPS}" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("train_type", TRAIN_TYPES)
+@pytest.mark.parametrize("parallelism", PARALLELISMS)
+def test_two_process_run_saves_a_result_that_loads(runs, parallelism, train_type, tiny_model_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run, result = runs.get(parallelism, train_type)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["final_metrics"]["steps"] == STEPS
+    assert manifest["launch"]["world_size"] == 2 and manifest["device"]["world_size"] == 2
+    assert "-m npu_recipes.worker" in manifest["launch"]["command"] and f"{run}/resolved.yaml" in manifest["launch"]["command"]
+    assert (run / "deepspeed.json").is_file() == parallelism.startswith("zero")
+    # Rank 0 prints; rank 1 writes its own log in the run directory.
+    assert result.stdout.count("run directory:") == 1
+    assert result.stderr.count("trainable of") == 1
+    assert "trainable of" in (run / "logs" / "rank1.log").read_text()
+    summary = runs.summary(parallelism, train_type)
+    assert summary["type"] == "summary" and len(summary["peak_memory_gib_per_rank"]) == 2
+    assert summary["peak_memory_gib"] == max(summary["peak_memory_gib_per_rank"]) > 0
+
+    checkpoint = run / f"checkpoint-{STEPS}"
+    if train_type == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), checkpoint)
+    else:
+        assert (checkpoint / "model.safetensors").is_file()
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape[-1] == 716 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "parallelism,reference,train_type",
+    [("ddp", "single", "full"), ("zero2", "ddp", "lora"), ("zero2", "ddp", "full"), ("zero3", "ddp", "lora"), ("zero3", "ddp", "full")],
+)
+def test_per_step_losses_equal_the_reference(runs, parallelism, reference, train_type):
+    """Same seed, same global batch of variable-length samples: DDP equals one process, ZeRO equals DDP,
+    step by step. Wrong sharding, accumulation, token averaging or a rank training alone breaks this.
+    (DDP is held to one process with full fine-tuning only: one process launch fewer, and the
+    stricter case, since every weight moves.)"""
+    losses, expected = runs.losses(parallelism, train_type), runs.losses(reference, train_type)
+    assert len(losses) == len(expected) == STEPS
+    assert losses == pytest.approx(expected, abs=1e-3)
+    assert losses[-1] < losses[0] - 0.1, "training must move the loss for the comparison to mean anything"
+    # Tokens seen are counted over every rank (global tokens/s is computed from them).
+    assert runs.summary(parallelism, train_type)["num_input_tokens_seen"] == runs.summary(reference, train_type)["num_input_tokens_seen"]
+
+
+def test_zero3_lora_adapter_is_consolidated_to_full_shapes(runs, tiny_model_path):
+    """Every LoRA tensor has the shape its base layer implies (A: r x in, B: out x r), is not all
+    zeros, and equals DDP's adapter after the same 10 steps."""
+    from transformers import AutoModelForCausalLM
+
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_path).named_modules())
+    zero3, ddp = _adapter(runs.get("zero3", "lora")[0]), _adapter(runs.get("ddp", "lora")[0])
+    assert sorted(zero3) == sorted(ddp) and len(zero3) == 28  # 7 linear layers x 2 blocks x (A, B)
+    rank = 16
+    for name, tensor in zero3.items():
+        layer = base[name.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]]
+        expected = (rank, layer.in_features) if ".lora_A." in name else (layer.out_features, rank)
+        assert tuple(tensor.shape) == expected, name
+        assert tensor.abs().sum() > 0, f"{name} is all zeros"
+        assert (tensor - ddp[name]).abs().max() < 1e-3, name
+
+
+def test_two_nodes_share_one_run_directory(runs):
+    """swift's NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT become torchrun's arguments on each node; node 1
+    joins node 0's directory without rewriting it, and its rank writes logs/rank1.log there."""
+    if not non_loopback_address():
+        pytest.skip("this machine has no non-loopback IPv4 address for a two-node rendezvous")
+    run, _ = runs.get(*TWO_NODES)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["launch"]["nnodes"] == 2 and manifest["launch"]["world_size"] == 2
+    assert "--nnodes=2 --node-rank=0" in manifest["launch"]["command"] and "--master-port=" in manifest["launch"]["command"]
+    assert (run / "logs" / "rank1.log").is_file() and not (run / "logs" / "rank0.log").exists()
+
+
+def test_zero3_full_checkpoint_holds_the_ddp_weights(runs):
+    from safetensors.torch import load_file
+
+    zero3 = load_file(runs.get("zero3", "full")[0] / f"checkpoint-{STEPS}" / "model.safetensors")
+    ddp = load_file(runs.get("ddp", "full")[0] / f"checkpoint-{STEPS}" / "model.safetensors")
+    assert sorted(zero3) == sorted(ddp)
+    for name, tensor in zero3.items():
+        assert tensor.shape == ddp[name].shape, name
+        assert (tensor - ddp[name]).abs().max() < 1e-3, name
+
+
+def test_sigterm_stops_every_worker(tmp_path, variable_length_rows):
+    """SIGTERM to the launching process reaches both workers through torchrun; the exit status says so."""
+    import psutil
+
+    run = tmp_path / "run"
+    settings = [o for o in COMMON if not o.startswith("train.max_steps")]
+    command = [
+        sys.executable, "-m", "npu_recipes", *settings, *BY_TRAIN_TYPE["lora"], "train.max_steps=100000",
+        f"dataset.path={variable_length_rows}", "parallelism=ddp", "parallelism.nproc_per_node=2",
+        f"parallelism.master_port={free_port()}", f"output_dir={run}",
+    ]
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        launcher = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 600
+            while not ((run / "logging.jsonl").is_file() and (run / "logging.jsonl").read_text().strip()):
+                assert launcher.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+                assert time.monotonic() < deadline, "training never logged a step"
+                time.sleep(0.5)
+            workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                       if "npu_recipes.worker" in " ".join(p.cmdline())]
+            assert len(workers) == 2
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(timeout=180)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"workers still running after the launcher exited: {[p.pid for p in alive]}"
+    errors = (tmp_path / "stderr").read_text()
+    assert "npu_recipes: error: stopped by SIGTERM" in errors
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "SIGTERM" in manifest["error"]

@@ -1,0 +1,185 @@
+"""Launch planning without starting workers: swift's environment variables, visible devices,
+device runtimes, DeepSpeed configs, and the checks that must fail before any worker starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from npu_recipes import config as config_module
+from npu_recipes import deepspeed_config, devices, launch
+from npu_recipes.devices import Device
+from npu_recipes.errors import UserError
+from tests.helpers import run_cli
+
+# Through the real CLI: each must fail in the launching process with exit 2, one error block, no
+# traceback, no run directory and no torchrun output.
+BEFORE_ANY_WORKER = {
+    "more processes than visible NPUs": (
+        {"ASCEND_RT_VISIBLE_DEVICES": "0"},
+        ["device=npu", "parallelism=ddp", "parallelism.nproc_per_node=2"],
+        "parallelism.nproc_per_node=2 processes need 2 NPUs (one each), but 1 is visible (ASCEND_RT_VISIBLE_DEVICES=0)",
+    ),
+    "npu without torch_npu": (
+        {},
+        ["device=npu", "parallelism=ddp", "parallelism.nproc_per_node=2"],
+        "device=npu needs the torch_npu package, which is not installed",
+    ),
+    "NPROC_PER_NODE contradicts the config": (
+        {"NPROC_PER_NODE": "4"},
+        ["parallelism=ddp", "parallelism.nproc_per_node=2", "device=cpu"],
+        "NPROC_PER_NODE=4 contradicts parallelism.nproc_per_node=2 (parallelism=ddp)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE_ANY_WORKER))
+def test_launch_mistakes_fail_before_any_worker_starts(case, tmp_path):
+    env, overrides, expected = BEFORE_ANY_WORKER[case]
+    run = tmp_path / "run"
+    result = run_cli(*overrides, "train.max_steps=2", f"output_dir={run}", env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert expected in result.stderr
+    assert result.stderr.count("npu_recipes: error:") == 1 and "fix:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "launching" not in result.stderr and "torch.distributed" not in result.stderr
+    assert not run.exists()
+
+
+# The same checks in-process (launch.plan is what the runner calls before prepare).
+PLAN_MISTAKES = {
+    "more processes than visible GPUs": (
+        {"CUDA_VISIBLE_DEVICES": "0,1"},
+        ["device=cuda", "parallelism=zero3", "parallelism.nproc_per_node=4"],
+        "parallelism.nproc_per_node=4 processes need 4 CUDA GPUs (one each), but 2 are visible (CUDA_VISIBLE_DEVICES=0,1)",
+    ),
+    "NPROC_PER_NODE with one process": (
+        {"NPROC_PER_NODE": "2"},
+        ["device=cpu"],
+        "NPROC_PER_NODE=2 contradicts parallelism.nproc_per_node=1 (parallelism=single)",
+    ),
+    "DeepSpeed with a model spread over devices": (
+        {},
+        ["parallelism=zero3", "model.device_map=auto", "device=cpu"],
+        "DeepSpeed ZeRO (parallelism=zero3) cannot combine with its own partitioning",
+    ),
+    "DDP with a model spread over devices": (
+        {},
+        ["parallelism=ddp", "model.device_map=auto", "device=cpu"],
+        "2 processes (parallelism=ddp) would all claim the same devices",
+    ),
+    "parameter offload below stage 3": (
+        {},
+        ["parallelism=zero2", "parallelism.offload_param_device=cpu", "device=cpu"],
+        "parallelism.offload_param_device=cpu needs ZeRO stage 3, but parallelism.zero_stage=2",
+    ),
+    "several nodes on the loopback address": (
+        {},
+        ["parallelism=ddp", "parallelism.nnodes=2", "device=cpu", "output_dir=/shared/run"],
+        "needs the master node's address and a port",
+    ),
+    "several nodes with a timestamped output_dir": (
+        {},
+        ["parallelism=ddp", "parallelism.nnodes=2", "parallelism.master_addr=10.0.0.1", "parallelism.master_port=29400"],
+        "needs an explicit output_dir",
+    ),
+    "node_rank outside the nodes": (
+        {},
+        ["parallelism=ddp", "parallelism.nnodes=2", "parallelism.node_rank=2", "parallelism.master_addr=10.0.0.1"],
+        "parallelism.node_rank=2 must be in [0, parallelism.nnodes=2)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_MISTAKES))
+def test_launch_plan_refuses(case, monkeypatch):
+    env, overrides, expected = PLAN_MISTAKES[case]
+    for variable in launch.ENVIRONMENT_SETTINGS:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(UserError) as caught:
+        launch.plan(config_module.compose(overrides))
+    assert expected in caught.value.message and caught.value.fix
+
+
+def test_a_plan_runs_one_process_in_process_and_deepspeed_always_through_torchrun(monkeypatch):
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    single = launch.plan(config_module.compose(["device=cpu"]))
+    assert single.in_process and single.world_size == 1
+    lone_zero3 = launch.plan(config_module.compose(["device=cpu", "parallelism=zero3_offload", "parallelism.nproc_per_node=1"]))
+    assert not lone_zero3.in_process and lone_zero3.world_size == 1
+    ddp = launch.plan(config_module.compose(["device=cpu", "parallelism=ddp", "parallelism.master_port=29999"]))
+    assert ddp.command(Path("/run/resolved.yaml"))[1:] == [
+        "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
+        "--master-port=29999", "--log-dir=/dev/null", "-m", "npu_recipes.worker", "/run/resolved.yaml",
+    ]
+
+
+def test_torch_npu_error_names_the_package_and_the_version_to_install():
+    with pytest.raises(UserError) as caught:
+        devices.resolve("npu")
+    import torch
+
+    assert f"pip install torch-npu=={torch.__version__.split('+')[0]}" in caught.value.fix
+    assert "set_env.sh" in caught.value.fix
+
+
+def test_seed_environment_sets_the_process_count(monkeypatch):
+    """NPROC_PER_NODE=4 ASCEND_RT_VISIBLE_DEVICES=0,1,2,3 swift sft --deepspeed zero3 ... composes to 4 processes."""
+    monkeypatch.setenv("NPROC_PER_NODE", "4")
+    config = config_module.compose(["parallelism=zero3"])
+    assert config.parallelism.nproc_per_node == 4 and config.parallelism.zero_stage == 3
+    launch.check_environment(config)
+    monkeypatch.setenv("NPROC_PER_NODE", "8")
+    with pytest.raises(UserError, match="NPROC_PER_NODE=8 contradicts parallelism.nproc_per_node=4"):
+        launch.check_environment(config_module.compose(["parallelism=zero3", "parallelism.nproc_per_node=4"]))
+    monkeypatch.delenv("NPROC_PER_NODE")
+    assert config_module.compose(["parallelism=ddp"]).parallelism.nproc_per_node == 2
+
+
+def test_multi_node_settings_become_torchrun_arguments(monkeypatch):
+    for variable, value in {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}.items():
+        monkeypatch.setenv(variable, value)
+    config = config_module.compose(["parallelism=zero2", "parallelism.nproc_per_node=8", "output_dir=/shared/run"])
+    launch.check_environment(config)
+    assert launch.torchrun_arguments(config) == [
+        "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
+    ]
+
+
+@pytest.mark.parametrize("value,expected", [("0,1,2,3", ["0", "1", "2", "3"]), ("", []), ("1, 3", ["1", "3"]), ("0,-1,2", ["0"])])
+def test_visible_device_ids(monkeypatch, value, expected):
+    monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", value)
+    assert devices.visible_device_ids("npu") == expected
+    monkeypatch.delenv("ASCEND_RT_VISIBLE_DEVICES")
+    assert devices.visible_device_ids("npu") is None and devices.visible_device_ids("cpu") is None
+
+
+def test_deepspeed_configs_leave_trainer_values_auto():
+    zero2 = deepspeed_config.build(config_module.compose(["parallelism=zero2"]).parallelism, Device("npu", 4))
+    assert zero2["zero_optimization"]["stage"] == 2 and "optimizer" not in zero2
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
+        assert zero2[key] == "auto"
+    assert zero2["bf16"]["enabled"] == "auto" and zero2["fp16"]["enabled"] == "auto"
+
+    zero3 = deepspeed_config.build(config_module.compose(["parallelism=zero3"]).parallelism, Device("npu", 4))["zero_optimization"]
+    assert zero3["stage"] == 3 and zero3["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "offload_param" not in zero3 and "offload_optimizer" not in zero3
+
+    offload = deepspeed_config.build(config_module.compose(["parallelism=zero3_offload"]).parallelism, Device("npu", 4))
+    zero = offload["zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True} == zero["offload_param"]
+    assert offload["optimizer"] == {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    on_cpu = deepspeed_config.build(config_module.compose(["parallelism=zero3_offload"]).parallelism, Device("cpu", 1))
+    assert on_cpu["zero_optimization"]["offload_param"]["pin_memory"] is False
+
+    with pytest.raises(ValueError):
+        deepspeed_config.build(config_module.compose(["parallelism=ddp"]).parallelism, Device("cpu", 1))
+
+
+def test_only_npu_turns_off_ddp_unused_parameter_search():
+    assert Device("npu", 8).ddp_find_unused_parameters is False
+    assert Device("cuda", 8).ddp_find_unused_parameters is None and Device("cpu", 1).ddp_find_unused_parameters is None
+    assert Device("cpu", 1).worker_environment() == {"DS_ACCELERATOR": "cpu"}

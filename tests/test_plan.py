@@ -1,0 +1,180 @@
+"""stage=plan: offline from a directory holding only config.json, on every seed recipe; text and JSON
+through the real CLI; the next option when a plan does not fit; clear errors when config.json cannot
+be fetched."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from npu_recipes import config as config_module
+from npu_recipes.catalogue import shipped_config_dir
+from npu_recipes.stages import plan as plan_stage
+from tests.helpers import run_cli
+
+QWEN2_7B = "Qwen/Qwen2-7B-Instruct"
+QWEN2_5_14B = "Qwen/Qwen2.5-14B-Instruct"
+# Public parameter counts of the base models (transformers' own count of config.json's architecture).
+BASE_PARAMS = {QWEN2_7B: 7_615_616_512, QWEN2_5_14B: 14_770_033_664, "Qwen/Qwen1.5-14B-Chat": 14_167_290_880}
+SEED_RECIPES = [name for name in config_module.recipe_names() if name.startswith("qwen")]
+
+
+def config_only(tmp_path: Path, model_id: str) -> Path:
+    """A directory holding nothing but the model's config.json (the real values, as published on the Hub)."""
+    directory = tmp_path / model_id.replace("/", "--")
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shipped_config_dir(model_id) / "config.json", directory / "config.json")
+    return directory
+
+
+def _make(tmp_path, overrides):
+    config = config_module.compose(overrides)
+    given = Path(config.model.name_or_path)
+    model_dir = given if given.is_dir() else config_only(tmp_path, config.model.name_or_path)
+    return plan_stage.make(config, overrides, model_dir=str(model_dir))
+
+
+@pytest.mark.parametrize("recipe", SEED_RECIPES)
+def test_every_seed_recipe_plans_offline_from_config_json_alone(tmp_path, recipe):
+    plan = _make(tmp_path, [f"+recipe={recipe}"])
+    config, shape, estimate = plan.config, plan.shape, plan.estimate
+    assert shape.params - shape.trainable_params == BASE_PARAMS[config.model.name_or_path]
+    world = config.reference["devices"]
+    assert config.parallelism.nproc_per_node * config.parallelism.nnodes == world
+    assert plan.target.name == "ascend_910b3" and plan.dtype == "bfloat16"
+    live = sum(c.bytes for c in estimate.components.values() if c.at_peak)
+    assert live == pytest.approx(estimate.total_bytes)
+    assert 0 < estimate.total_gib < plan.usable_gib and plan.fits and plan.suggestion is None
+    assert plan.launch.environment == {"ASCEND_RT_VISIBLE_DEVICES": ",".join(map(str, range(world)))}
+    if world > 1:
+        assert plan.launch.workers == [
+            "python", "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--nnodes=1", "--node-rank=0",
+            "--master-addr=127.0.0.1", f"--log-dir={os.devnull}", "-m", "npu_recipes.worker", "RUN_DIR/resolved.yaml",
+        ]
+        assert plan.launch.worker_environment == {"DS_ACCELERATOR": "npu"}
+    else:
+        assert plan.launch.workers is None
+
+
+def test_zero3_divides_weights_by_the_world_size(tmp_path):
+    single = _make(tmp_path, ["+recipe=qwen14b_lora_single"]).estimate.components
+    zero3 = _make(tmp_path, ["+recipe=qwen14b_lora_zero3"]).estimate.components
+    zero2 = _make(tmp_path, ["+recipe=qwen14b_lora_zero2"]).estimate.components
+    assert zero3["weights"].bytes == pytest.approx(single["weights"].bytes / 8, rel=0.01)
+    assert zero2["weights"].bytes == pytest.approx(single["weights"].bytes, rel=0.01)
+    assert zero3["activations"].bytes == pytest.approx(single["activations"].bytes)
+
+
+def test_plan_prints_settings_launch_and_memory_through_the_cli(tmp_path):
+    model = config_only(tmp_path, QWEN2_5_14B)
+    result = run_cli("+recipe=qwen14b_lora_zero3", "stage=plan", f"model.name_or_path={model}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "48 layers, hidden 5120, 40 heads / 8 KV heads, intermediate 13824, vocab 152064" in out
+    assert "micro-batch 1 x accumulation 16 x 8 device(s) = global batch 128" in out
+    assert "reference       8 x 31 GB" in out
+    assert ("python -m torch.distributed.run --nproc-per-node=8 --nnodes=1 --node-rank=0 --master-addr=127.0.0.1 "
+            f"--log-dir={os.devnull} -m npu_recipes.worker RUN_DIR/resolved.yaml") in out
+    assert f"ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 python -m npu_recipes +recipe=qwen14b_lora_zero3 model.name_or_path={model}\n" in out
+    assert "DS_ACCELERATOR=npu (set by the launcher)" in out
+    for label in ("weights", "gradients", "optimizer states", "activations", "logits and loss", "framework overhead", "total"):
+        assert f"\n  {label} " in out
+    assert "Ascend 910B3 (ascend_910b3): 64.0 GiB" in out and "verdict         fits" in out
+    assert not (tmp_path / "outputs").exists(), "stage=plan must not create a run directory"
+
+
+def test_plan_json_matches_the_in_process_plan(tmp_path):
+    model = config_only(tmp_path, QWEN2_7B)
+    args = ["+recipe=qwen7b_lora_zero3", "stage=plan", f"model.name_or_path={model}", "plan.format=json", "train.max_length=512"]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    expected = plan_stage.to_dict(_make(tmp_path, [a for a in args if a != "plan.format=json"]))
+    assert report["memory"] == expected["memory"] and report["device"] == expected["device"]
+    assert report["settings"]["max_length"] == 512 and report["settings"]["world_size"] == 4
+    assert report["reference"]["max_memory_gb_per_device"] == 22 and report["reference"]["runtime_hours"] == 8.5
+    assert report["launch"]["environment"] == {"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"}
+    assert report["launch"]["worker_environment"] == {"DS_ACCELERATOR": "npu"}
+    assert report["launch"]["command"][-3:] == ["+recipe=qwen7b_lora_zero3", f"model.name_or_path={model}", "train.max_length=512"]
+    components = report["memory"]["components"]
+    assert set(components) == {"weights", "gradients", "optimizer_states", "activations", "logits_and_loss",
+                               "optimizer_step", "framework_overhead"}
+    assert report["memory"]["activations_gib"]["checkpointing_off"] > report["memory"]["activations_gib"]["checkpointing_on"]
+    assert report["fits"] is True and report["suggestion"] is None
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        # Full fine-tuning with DDP keeps bf16 weights, gradients, a bucket copy and AdamW moments on every device.
+        (["+recipe=qwen7b_lora_ddp4", "train_type=full"], ["parallelism=zero2", "parallelism.nproc_per_node=4"]),
+        (["+recipe=qwen7b_lora_single", "train.gradient_checkpointing=false", "train.max_length=16384"],
+         ["train.gradient_checkpointing=true"]),
+        # 14B LoRA on one 32 GB 910B4: only offloading the weights helps a single device.
+        (["+recipe=qwen14b_lora_single", "plan.target=ascend_910b4"], ["parallelism=zero3_offload", "parallelism.nproc_per_node=1"]),
+        (["+recipe=qwen7b_lora_zero3", "plan.target=a100_40gb", "train.max_length=32768"], ["train.max_length=16384"]),
+    ],
+)
+def test_a_plan_that_does_not_fit_names_the_next_option_that_does(tmp_path, overrides, expected):
+    plan = _make(tmp_path, overrides)
+    assert not plan.fits
+    assert plan.suggestion.overrides == expected
+    followed = _make(tmp_path, overrides + expected)
+    assert followed.fits and followed.estimate.total_gib == pytest.approx(plan.suggestion.total_gib, abs=0.01)
+
+
+def test_suggestion_through_the_cli_and_device_memory_override(tmp_path):
+    model = config_only(tmp_path, QWEN2_7B)
+    result = run_cli("+recipe=qwen7b_lora_single", "stage=plan", f"model.name_or_path={model}", "plan.device_memory_gib=16",
+                     "plan.format=json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["device"]["memory_gib"] == 16 and report["device"]["usable_gib"] == 12.7
+    assert report["fits"] is False
+    assert report["suggestion"]["overrides"] == ["parallelism=zero3_offload", "parallelism.nproc_per_node=1"]
+    assert report["suggestion"]["total_gib"] < 12.7
+
+
+def test_plan_on_cpu_compares_all_processes_with_host_ram(tmp_path, tiny_model_path):
+    result = run_cli("model=tiny_qwen2", "stage=plan", "device=cpu", "parallelism=ddp", "parallelism.nproc_per_node=2",
+                     "plan.format=json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["device"]["target"] == "cpu" and report["settings"]["dtype"] == "float32"
+    assert report["device"]["demand_gib"] == pytest.approx(2 * report["memory"]["total_gib"], abs=0.002)
+    assert report["launch"]["environment"] == {}
+    assert report["settings"]["architecture"]["hidden_size"] == 64
+
+
+@pytest.mark.skipif(importlib.util.find_spec("modelscope") is not None, reason="modelscope is installed here")
+def test_modelscope_id_without_modelscope_names_the_fix(tmp_path):
+    result = run_cli("+recipe=qwen7b_lora_zero3", "stage=plan", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "modelscope package is missing" in result.stderr and "model.name_or_path=DIR" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
+    result = run_cli("+recipe=qwen7b_lora_zero3", "stage=plan", "model.hub=huggingface", cwd=tmp_path,
+                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    assert "could not fetch config.json of 'Qwen/Qwen2-7B-Instruct' from the Hugging Face Hub" in result.stderr
+    assert result.stderr.count("npu_recipes: error:") == 1 and "Traceback" not in result.stderr
+
+
+def test_unknown_target_lists_the_device_types():
+    from npu_recipes.errors import UserError
+
+    with pytest.raises(UserError, match=r"did you mean 'h200'.*ascend_910b3"):
+        config_module.compose(["stage=plan", "plan.target=h300"])
+
+
+@pytest.mark.parametrize("name", sorted(plan_stage.PARALLELISM_SETTINGS))
+def test_suggested_parallelisms_set_what_their_group_option_sets(name):
+    parallel = config_module.compose([f"parallelism={name}"]).parallelism
+    assert (parallel.zero_stage, parallel.offload_optimizer_device, parallel.offload_param_device) == plan_stage.PARALLELISM_SETTINGS[name]
