@@ -220,7 +220,9 @@ def npu_recipes_side(args, device: devices.Device, workdir: Path) -> dict:
     from npu_recipes.stages import train
 
     recipe = config.compose(recipe_overrides(args, device, workdir))
-    run_dir = train.prepare(recipe, fresh_output_dir=True)
+    # Not train.prepare: that would tokenize the recipe's dataset, and this workload is generated token ids.
+    recipe.model.name_or_path = models.resolve_path(recipe.model)
+    run_dir = rundir.create(recipe, fresh_output_dir=True)
     dataset, samples = load_workload(workdir)
     splits = data.TokenizedSplits(
         train=dataset.add_column(data.ROW_ID, list(range(len(dataset)))), eval=None,
