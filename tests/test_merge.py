@@ -147,3 +147,13 @@ def test_merge_without_adapters_says_what_to_pass():
     assert result.returncode == 2
     assert "stage=merge needs the LoRA checkpoint to merge" in result.stderr and "adapters=RUN_DIR/checkpoint-N" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_merge_of_a_zero3_lora_equals_base_plus_adapter(tmp_path):
+    """A LoRA trained under DeepSpeed ZeRO-3 (2 CPU processes over gloo) merges like a single-process one."""
+    checkpoint = _train(tmp_path / "zero3", "parallelism=zero3", "parallelism.nproc_per_node=2")
+    _merge(f"adapters={checkpoint}", "merge.torch_dtype=float32")
+    with_adapter = _logits(f"adapters={checkpoint}")
+    merged_logits = _logits("model=local", f"model.name_or_path={checkpoint.with_name(checkpoint.name + '-merged')}")
+    assert (with_adapter - _logits()).abs().max() > 0.05, "the ZeRO-3 LoRA should change the logits"
+    assert (merged_logits - with_adapter).abs().max() <= 1e-4
