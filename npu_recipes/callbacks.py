@@ -102,3 +102,15 @@ class SaveAndEvaluateAtEnd(TrainerCallback):
             control.should_save = True
             control.should_evaluate = args.eval_strategy != "no"
         return control
+
+
+class CurrentIntervals(TrainerCallback):
+    """Log, evaluate and save at this launch's ``train.logging_steps``, ``eval_steps`` and ``save_steps``.
+
+    On resume transformers restores these intervals from the checkpoint's ``trainer_state.json``
+    and only warns when the arguments differ, so a rerun that changes them (which
+    :data:`npu_recipes.resume.MAY_CHANGE` allows) would silently keep the old ones.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)

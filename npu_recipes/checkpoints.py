@@ -14,6 +14,7 @@ count only when whole.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -47,6 +48,20 @@ def is_complete(path: Path) -> bool:
     return step_of(path) is not None and (path / TRAINER_STATE).is_file()
 
 
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with complete checkpoint ``path``'s ``trainer_state.json`` (None when it reads as
+    the Trainer wrote it). Renaming makes a checkpoint whole against a killed process; this catches
+    the rest (a hand edit, a filesystem that lost data)."""
+    state_path = Path(path) / TRAINER_STATE
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return f"its {TRAINER_STATE} is unreadable ({type(error).__name__}: {error})"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return f"its {TRAINER_STATE} holds no global_step"
+    return None
+
+
 def complete(run_dir: Path) -> List[Path]:
     """The complete checkpoints in ``run_dir``, oldest step first."""
     found = [path for path in Path(run_dir).glob(f"{PREFIX}*") if path.is_dir() and is_complete(path)]
@@ -58,8 +73,7 @@ def staging_root(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"{PARTIAL_PREFIX}{PREFIX}{step}"
 
 
-def _fsync_directory(path: Path) -> None:
-    # A rename is durable only once its directory entry is on disk.
+def _fsync(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -67,20 +81,30 @@ def _fsync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
+def _fsync_tree(root: Path) -> None:
+    # After a power loss, a rename that reached the disk must not point at files that did not.
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
 def publish(staging: Path, target: Path) -> None:
     """Rename the finished checkpoint ``staging`` to ``target``, replacing an older ``target``.
 
     An existing ``target`` (left by a branch of the run that was resumed from an earlier step) is
     moved aside first and deleted only after the rename, so ``target`` is always one whole checkpoint.
-    The now empty staging root is removed.
+    Every file is flushed to disk before the rename and the rename after it, so after a crash of
+    the machine too ``target`` is whole or absent. The now empty staging root is removed.
     """
     target = Path(target)
+    _fsync_tree(staging)
     retired = target.with_name(f"{PARTIAL_PREFIX}replaced-{target.name}")
     if target.exists():
         shutil.rmtree(retired, ignore_errors=True)
         os.rename(target, retired)
     os.rename(staging, target)
-    _fsync_directory(target.parent)
+    _fsync(target.parent)
     shutil.rmtree(retired, ignore_errors=True)
     root = Path(staging).parent
     if root.name.startswith(PARTIAL_PREFIX) and not any(root.iterdir()):
@@ -106,18 +130,21 @@ def best_step(log_history: Iterable[dict], saved_steps: Sequence[int]) -> Option
     return min(scored)[1] if scored else None
 
 
-def rotate(run_dir: Path, save_total_limit: Optional[int], best: Optional[int]) -> List[Path]:
-    """Delete the oldest complete checkpoints beyond ``save_total_limit``, never the newest or the best.
+def rotate(run_dir: Path, save_total_limit: Optional[int], best: Optional[int], current: Optional[int] = None) -> List[Path]:
+    """Delete the oldest complete checkpoints beyond ``save_total_limit``, never the newest, the best
+    or the one just saved.
 
     ``best`` is the step of the best checkpoint (see :func:`best_step`). So with a limit of 1 and a
-    best checkpoint older than the newest, two remain. ``None`` or a limit below 1 deletes nothing
+    best checkpoint older than the newest, two remain. ``current`` is the step just saved: after a
+    resume from an older checkpoint (a newer one was damaged) it is not the highest step, and it is
+    the one whole checkpoint of the run's present. ``None`` or a limit below 1 deletes nothing
     (transformers' meaning of ``save_total_limit``). Returns the deleted directories.
     """
     if not save_total_limit or save_total_limit < 1:
         return []
     found = complete(run_dir)
     protected = {found[-1]} if found else set()
-    protected |= {path for path in found if step_of(path) == best}
+    protected |= {path for path in found if step_of(path) in (best, current)}
     deletable = [path for path in found if path not in protected]
     excess = len(found) - max(save_total_limit, len(protected))
     doomed = deletable[:max(excess, 0)]

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from npu_recipes import config as config_module
 from npu_recipes import paths, runner
-from npu_recipes.errors import Interrupted, NothingToDo, UserError, report_and_exit
+from npu_recipes.errors import Interrupted, NothingToDo, Terminated, UserError, report_and_exit
 
 
 def setup_logging() -> None:
@@ -62,3 +62,6 @@ def main() -> None:
     except KeyboardInterrupt:
         print("npu_recipes: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except Terminated as stop:
+        print("npu_recipes: terminated (SIGTERM)", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)

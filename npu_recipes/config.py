@@ -253,6 +253,7 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     _check_positive("lora.lora_alpha", config.lora.lora_alpha)
     if not 0 <= config.lora.lora_dropout < 1:
         raise UserError(f"lora.lora_dropout={config.lora.lora_dropout} must be in [0, 1)", fix="pass e.g. lora.lora_dropout=0.05")
+    train.gradient_checkpointing = _gradient_checkpointing(train.gradient_checkpointing)
     _check_parallelism(config, timestamped_output_dir="${now:" in str(OmegaConf.to_container(cfg, resolve=False)["output_dir"]))
     _check_positive("nan_guard.max_consecutive_bad_steps", config.nan_guard.max_consecutive_bad_steps)
     if config.mfu.peak_tflops is not None:
@@ -266,6 +267,26 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     return config
 
 
+_CHECKPOINTING_WORDS = {"true": True, "false": False, "auto": "auto"}
+
+
+def _gradient_checkpointing(value):
+    """``train.gradient_checkpointing`` as True, False or ``"auto"``; the words also as strings in
+    any case (an ``${oc.env:...}`` interpolation or a quoted YAML value gives a string).
+
+    Raises:
+        UserError: any other value, numbers included (``1`` is not a setting the docs name).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _CHECKPOINTING_WORDS:
+        return _CHECKPOINTING_WORDS[value.strip().lower()]
+    raise UserError(
+        f"train.gradient_checkpointing={value!r} ({type(value).__name__}) is not one of true, false, auto",
+        fix="pass train.gradient_checkpointing=auto (decided by the memory planner), true or false",
+    )
+
+
 def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool) -> None:
     """Rules of ``parallelism.*`` and its combination with ``model.device_map`` (see docs/distributed.md)."""
     parallel = config.parallelism
@@ -273,11 +294,6 @@ def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool
     _check_positive("parallelism.nnodes", parallel.nnodes)
     _check_positive("parallelism.ddp_timeout", parallel.ddp_timeout)
     _check_positive("parallelism.shutdown_timeout", parallel.shutdown_timeout)
-    if config.train.gradient_checkpointing not in (True, False, "auto"):
-        raise UserError(
-            f"train.gradient_checkpointing={config.train.gradient_checkpointing!r} is not one of true, false, auto",
-            fix="pass train.gradient_checkpointing=auto (decided by the memory planner), true or false",
-        )
     if not 0 <= parallel.node_rank < parallel.nnodes:
         raise UserError(
             f"parallelism.node_rank={parallel.node_rank} must be in [0, parallelism.nnodes={parallel.nnodes})",

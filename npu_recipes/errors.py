@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -61,3 +62,17 @@ class Interrupted(Exception):
 class NothingToDo(Exception):
     """The command has nothing left to do (e.g. rerunning a training run that completed); the CLI
     prints the message and exits 0."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived outside training (while loading, tokenizing or finishing; during training it
+    saves a checkpoint first, see :mod:`npu_recipes.stopping`). Raised from the signal handler the
+    way Python raises ``KeyboardInterrupt`` for SIGINT, so the run directory records why the
+    process ended instead of saying ``running``; the process exits ``exit_code`` (143)."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def raise_terminated(number, frame) -> None:
+    """SIGTERM handler that raises :class:`Terminated` (install with ``signal.signal``)."""
+    raise Terminated()

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 WORKER_MODULE = "npu_recipes.worker"
 DEEPSPEED_CONFIG = "deepspeed.json"
 """The generated DeepSpeed config in the run directory; workers hand its path to the Trainer."""
+LAUNCHER_PID = "NPU_RECIPES_LAUNCHER_PID"
+"""Environment variable naming the launching process to its workers (see :mod:`npu_recipes.worker`)."""
 LOGS = "logs"
 """Run-directory folder where every rank but 0 writes its output, as ``rank<N>.log``."""
 
@@ -250,6 +252,7 @@ def launch(config: RecipeConfig, plan: Plan, run_dir: RunDir) -> None:
             }
         )
     os.environ.update(plan.device.worker_environment())
+    os.environ[LAUNCHER_PID] = str(os.getpid())
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     count = config.parallelism.nproc_per_node
     log.info("launching %d worker process%s: %s", count, "" if count == 1 else "es", shlex.join(command))

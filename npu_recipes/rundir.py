@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict
 
-from npu_recipes import atomic, checkpoints, config as config_module
+from npu_recipes import atomic, checkpoints, config as config_module, runlock
 from npu_recipes.errors import UserError
 from npu_recipes.schema import RecipeConfig
 
@@ -99,10 +99,24 @@ class RunDir:
         return self.path / MANIFEST
 
     def read_manifest(self) -> Dict[str, Any]:
-        """The manifest as a dict ({} when there is none yet)."""
+        """The manifest as a dict ({} when there is none yet).
+
+        Raises:
+            UserError: manifest.json is not a JSON object (it is only ever written whole, so someone edited it).
+        """
         if not self.manifest_path.is_file():
             return {}
-        return json.loads(self.manifest_path.read_text())
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (UnicodeDecodeError, ValueError) as error:
+            manifest = error
+        if not isinstance(manifest, dict):
+            reason = f" ({manifest})" if isinstance(manifest, Exception) else ""
+            raise UserError(
+                f"{self.manifest_path} is not a JSON object{reason}",
+                fix="restore it, or delete it (the next run in this directory writes a new one), or pass a new output_dir",
+            )
+        return manifest
 
     def update_manifest(self, **fields: Any) -> None:
         """Merge ``fields`` into manifest.json (top-level keys replaced) and rewrite it atomically."""
@@ -115,12 +129,39 @@ class RunDir:
         with open(self.path / LOGGING, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
 
-    def read_log(self) -> list[Dict[str, Any]]:
-        """All records of logging.jsonl, in order."""
+    def read_log(self, skip_damaged: bool = False):
+        """All records of logging.jsonl, in order.
+
+        A last line without its newline that is not JSON (an append cut short by a crash or a full
+        disk) is left out. With ``skip_damaged``, every line that is not a JSON object is left out
+        and ``(records, numbers of the damaged lines)`` is returned.
+
+        Raises:
+            UserError: without ``skip_damaged``, a line other than a cut-short last one is not a JSON object.
+        """
         log_path = self.path / LOGGING
         if not log_path.is_file():
-            return []
-        return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            return ([], []) if skip_damaged else []
+        text = log_path.read_text(errors="replace")
+        lines = text.splitlines()
+        records, damaged = [], []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif skip_damaged or (number == len(lines) and not text.endswith("\n")):
+                damaged.append(number)
+            else:
+                raise UserError(
+                    f"{log_path}, line {number}: not a JSON record: {line[:80]!r}",
+                    fix="delete that line (or the file: it is the run's log, not needed to resume)",
+                )
+        return (records, damaged) if skip_damaged else records
 
     def checkpoints(self) -> list[Path]:
         """Complete ``checkpoint-<N>`` directories, oldest step first (see :mod:`npu_recipes.checkpoints`)."""
@@ -132,6 +173,7 @@ class RunDir:
         kept (only this run's files go); one this run created is deleted."""
         if not self.path.is_dir() or self.checkpoints():
             return
+        runlock.release(self.path)
         if self.created_here:
             shutil.rmtree(self.path, ignore_errors=True)
             for parent in self.created_parents:
@@ -140,7 +182,7 @@ class RunDir:
                 except OSError:
                     break
             return
-        for name in (RESOLVED, MANIFEST, LOGGING, LOSS_PLOT):
+        for name in (RESOLVED, MANIFEST, LOGGING, LOSS_PLOT, runlock.LOCK):
             (self.path / name).unlink(missing_ok=True)
 
 
@@ -194,6 +236,8 @@ def create(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
     run_dir = _claim(path, fresh_output_dir)
     config.output_dir = str(run_dir.path)
     try:
+        if not runlock.claim(run_dir.path):
+            raise UserError(f"output_dir {run_dir.path} is in use: another run started in it at the same time", fix="pass another output_dir")
         atomic.write_text(run_dir.path / RESOLVED, config_module.to_yaml(config))
     except OSError as error:
         run_dir.discard_if_empty_of_results()

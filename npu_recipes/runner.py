@@ -7,7 +7,7 @@ from types import ModuleType
 from typing import Optional
 
 from npu_recipes import launch, rundir, stages
-from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, RunStopped, UserError
+from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, RunStopped, Terminated, UserError
 from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
 
@@ -72,6 +72,7 @@ def run_stage(stage: ModuleType, config: RecipeConfig, run_dir: Optional[RunDir]
         raise
     except BaseException as error:
         if run_dir is not None and records_failure:
-            reason = "interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+            reason = ("interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt)
+                      else "terminated (SIGTERM)" if isinstance(error, Terminated) else f"{type(error).__name__}: {error}")
             run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=reason)
         raise

@@ -11,17 +11,38 @@
   but inside a staging directory, which global rank 0 renames into place once every rank is done;
   then :func:`npu_recipes.checkpoints.rotate` applies ``save_total_limit`` sparing the newest and
   the best checkpoint (see :mod:`npu_recipes.checkpoints`).
+* ``_load_from_checkpoint`` / ``_load_optimizer_and_scheduler``: a checkpoint that does not fit
+  this model or optimizer (another LoRA rank, a full checkpoint for a LoRA run, damaged weights)
+  is a :class:`~npu_recipes.errors.UserError` naming the checkpoint, not a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
+from safetensors import SafetensorError
 from transformers import Trainer
 
-from npu_recipes import checkpoints, flops
+from npu_recipes import checkpoints, devices, flops
+from npu_recipes.errors import UserError
 from npu_recipes.nan_guard import NanGuard
+
+
+@contextlib.contextmanager
+def _loading(checkpoint: str, what: str) -> Iterator[None]:
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as error:
+        if devices.is_out_of_memory(error):
+            raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(
+            f"cannot resume from {checkpoint}: its {what} do not fit this run ({type(error).__name__}: {first_line})",
+            fix="resume from a checkpoint trained with this model and these train_type, lora and optimizer settings "
+            "(see the resolved.yaml of its run), or start over with resume=never and a new output_dir",
+        ) from None
 
 
 class RecipeTrainer(Trainer):
@@ -49,6 +70,14 @@ class RecipeTrainer(Trainer):
         self.nan_guard.annotate(logs)
         super().log(logs, start_time)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        with _loading(resume_from_checkpoint, "weights"):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        with _loading(checkpoint, "optimizer and scheduler states"):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
     def _get_output_dir(self, trial) -> str:
         return self._checkpoint_staging or super()._get_output_dir(trial)
 
@@ -66,5 +95,5 @@ class RecipeTrainer(Trainer):
         if self.args.should_save:
             checkpoints.publish(staging / f"{checkpoints.PREFIX}{step}", run_dir / f"{checkpoints.PREFIX}{step}")
             saved = [checkpoints.step_of(path) for path in checkpoints.complete(run_dir)]
-            checkpoints.rotate(run_dir, self.args.save_total_limit, checkpoints.best_step(self.state.log_history, saved))
+            checkpoints.rotate(run_dir, self.args.save_total_limit, checkpoints.best_step(self.state.log_history, saved), step)
         self.accelerator.wait_for_everyone()

@@ -3,18 +3,24 @@
 The worker never composes: it loads the resolved config the launching process wrote and runs the
 same stage function a single process runs. Global rank 0 prints to the launching console; every
 other rank writes its stdout and stderr to ``RUN_DIR/logs/rank<N>.log``.
+
+A worker never outlives its launcher: when the launcher dies (even by ``kill -9``, which it cannot
+forward), the kernel sends the worker SIGTERM, so it saves at the end of its step and exits as
+after any SIGTERM, instead of training on unseen in a directory a rerun would then also write.
+Workers on node 0 also hold the run directory's lock (:mod:`npu_recipes.runlock`) until they exit.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 import warnings
 from pathlib import Path
 
-from npu_recipes import cli, config as config_module, devices, launch, runner, stages
-from npu_recipes.errors import Interrupted, UserError, report_and_exit
+from npu_recipes import cli, config as config_module, devices, launch, runlock, runner, stages
+from npu_recipes.errors import Interrupted, Terminated, UserError, report_and_exit
 from npu_recipes.rundir import RunDir
 
 
@@ -29,6 +35,20 @@ def _redirect_output(path: Path) -> None:
     os.close(descriptor)
 
 
+_PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal this process gets when its parent dies (Linux)."""
+
+
+def _stop_with_launcher() -> None:
+    launcher = os.environ.get(launch.LAUNCHER_PID)
+    if not sys.platform.startswith("linux") or not launcher:
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(launcher):
+        # The launcher died before prctl took effect.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Load ``resolved.yaml`` (the only argument) and run its stage in this rank.
 
@@ -38,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     if len(arguments) != 1:
         sys.exit("usage: python -m npu_recipes.worker RUN_DIR/resolved.yaml (started by torchrun)")
+    _stop_with_launcher()
     resolved = Path(arguments[0])
     run_dir = RunDir(resolved.parent)
     placement = devices.process_placement()
@@ -48,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     try:
         config = config_module.load_resolved(resolved)
+        if config.parallelism.node_rank == 0:
+            runlock.join(run_dir.path)
         runner.run_stage(stages.load(config.stage), config, run_dir, records_failure=placement.rank == 0)
     except UserError as error:
         report_and_exit(error)
@@ -58,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         # Ctrl-C reaches every worker at once; the launcher reports it, once, without a traceback per rank.
         sys.exit(128 + signal.SIGINT)
+    except Terminated as stop:
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from npu_recipes import checkpoints, data, deepspeed_config, devices, flops, heldout, kernels, launch, models, packing, plots, resume, rundir
-from npu_recipes.callbacks import JsonlLogger, SaveAndEvaluateAtEnd
-from npu_recipes.errors import Interrupted, UserError
+from npu_recipes.callbacks import CurrentIntervals, JsonlLogger, SaveAndEvaluateAtEnd
+from npu_recipes.errors import Interrupted, UserError, raise_terminated
 from npu_recipes.nan_guard import NanGuard
 from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
@@ -48,10 +48,17 @@ def prepare(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
             that cannot be resumed with these settings.
         NothingToDo: ``output_dir`` holds a run that completed with these settings.
     """
+    _terminate_with_a_record()
     config.model.name_or_path = models.resolve_path(config.model)
     config.dataset.path = data.resolve_path(config.dataset)
-    tokenized_splits(config, models.load_tokenizer(config.model, config.model.name_or_path))
-    return resume.open_run_dir(config, fresh_output_dir)
+    splits = tokenized_splits(config, models.load_tokenizer(config.model, config.model.name_or_path))
+    return resume.open_run_dir(config, fresh_output_dir, splits.counts)
+
+
+def _terminate_with_a_record() -> None:
+    # SIGTERM outside training raises errors.Terminated, so the manifest says why the run ended
+    # (during training StopOnSignal takes SIGTERM over and saves first).
+    signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def tokenized_splits(config: RecipeConfig, tokenizer) -> data.TokenizedSplits:
@@ -153,6 +160,7 @@ def run(config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
             attention implementation this device cannot run (:func:`npu_recipes.kernels.check`).
         RunStopped: the NaN guard stopped training (:mod:`npu_recipes.nan_guard`).
     """
+    _terminate_with_a_record()
     device = devices.resolve(config.device)
     kernels.check(config.kernels, config.model.attn_implementation, device)
     device.init_process_group(config.parallelism.ddp_timeout, deepspeed_config.uses_deepspeed(config.parallelism))
@@ -170,7 +178,8 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
     token ids, so the benchmark measures exactly this code path.
 
     Returns:
-        transformers' ``TrainOutput`` (``global_step``, ``training_loss``, ``metrics``).
+        transformers' ``TrainOutput`` (``global_step``, ``training_loss``, ``metrics``), or None when
+        the checkpoint resumed from is already at ``train.max_steps``.
     """
     placement = devices.process_placement()
     dtype = models.select_dtype(config.model, config.model.name_or_path, device)
@@ -207,13 +216,19 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         processing_class=tokenizer,
         # The NaN guard cancels checkpoints that earlier callbacks ask for at a skipped step; a stop
         # on a signal comes after it, because that checkpoint is the only record of the steps since the last save.
-        callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), nan_guard, stop],
+        callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), CurrentIntervals(), nan_guard, stop],
         flops_model=flops.FlopsModel.from_model(model, model.config),
         nan_guard=nan_guard,
     )
     resume_from = run_dir.read_manifest().get("resume_from")
     if resume_from:
         log.info("resuming from %s", resume_from)
+        if 0 < config.train.max_steps <= (checkpoints.step_of(resume_from) or 0):
+            # The Trainer would train one step past max_steps before checking it (a run killed after its last save).
+            log.info("%s is at train.max_steps=%d: nothing left to train", resume_from, config.train.max_steps)
+            if placement.rank == 0:
+                finish(config, run_dir)
+            return None
     stop.install()
     try:
         output = trainer.train(resume_from_checkpoint=resume_from)
