@@ -74,7 +74,8 @@ def _settings(config: RecipeConfig) -> Dict[str, Any]:
     return _flatten(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
 
 
-def _may_change(key: str) -> bool:
+def may_change(key: str) -> bool:
+    """True when a resumed run may change the dotted config ``key`` (see :data:`MAY_CHANGE`)."""
     return any(key == allowed or key.startswith(allowed + ".") for allowed in MAY_CHANGE)
 
 
@@ -84,7 +85,7 @@ def changed_settings(saved: RecipeConfig, current: RecipeConfig) -> List[Tuple[s
     return [
         (key, before.get(key), after.get(key))
         for key in sorted(set(before) | set(after))
-        if not _may_change(key) and before.get(key) != after.get(key)
+        if not may_change(key) and before.get(key) != after.get(key)
     ]
 
 

@@ -206,10 +206,12 @@ def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":
                 continue
             if any(candidate.iterdir()):
                 holds_run = (candidate / RESOLVED).is_file()
+                found = checkpoints.complete(candidate)
                 raise UserError(
                     f"output_dir {candidate} already exists and is not empty",
                     fix="pass a new output_dir=DIR, or delete the old run"
-                    + (", or pass resume=auto to continue the training run in it" if holds_run else ""),
+                    + (", or pass resume=auto to continue the training run in it" if holds_run
+                       else f", or pass a new output_dir with resume={found[-1]} to continue from its newest checkpoint" if found else ""),
                 ) from None
             return RunDir(candidate, created_here=False)
         except OSError as error:

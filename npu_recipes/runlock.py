@@ -1,8 +1,8 @@
 """One training run per run directory, enforced by a lock the kernel releases when its holders die.
 
 The launching process takes an exclusive ``flock`` on ``RUN_DIR/.lock`` to check that nobody is
-using the directory, then holds it shared for the rest of its life; every torchrun worker of node 0
-holds it shared too. A later run can take it exclusively only once all of them have exited, however
+using the directory, then holds it shared for the rest of its life; every torchrun worker holds it
+shared too. A later run can take it exclusively only once all of them have exited, however
 they exited (``kill -9`` included), so a rerun never writes a directory that a live launcher or an
 orphaned worker is still writing, and a stale pid in manifest.json that now belongs to an unrelated
 process blocks nothing. A process id alone would be wrong in both ways.

@@ -7,7 +7,7 @@ other rank writes its stdout and stderr to ``RUN_DIR/logs/rank<N>.log``.
 A worker never outlives its launcher: when the launcher dies (even by ``kill -9``, which it cannot
 forward), the kernel sends the worker SIGTERM, so it saves at the end of its step and exits as
 after any SIGTERM, instead of training on unseen in a directory a rerun would then also write.
-Workers on node 0 also hold the run directory's lock (:mod:`npu_recipes.runlock`) until they exit.
+Workers also hold the run directory's lock (:mod:`npu_recipes.runlock`) until they exit.
 """
 
 from __future__ import annotations
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     try:
         config = config_module.load_resolved(resolved)
-        if config.parallelism.node_rank == 0:
-            runlock.join(run_dir.path)
+        runlock.join(run_dir.path)
         runner.run_stage(stages.load(config.stage), config, run_dir, records_failure=placement.rank == 0)
     except UserError as error:
         report_and_exit(error)

@@ -257,9 +257,9 @@ def test_workers_of_a_launcher_killed_with_9_save_and_stop(tmp_path):
         time.sleep(0.1)
     assert _train_steps(run)[-1] == stopped_at, "nothing trained after the stop"
 
-    result = run_cli(*ARGS, *command, "train.max_steps=12", f"output_dir={run}")
+    result = run_cli(*ARGS, *command, f"train.max_steps={stopped_at + 1}", f"output_dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert _train_steps(run) == list(range(1, 13))
+    assert _train_steps(run) == list(range(1, stopped_at + 2))
 
 
 @pytest.mark.slow
@@ -339,3 +339,26 @@ def test_a_branch_whose_origin_is_gone_is_one_error(base, tmp_path):
     with pytest.raises(UserError, match=rf"the run in {branch} saved no checkpoint of its own, and the checkpoint it branched "
                                         rf"off, {origin}/checkpoint-2, is gone or damaged"):
         resume.open_run_dir(config_module.compose([*ARGS, "train.max_steps=6", f"output_dir={branch}"]), False)
+
+
+def test_out_of_memory_advice_says_when_it_starts_a_new_run(tiny_model_path):
+    import torch
+
+    from npu_recipes.stages import train
+
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+    resumable = str(train.out_of_memory(_config("train.gradient_checkpointing=false"), error, 2))
+    assert "next option that fits: train.gradient_checkpointing=true (" in resumable and "new output_dir" not in resumable
+    new_run = str(train.out_of_memory(_config("train.gradient_checkpointing=true", "train.per_device_train_batch_size=8",
+                                              "train.gradient_accumulation_steps=2"), error, 2))
+    assert ("next option that fits: train.per_device_train_batch_size=1 train.gradient_accumulation_steps=16 (same global batch; "
+            in new_run)
+    assert "GiB per device) in a new output_dir (this run's checkpoints resume only with the settings that saved them)" in new_run
+
+
+def test_a_run_without_its_resolved_yaml_points_at_its_checkpoint(base, tmp_path):
+    run = _copy(base, tmp_path)
+    (run / "resolved.yaml").unlink()
+    with pytest.raises(UserError) as error:
+        resume.open_run_dir(_config(f"output_dir={run}"), False)
+    assert str(error.value).endswith(f"or pass a new output_dir with resume={run}/checkpoint-4 to continue from its newest checkpoint")

@@ -279,6 +279,8 @@ def out_of_memory(config: RecipeConfig, error: Exception, step: int) -> UserErro
         f"estimated {suggestion.total_gib} GiB per device)"
         if suggestion else "the plan stage finds no smaller option on this device"
     )
+    if suggestion and not all(resume.may_change(override.split("=")[0]) for override in suggestion.overrides):
+        advice += " in a new output_dir (this run's checkpoints resume only with the settings that saved them)"
     return UserError(
         f"device out of memory at training step {step + 1}: {first_line}",
         fix=f"{advice}; see every estimate with the same command plus stage=plan",
