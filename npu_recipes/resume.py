@@ -47,9 +47,6 @@ MAY_CHANGE = (
 """Keys (or whole sections) a resumed run may change: how long to train, how often to log and save,
 and settings of other stages. Everything else must equal the saved run's."""
 
-_WORLD_SIZE_KEYS = ("parallelism.nproc_per_node", "parallelism.nnodes")
-
-
 def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     if isinstance(tree, dict):
         flat: Dict[str, Any] = {}
@@ -120,7 +117,7 @@ def _in_use_by(manifest: Dict[str, Any]) -> Optional[int]:
     except ProcessLookupError:
         return None
     except PermissionError:
-        return pid
+        pass  # alive, owned by another user
     return pid
 
 
