@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from npu_recipes import config as config_module
 from npu_recipes import paths, runner
-from npu_recipes.errors import UserError, report_and_exit
+from npu_recipes.errors import Interrupted, NothingToDo, UserError, report_and_exit
 
 
 def setup_logging() -> None:
@@ -37,6 +37,11 @@ def _compose_and_run(cfg: DictConfig) -> None:
         runner.run(config, fresh_output_dir)
     except UserError as error:
         report_and_exit(error)
+    except Interrupted as stop:
+        print(f"npu_recipes: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
+    except NothingToDo as done:
+        print(f"npu_recipes: {done}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

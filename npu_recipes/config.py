@@ -443,6 +443,12 @@ def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool
     _check_positive("parallelism.nproc_per_node", parallel.nproc_per_node)
     _check_positive("parallelism.nnodes", parallel.nnodes)
     _check_positive("parallelism.ddp_timeout", parallel.ddp_timeout)
+    _check_positive("parallelism.shutdown_timeout", parallel.shutdown_timeout)
+    if config.train.gradient_checkpointing not in (True, False, "auto"):
+        raise UserError(
+            f"train.gradient_checkpointing={config.train.gradient_checkpointing!r} is not one of true, false, auto",
+            fix="pass train.gradient_checkpointing=auto (decided by the memory planner), true or false",
+        )
     if not 0 <= parallel.node_rank < parallel.nnodes:
         raise UserError(
             f"parallelism.node_rank={parallel.node_rank} must be in [0, parallelism.nnodes={parallel.nnodes})",

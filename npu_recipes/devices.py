@@ -218,6 +218,15 @@ class Device:
         return [float(tensor.item()) for tensor in gathered]
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an allocator's out-of-memory error: ``torch.OutOfMemoryError`` (CUDA, and NPU with
+    recent torch_npu), a ``RuntimeError`` saying "out of memory" (older torch_npu: "NPU out of
+    memory. Tried to allocate ..."), or the host's ``MemoryError``."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
 class Placement(NamedTuple):
     """Where this process sits in a torchrun job: global ``rank``, ``local_rank`` on its node, ``world_size``."""
 

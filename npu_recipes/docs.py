@@ -37,7 +37,8 @@ alpha 32 / dropout 0.05 on all linear layers. 14B rows use Qwen2.5-14B-Instruct
 memory figure, not `max_memory_allocated`). "Planned" is this project's estimate of peak allocated
 memory per device (docs/memory.md) at the recipe's settings: bf16, micro-batch 1, every sample
 `max_length` 2048 tokens long (the worst case: blossom-math-v2 samples average ~175 tokens, ../shared/bench/README.md),
-gradient checkpointing on; "full FT" is the same with `train_type=full`. "(too big)" marks a figure
+gradient checkpointing as the recipes' `train.gradient_checkpointing: auto` decides for that device
+(off when the estimate without it, plus 15%, fits); "full FT" is the same with `train_type=full`. "(too big)" marks a figure
 above the device's memory less its runtime reserve; `stage=plan` then names the next option that fits.
 """
 

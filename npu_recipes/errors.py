@@ -40,3 +40,24 @@ def report_and_exit(error: UserError) -> None:
     """Print ``error`` as one ``npu_recipes: error:`` block on stderr and exit with status 2."""
     print(f"npu_recipes: error: {error}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint at the step it had reached.
+
+    Attributes:
+        signal_number: the signal that asked for the stop.
+        checkpoint: the checkpoint saved at the stop (None when nothing could be saved).
+        exit_code: ``128 + signal_number``, the shell's convention (143 for SIGTERM, 130 for SIGINT).
+    """
+
+    def __init__(self, message: str, signal_number: int, checkpoint: str | None):
+        super().__init__(message)
+        self.signal_number = signal_number
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + signal_number
+
+
+class NothingToDo(Exception):
+    """The command has nothing left to do (e.g. rerunning a training run that completed); the CLI
+    prints the message and exits 0."""

@@ -123,7 +123,8 @@ def torchrun_arguments(config: RecipeConfig) -> List[str]:
     """torchrun's arguments for ``config.parallelism`` (the same on every node but ``--node-rank``).
 
     ``--master-port`` is left out when ``parallelism.master_port`` is null, so on one node torchrun
-    rendezvouses on a free port of its own choosing.
+    rendezvouses on a free port of its own choosing. ``--shutdown-timeout`` is passed where torchrun
+    has it (older torch versions give workers a fixed 30 s after SIGTERM).
     """
     parallel = config.parallelism
     arguments = [
@@ -134,7 +135,15 @@ def torchrun_arguments(config: RecipeConfig) -> List[str]:
     ]
     if parallel.master_port is not None:
         arguments.append(f"--master-port={parallel.master_port}")
+    if _torchrun_has_option("--shutdown-timeout"):
+        arguments.append(f"--shutdown-timeout={parallel.shutdown_timeout}")
     return arguments
+
+
+def _torchrun_has_option(option: str) -> bool:
+    from torch.distributed import run as torchrun
+
+    return option in torchrun.get_args_parser()._option_string_actions
 
 
 def plan(config: RecipeConfig) -> Plan:

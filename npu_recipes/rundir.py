@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict
 
-from npu_recipes import atomic, config as config_module
+from npu_recipes import atomic, checkpoints, config as config_module
 from npu_recipes.errors import UserError
 from npu_recipes.schema import RecipeConfig
 
@@ -123,9 +123,8 @@ class RunDir:
         return [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
 
     def checkpoints(self) -> list[Path]:
-        """Complete ``checkpoint-<N>`` directories, by step."""
-        found = [p for p in self.path.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+        """Complete ``checkpoint-<N>`` directories, oldest step first (see :mod:`npu_recipes.checkpoints`)."""
+        return checkpoints.complete(self.path)
 
     def discard_if_empty_of_results(self) -> None:
         """Remove what this run wrote when it holds no checkpoint, so a run that failed before saving
@@ -164,9 +163,11 @@ def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":
                 candidate, suffix = path.with_name(f"{path.name}-{suffix}"), suffix + 1
                 continue
             if any(candidate.iterdir()):
+                holds_run = (candidate / RESOLVED).is_file()
                 raise UserError(
                     f"output_dir {candidate} already exists and is not empty",
-                    fix="pass a new output_dir=DIR, or delete the old run",
+                    fix="pass a new output_dir=DIR, or delete the old run"
+                    + (", or pass resume=auto to continue the training run in it" if holds_run else ""),
                 ) from None
             return RunDir(candidate, created_here=False)
         except OSError as error:

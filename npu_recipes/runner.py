@@ -7,7 +7,7 @@ from types import ModuleType
 from typing import Optional
 
 from npu_recipes import launch, rundir, stages
-from npu_recipes.errors import EXIT_USER_ERROR, RunStopped, UserError
+from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, RunStopped, UserError
 from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
 
@@ -39,10 +39,12 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     try:
         launch.launch(config, plan, run_dir)
     except launch.WorkersFailed as failure:
-        if not failure.reported:
-            print(f"npu_recipes: error: {failure}", file=sys.stderr, flush=True)
         owns_manifest = config.parallelism.node_rank == 0
-        if owns_manifest and run_dir.path.is_dir() and run_dir.read_manifest().get("status") == "running":
+        status = run_dir.read_manifest().get("status") if run_dir.path.is_dir() else None
+        # Rank 0 printed how an interrupted run stopped and where it saved.
+        if not failure.reported and status != "interrupted":
+            print(f"npu_recipes: error: {failure}", file=sys.stderr, flush=True)
+        if owns_manifest and status == "running":
             run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=str(failure).split("\n")[0])
             if failure.exit_code == EXIT_USER_ERROR:
                 run_dir.discard_if_empty_of_results()
@@ -55,10 +57,13 @@ def run_stage(stage: ModuleType, config: RecipeConfig, run_dir: Optional[RunDir]
     When the stage fails and ``records_failure`` is set (the single process, or rank 0 of a
     torchrun job), the manifest says ``failed`` with the reason; a run that failed on bad input
     before its first checkpoint leaves no directory at all; a run that stopped itself
-    (:class:`RunStopped`) keeps its directory and records.
+    (:class:`RunStopped`) keeps its directory and records; one stopped by a signal after saving
+    (:class:`Interrupted`) was recorded by the stage as ``interrupted``.
     """
     try:
         stage.run(config, run_dir)
+    except Interrupted:
+        raise
     except UserError as error:
         if run_dir is not None and records_failure:
             run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=str(error))

@@ -99,6 +99,9 @@ class TrainConfig:
     samples into packs of at most ``max_length`` tokens with per-sample position ids
     (:mod:`npu_recipes.packing`); a micro-batch is then ``per_device_train_batch_size`` packs.
     ``learning_rate`` is set by the ``train_type`` group (1e-4 LoRA, 1e-5 full) unless given.
+    ``gradient_checkpointing`` is ``true``, ``false`` or ``auto``: off when the memory planner's
+    estimate without it fits the device with a 15% margin, on otherwise (decided in each training
+    process for the device it has, logged and recorded in the manifest; see docs/memory.md).
     """
 
     learning_rate: float = 1e-4
@@ -115,7 +118,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Any = "auto"
     logging_steps: int = 5
     save_steps: int = 100
     eval_steps: int = 100
@@ -196,6 +199,8 @@ class ParallelismConfig:
     ``offload_optimizer.device`` / ``offload_param.device`` (``none`` or ``cpu``; parameters only
     with stage 3). ``ddp_timeout`` (seconds, transformers' name) bounds every collective of the
     process group (HCCL, NCCL or gloo), e.g. ranks waiting at a barrier for a slow one.
+    ``shutdown_timeout`` (seconds, torchrun's ``--shutdown-timeout``) is how long workers stopped
+    by SIGTERM/SIGINT may take to save their checkpoint before torchrun kills them.
     """
 
     name: str = "single"
@@ -208,6 +213,7 @@ class ParallelismConfig:
     offload_optimizer_device: str = "none"
     offload_param_device: str = "none"
     ddp_timeout: int = 1800
+    shutdown_timeout: int = 300
 
 
 @dataclass
@@ -297,6 +303,9 @@ class RecipeConfig:
     ``kernels`` picks fused kernels: ``none``, ``npu`` (torch_npu RMSNorm, rotary embedding and
     SwiGLU for Qwen2) or ``liger`` (Liger kernels on CUDA); see docs/kernels.md.
     ``plan`` holds the options of ``stage=plan``.
+    ``resume`` (train stage): ``auto`` continues the run already in an explicit ``output_dir`` from
+    its newest complete checkpoint, ``never`` refuses a non-empty ``output_dir``, and a checkpoint
+    path starts a new run from that checkpoint (see :mod:`npu_recipes.resume`).
     """
 
     recipe: str = "adhoc"
@@ -307,7 +316,7 @@ class RecipeConfig:
     output_dir: str = "outputs/${recipe}/${now:%Y%m%d-%H%M%S}"
     adapters: Any = None
     load_data_args: bool = False
-    resume: str = "never"
+    resume: str = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

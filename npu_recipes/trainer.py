@@ -7,13 +7,20 @@
   lets it inject a NaN where ``nan_guard.inject_nan_at_steps`` asks for one).
 * ``log``: lets the NaN guard add its count of skipped steps to every training log, before the
   log reaches ``log_history``, TensorBoard and logging.jsonl.
+* ``_save_checkpoint`` / ``_get_output_dir``: the Trainer's own checkpoint writer runs unchanged
+  but inside a staging directory, which global rank 0 renames into place once every rank is done;
+  then :func:`npu_recipes.checkpoints.rotate` applies ``save_total_limit`` sparing the newest and
+  the best checkpoint (see :mod:`npu_recipes.checkpoints`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 from transformers import Trainer
 
-from npu_recipes import flops
+from npu_recipes import checkpoints, flops
 from npu_recipes.nan_guard import NanGuard
 
 
@@ -24,6 +31,7 @@ class RecipeTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.flops_model = flops_model
         self.nan_guard = nan_guard
+        self._checkpoint_staging: Optional[str] = None
 
     def floating_point_ops(self, inputs) -> float:
         return flops.batch_flops_from_inputs(self.flops_model, inputs)
@@ -40,3 +48,23 @@ class RecipeTrainer(Trainer):
     def log(self, logs, start_time=None):
         self.nan_guard.annotate(logs)
         super().log(logs, start_time)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        step = self.state.global_step
+        staging = checkpoints.staging_root(run_dir, step)
+        self._checkpoint_staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        # Every rank writes its own shards (DeepSpeed, RNG states) before the rename.
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.publish(staging / f"{checkpoints.PREFIX}{step}", run_dir / f"{checkpoints.PREFIX}{step}")
+            saved = [checkpoints.step_of(path) for path in checkpoints.complete(run_dir)]
+            checkpoints.rotate(run_dir, self.args.save_total_limit, checkpoints.best_step(self.state.log_history, saved))
+        self.accelerator.wait_for_everyone()

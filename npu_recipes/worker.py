@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from npu_recipes import cli, config as config_module, devices, launch, runner, stages
-from npu_recipes.errors import UserError, report_and_exit
+from npu_recipes.errors import Interrupted, UserError, report_and_exit
 from npu_recipes.rundir import RunDir
 
 
@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         runner.run_stage(stages.load(config.stage), config, run_dir, records_failure=placement.rank == 0)
     except UserError as error:
         report_and_exit(error)
+    except Interrupted as stop:
+        if placement.rank == 0:
+            print(f"npu_recipes: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     except KeyboardInterrupt:
         # Ctrl-C reaches every worker at once; the launcher reports it, once, without a traceback per rank.
         sys.exit(128 + signal.SIGINT)

@@ -243,37 +243,56 @@ def test_zero3_full_checkpoint_holds_the_ddp_weights(runs):
         assert (tensor - ddp[name]).abs().max() < 1e-3, name
 
 
-def test_sigterm_stops_every_worker(tmp_path, variable_length_rows):
-    """SIGTERM to the launching process reaches both workers through torchrun; the exit status says so."""
+@pytest.mark.parametrize("parallelism", ["ddp", "zero3"])
+def test_sigterm_saves_every_rank_and_the_rerun_equals_the_straight_run(runs, tmp_path, variable_length_rows, parallelism):
+    """SIGTERM to the launching process reaches both workers through torchrun; they agree on one
+    step, save it (ZeRO-3: each rank's partition), exit 143, and the same command run again ends
+    with the straight run's losses and adapter (same world of two ranks, fp32)."""
     import psutil
 
+    straight, _ = runs.get(parallelism, "lora")
     run = tmp_path / "run"
-    settings = [o for o in COMMON if not o.startswith("train.max_steps")]
-    command = [
-        sys.executable, "-m", "npu_recipes", *settings, *BY_TRAIN_TYPE["lora"], "train.max_steps=100000",
-        f"dataset.path={variable_length_rows}", "parallelism=ddp", "parallelism.nproc_per_node=2",
-        f"parallelism.master_port={free_port()}", f"output_dir={run}",
-    ]
+    command = [sys.executable, "-m", "npu_recipes", *COMMON, *BY_TRAIN_TYPE["lora"], f"dataset.path={variable_length_rows}",
+               f"parallelism={parallelism}", "train.gradient_accumulation_steps=2", f"output_dir={run}"]
+    environment = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
     with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
-        launcher = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr)
+        launcher = subprocess.Popen(command, cwd=REPO, env=environment, stdout=stdout, stderr=stderr)
         try:
             deadline = time.monotonic() + 600
-            while not ((run / "logging.jsonl").is_file() and (run / "logging.jsonl").read_text().strip()):
+            while not ((run / "logging.jsonl").is_file() and '"train"' in (run / "logging.jsonl").read_text()):
                 assert launcher.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
                 assert time.monotonic() < deadline, "training never logged a step"
-                time.sleep(0.5)
+                time.sleep(0.05)
             workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
                        if "npu_recipes.worker" in " ".join(p.cmdline())]
             assert len(workers) == 2
             launcher.send_signal(signal.SIGTERM)
-            launcher.wait(timeout=180)
+            launcher.wait(timeout=300)
         finally:
             if launcher.poll() is None:
                 launcher.kill()
-    assert launcher.returncode == 128 + signal.SIGTERM
+    errors = (tmp_path / "stderr").read_text()
+    assert launcher.returncode == 128 + signal.SIGTERM, errors[-3000:]
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, f"workers still running after the launcher exited: {[p.pid for p in alive]}"
-    errors = (tmp_path / "stderr").read_text()
-    assert "npu_recipes: error: stopped by SIGTERM" in errors
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and "SIGTERM" in manifest["error"]
+    assert manifest["status"] == "interrupted", errors[-3000:]
+    stopped_at = manifest["stopped_at_step"]
+    assert 1 <= stopped_at < STEPS
+    checkpoint = run / f"checkpoint-{stopped_at}"
+    assert f"npu_recipes: stopped by SIGTERM at step {stopped_at}; saved {checkpoint}" in errors
+    assert errors.count("stopped by SIGTERM") == 1 and "Traceback" not in errors
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+    if parallelism == "zero3":
+        assert len(list(checkpoint.glob("global_step*/*optim_states.pt"))) == 2
+
+    result = run_cli(*command[3:], env={"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"from checkpoint-{stopped_at} (step {stopped_at})" in result.stderr
+    resumed = [r for r in read_jsonl(run / "logging.jsonl") if r["type"] == "train"]
+    expected = [r for r in read_jsonl(straight / "logging.jsonl") if r["type"] == "train"]
+    assert [r["step"] for r in resumed] == [r["step"] for r in expected] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in expected], abs=1e-6)
+    reference = _adapter(straight)
+    for name, tensor in _adapter(run).items():
+        assert (tensor - reference[name]).abs().max().item() <= 1e-6, name

@@ -113,7 +113,7 @@ def test_a_plan_runs_one_process_in_process_and_deepspeed_always_through_torchru
     ddp = launch.plan(config_module.compose(["device=cpu", "parallelism=ddp", "parallelism.master_port=29999"]))
     assert ddp.command(Path("/run/resolved.yaml"))[1:] == [
         "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
-        "--master-port=29999", "--log-dir=/dev/null", "-m", "npu_recipes.worker", "/run/resolved.yaml",
+        "--master-port=29999", "--shutdown-timeout=300", "--log-dir=/dev/null", "-m", "npu_recipes.worker", "/run/resolved.yaml",
     ]
 
 
@@ -146,6 +146,7 @@ def test_multi_node_settings_become_torchrun_arguments(monkeypatch):
     launch.check_environment(config)
     assert launch.torchrun_arguments(config) == [
         "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
+        "--shutdown-timeout=300",
     ]
 
 

@@ -54,7 +54,8 @@ def test_every_seed_recipe_plans_offline_from_config_json_alone(tmp_path, recipe
     if world > 1:
         assert plan.launch.workers == [
             "python", "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--nnodes=1", "--node-rank=0",
-            "--master-addr=127.0.0.1", f"--log-dir={os.devnull}", "-m", "npu_recipes.worker", "RUN_DIR/resolved.yaml",
+            "--master-addr=127.0.0.1", "--shutdown-timeout=300", f"--log-dir={os.devnull}", "-m", "npu_recipes.worker",
+            "RUN_DIR/resolved.yaml",
         ]
         assert plan.launch.worker_environment == {"DS_ACCELERATOR": "npu"}
     else:
@@ -62,12 +63,31 @@ def test_every_seed_recipe_plans_offline_from_config_json_alone(tmp_path, recipe
 
 
 def test_zero3_divides_weights_by_the_world_size(tmp_path):
-    single = _make(tmp_path, ["+recipe=qwen14b_lora_single"]).estimate.components
-    zero3 = _make(tmp_path, ["+recipe=qwen14b_lora_zero3"]).estimate.components
-    zero2 = _make(tmp_path, ["+recipe=qwen14b_lora_zero2"]).estimate.components
+    # The same activations need the same checkpointing (auto would decide per recipe).
+    single = _make(tmp_path, ["+recipe=qwen14b_lora_single", "train.gradient_checkpointing=true"]).estimate.components
+    zero3 = _make(tmp_path, ["+recipe=qwen14b_lora_zero3", "train.gradient_checkpointing=true"]).estimate.components
+    zero2 = _make(tmp_path, ["+recipe=qwen14b_lora_zero2", "train.gradient_checkpointing=true"]).estimate.components
     assert zero3["weights"].bytes == pytest.approx(single["weights"].bytes / 8, rel=0.01)
     assert zero2["weights"].bytes == pytest.approx(single["weights"].bytes, rel=0.01)
     assert zero3["activations"].bytes == pytest.approx(single["activations"].bytes)
+
+
+@pytest.mark.parametrize("device_memory_gib,enabled", [(None, False), (32.0, True)])
+def test_gradient_checkpointing_auto_turns_it_off_only_when_the_estimate_without_it_fits_with_margin(
+        tmp_path, device_memory_gib, enabled):
+    """qwen7b_lora_single needs about 33 GiB without checkpointing at 2048 tokens: off on a 64 GB
+    910B3 (60.7 GiB usable), on with a 910B4's 32 GB."""
+    overrides = ["+recipe=qwen7b_lora_single"]
+    if device_memory_gib:
+        overrides.append(f"plan.device_memory_gib={device_memory_gib}")
+    plan = _make(tmp_path, overrides)
+    assert plan.config.train.gradient_checkpointing is enabled
+    assert 30 < plan.without_checkpointing_gib < 36
+    assert (plan.without_checkpointing_gib * plan_stage.AUTO_CHECKPOINTING_MARGIN > plan.usable_gib) is enabled
+    forced_off = _make(tmp_path, [*overrides, "train.gradient_checkpointing=false"])
+    assert forced_off.estimate.total_gib == pytest.approx(plan.without_checkpointing_gib)
+    if not enabled:
+        assert plan.estimate.total_gib == pytest.approx(plan.without_checkpointing_gib)
 
 
 def test_plan_prints_settings_launch_and_memory_through_the_cli(tmp_path):
@@ -78,8 +98,9 @@ def test_plan_prints_settings_launch_and_memory_through_the_cli(tmp_path):
     assert "48 layers, hidden 5120, 40 heads / 8 KV heads, intermediate 13824, vocab 152064" in out
     assert "micro-batch 1 x accumulation 16 x 8 device(s) = global batch 128" in out
     assert "reference       8 x 31 GB" in out
+    assert "max_length 2048, gradient checkpointing off (auto: 35.2 GiB without it, x1.15, fits 60.7 GiB usable)" in out
     assert ("python -m torch.distributed.run --nproc-per-node=8 --nnodes=1 --node-rank=0 --master-addr=127.0.0.1 "
-            f"--log-dir={os.devnull} -m npu_recipes.worker RUN_DIR/resolved.yaml") in out
+            f"--shutdown-timeout=300 --log-dir={os.devnull} -m npu_recipes.worker RUN_DIR/resolved.yaml") in out
     assert f"ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 python -m npu_recipes +recipe=qwen14b_lora_zero3 model.name_or_path={model}\n" in out
     assert "DS_ACCELERATOR=npu (set by the launcher)" in out
     for label in ("weights", "gradients", "optimizer states", "activations", "logits and loss", "framework overhead", "total"):

@@ -47,6 +47,11 @@ def test_gsm8k_first_200_rows_produce_a_complete_run_directory(tmp_path, gsm8k_d
     assert len(counts["fingerprint"]) >= 8
     assert manifest["started_at"] <= manifest["finished_at"]
     assert manifest["final_metrics"]["steps"] == 20
+    # train.gradient_checkpointing=auto, decided for this machine's RAM: the tiny model needs well under 1 GiB.
+    decision = manifest["gradient_checkpointing"]
+    assert decision["setting"] == "auto" and decision["enabled"] is False
+    assert 0 < decision["without_checkpointing_gib"] * decision["margin"] < decision["usable_gib"]
+    assert "gradient checkpointing auto: off" in result.stderr
 
     records = read_jsonl(run / "logging.jsonl")
     train = [r for r in records if r["type"] == "train"]

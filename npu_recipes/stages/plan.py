@@ -94,7 +94,9 @@ class Plan:
 
     ``demand_gib`` is what must fit into ``usable_gib``: the per-device estimate on accelerators;
     on the CPU all processes of a node share the RAM, so it is ``nproc_per_node`` estimates plus
-    what offload keeps in host memory.
+    what offload keeps in host memory. With ``train.gradient_checkpointing=auto``, ``config`` holds
+    the decision (see :func:`decide_checkpointing`) and ``without_checkpointing_gib`` the demand
+    without checkpointing it was made on.
     """
 
     config: RecipeConfig
@@ -108,6 +110,7 @@ class Plan:
     demand_gib: float
     launch: Launch
     suggestion: Optional[Suggestion]
+    without_checkpointing_gib: Optional[float] = None
 
     @property
     def usable_gib(self) -> float:
@@ -206,6 +209,45 @@ def next_option(config: RecipeConfig, shape: memory.ModelShape, target: Target, 
     return None
 
 
+AUTO = "auto"
+AUTO_CHECKPOINTING_MARGIN = 1.15
+"""``train.gradient_checkpointing=auto`` turns checkpointing off only when the demand without it,
+times 1.15, fits the usable memory: the estimator's worst under-estimate against the H200
+measurements was 9.0% (LoRA at 16,384 tokens, docs/memory.md), plus room for the allocator's
+fragmentation."""
+
+
+def decide_checkpointing(config: RecipeConfig, shape: memory.ModelShape, target: Target, usable_gib: float):
+    """Decide ``train.gradient_checkpointing=auto``: off when the demand without it, times
+    :data:`AUTO_CHECKPOINTING_MARGIN`, fits into ``usable_gib``, on otherwise.
+
+    Returns:
+        ``(config, without_gib)``: a copy of ``config`` with a boolean ``gradient_checkpointing``,
+        and the demand without checkpointing in GiB.
+    """
+    decided = copy.deepcopy(config)
+    decided.train.gradient_checkpointing = False
+    without_gib = demand_gib(decided, estimate_for(decided, shape, target), target)
+    decided.train.gradient_checkpointing = without_gib * AUTO_CHECKPOINTING_MARGIN > usable_gib
+    return decided, without_gib
+
+
+OUT_OF_MEMORY_SAVING = 0.9
+"""After a real out-of-memory error the estimate was evidently too low for that device, so the
+advice after one asks for an option estimated at most 90% of the failed configuration's."""
+
+
+def after_out_of_memory(config: RecipeConfig) -> Optional[Suggestion]:
+    """The first option (see :func:`next_option`) that fits the device and whose estimate is at most
+    :data:`OUT_OF_MEMORY_SAVING` of ``config``'s own, or None.
+
+    Raises:
+        UserError: config.json cannot be read.
+    """
+    plan = make(config, [])
+    return next_option(plan.config, plan.shape, plan.target, min(plan.usable_gib, OUT_OF_MEMORY_SAVING * plan.demand_gib))
+
+
 def make(config: RecipeConfig, user_args: Sequence[str], model_dir: Optional[str] = None) -> Plan:
     """Build the :class:`Plan` of ``config``.
 
@@ -225,9 +267,12 @@ def make(config: RecipeConfig, user_args: Sequence[str], model_dir: Optional[str
         memory_gib = target.memory_gib
     else:
         memory_gib = devices.Device("cpu", 1).total_memory_gib()
+    usable = memory_gib - target.reserve_gib
+    without_checkpointing_gib = None
+    if config.train.gradient_checkpointing == AUTO:
+        config, without_checkpointing_gib = decide_checkpointing(config, shape, target, usable)
     estimate = estimate_for(config, shape, target)
     demand = demand_gib(config, estimate, target)
-    usable = memory_gib - target.reserve_gib
     return Plan(
         config=config,
         shape=shape,
@@ -240,6 +285,7 @@ def make(config: RecipeConfig, user_args: Sequence[str], model_dir: Optional[str
         demand_gib=demand,
         launch=launch_for(config, target.device_type, user_args),
         suggestion=None if demand <= usable else next_option(config, shape, target, usable),
+        without_checkpointing_gib=without_checkpointing_gib,
     )
 
 
@@ -360,7 +406,11 @@ def render_text(plan: Plan) -> str:
     row("training", f"{length}, learning rate {settings['learning_rate']:g} ({settings['lr_scheduler_type']}), "
         f"micro-batch {settings['per_device_train_batch_size']} x accumulation {settings['gradient_accumulation_steps']} "
         f"x {settings['world_size']} device(s) = global batch {settings['global_batch_size']}")
-    row("sequence", f"max_length {settings['max_length']}, gradient checkpointing {'on' if settings['gradient_checkpointing'] else 'off'}")
+    checkpointing = "on" if settings["gradient_checkpointing"] else "off"
+    if plan.without_checkpointing_gib is not None:
+        checkpointing += (f" (auto: {plan.without_checkpointing_gib:.1f} GiB without it, x{AUTO_CHECKPOINTING_MARGIN}, "
+                          f"{'does not fit' if settings['gradient_checkpointing'] else 'fits'} {plan.usable_gib:.1f} GiB usable)")
+    row("sequence", f"max_length {settings['max_length']}, gradient checkpointing {checkpointing}")
     row("parallelism", f"{settings['parallelism']}: {settings['nproc_per_node']} process(es) per node x {settings['nnodes']} node(s) "
         f"= world size {settings['world_size']}")
     reference = _reference_line(plan.config.reference)

@@ -10,17 +10,21 @@ Trainer (``num_items_in_batch``, ``average_tokens_across_devices``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import signal
 from typing import Optional
 
 import torch
 
-from npu_recipes import data, deepspeed_config, devices, flops, heldout, kernels, launch, models, packing, plots, rundir
+from npu_recipes import checkpoints, data, deepspeed_config, devices, flops, heldout, kernels, launch, models, packing, plots, resume, rundir
 from npu_recipes.callbacks import JsonlLogger, SaveAndEvaluateAtEnd
+from npu_recipes.errors import Interrupted, UserError
 from npu_recipes.nan_guard import NanGuard
 from npu_recipes.rundir import RunDir
 from npu_recipes.schema import RecipeConfig
+from npu_recipes.stopping import StopOnSignal
 from npu_recipes.trainer import RecipeTrainer
 
 log = logging.getLogger(__name__)
@@ -36,15 +40,18 @@ TRAINING_ARGUMENT_KEYS = (
 
 def prepare(config: RecipeConfig, fresh_output_dir: bool) -> RunDir:
     """Resolve (build or download) model and dataset once and tokenize the data into HF datasets'
-    cache (so every worker reads it instead of tokenizing), then create the run directory.
+    cache (so every worker reads it instead of tokenizing), then create the run directory, or
+    reopen the one to resume (see :mod:`npu_recipes.resume`).
 
     Raises:
-        UserError: bad data (before any run directory exists), or an unusable output_dir.
+        UserError: bad data (before any run directory exists), an unusable output_dir, or a run
+            that cannot be resumed with these settings.
+        NothingToDo: ``output_dir`` holds a run that completed with these settings.
     """
     config.model.name_or_path = models.resolve_path(config.model)
     config.dataset.path = data.resolve_path(config.dataset)
     tokenized_splits(config, models.load_tokenizer(config.model, config.model.name_or_path))
-    return rundir.create(config, fresh_output_dir)
+    return resume.open_run_dir(config, fresh_output_dir)
 
 
 def tokenized_splits(config: RecipeConfig, tokenizer) -> data.TokenizedSplits:
@@ -89,6 +96,41 @@ def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.De
         report_to=report_to,
         **kernels.training_arguments(config.kernels),
     )
+
+
+def for_this_device(config: RecipeConfig, device: devices.Device) -> RecipeConfig:
+    """A copy of ``config`` that the memory planner plans for ``device`` as it is: its type and, on an
+    accelerator, its real memory (``plan.device_memory_gib``) rather than the recipe's target card."""
+    planned_for = copy.deepcopy(config)
+    planned_for.device = device.type
+    if device.is_accelerator:
+        planned_for.plan.device_memory_gib = device.total_memory_gib()
+    return planned_for
+
+
+def decide_gradient_checkpointing(config: RecipeConfig, device: devices.Device, run_dir: Optional[RunDir]) -> None:
+    """Replace ``train.gradient_checkpointing=auto`` in ``config`` by the memory planner's decision for
+    this device (its real memory on an accelerator, the host's RAM on the CPU; see
+    :func:`npu_recipes.stages.plan.decide_checkpointing`), log it and, given ``run_dir``, record it
+    in the manifest. A boolean setting is left as it is.
+    """
+    from npu_recipes.stages import plan
+
+    if config.train.gradient_checkpointing != plan.AUTO:
+        return
+    planned = plan.make(for_this_device(config, device), [])
+    enabled = planned.config.train.gradient_checkpointing
+    config.train.gradient_checkpointing = enabled
+    log.info(
+        "gradient checkpointing auto: %s (estimate without it %.2f GiB x %.2f %s %.2f GiB usable on %s)",
+        "on" if enabled else "off", planned.without_checkpointing_gib, plan.AUTO_CHECKPOINTING_MARGIN,
+        ">" if enabled else "<=", planned.usable_gib, device.name(),
+    )
+    if run_dir is not None:
+        run_dir.update_manifest(gradient_checkpointing={
+            "setting": plan.AUTO, "enabled": enabled, "without_checkpointing_gib": round(planned.without_checkpointing_gib, 3),
+            "usable_gib": round(planned.usable_gib, 3), "margin": plan.AUTO_CHECKPOINTING_MARGIN,
+        })
 
 
 def _numel(parameter: torch.nn.Parameter) -> int:
@@ -153,6 +195,7 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         )
         if splits.held_out_rows is not None:
             heldout.write(run_dir.path, splits.held_out_rows)
+    decide_gradient_checkpointing(config, device, run_dir if placement.rank == 0 else None)
     # Before the model: under ZeRO-3 the arguments make from_pretrained load weights already partitioned.
     args = training_arguments(config, run_dir, device, dtype, has_eval=splits.eval is not None)
     model = build_model(config, dtype)
@@ -160,6 +203,7 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         packing.adapt_model(model, config.model.attn_implementation)
     device.reset_peak_memory()
     nan_guard = NanGuard(config.nan_guard, run_dir)
+    stop = StopOnSignal(device, args.world_size, abort_on_repeat=args.world_size == 1)
     trainer = RecipeTrainer(
         model=model,
         args=args,
@@ -167,16 +211,87 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         eval_dataset=None if splits.eval is None else splits.eval.remove_columns(data.ROW_ID),
         data_collator=collator,
         processing_class=tokenizer,
-        # The NaN guard comes last: it cancels checkpoints that earlier callbacks ask for at a skipped step.
-        callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), nan_guard],
+        # The NaN guard cancels checkpoints that earlier callbacks ask for at a skipped step; a stop
+        # on a signal comes after it, because that checkpoint is the only record of the steps since the last save.
+        callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), nan_guard, stop],
         flops_model=flops.FlopsModel.from_model(model, model.config),
         nan_guard=nan_guard,
     )
-    output = trainer.train()
+    resume_from = run_dir.read_manifest().get("resume_from")
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    stop.install()
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+    except OSError as error:
+        if not checkpoints.is_out_of_space(error):
+            raise
+        raise out_of_space(run_dir, error, trainer.state.global_step) from None
+    except Exception as error:
+        if not devices.is_out_of_memory(error):
+            raise
+        raise out_of_memory(for_this_device(config, device), error, trainer.state.global_step) from None
+    finally:
+        stop.uninstall()
     nan_guard.raise_if_stopped(config.train.learning_rate)
+    if stop.stopped_at_step is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise interrupted(run_dir, stop, trainer.is_world_process_zero())
     if trainer.is_world_process_zero():
         finish(config, run_dir)
     return output
+
+
+def out_of_space(run_dir: RunDir, error: OSError, step: int) -> UserError:
+    """The error for a full disk (or quota) during training: unfinished saves are deleted, to free
+    their space, and the message names the newest complete checkpoint, from which a rerun resumes."""
+    checkpoints.remove_partials(run_dir.path)
+    found = run_dir.checkpoints()
+    return UserError(
+        f"no space left on the device holding {run_dir.path} at step {step} "
+        f"({error.strerror}: {error.filename or 'while saving'}); the unfinished save was deleted; "
+        + (f"newest complete checkpoint: {found[-1]}" if found else "no complete checkpoint was saved"),
+        fix=f"free space there (df -h {run_dir.path}) or lower train.save_total_limit, then rerun the same command "
+        "(resume=auto continues from the newest complete checkpoint)",
+    )
+
+
+def out_of_memory(config: RecipeConfig, error: Exception, step: int) -> UserError:
+    """The error for a device out-of-memory failure, naming the plan stage's next option that fits
+    ``config`` (planned for the device that failed, see :func:`for_this_device`;
+    :func:`npu_recipes.stages.plan.after_out_of_memory`)."""
+    from npu_recipes.stages import plan
+
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    try:
+        suggestion = plan.after_out_of_memory(config)
+    except UserError:
+        suggestion = None
+    advice = (
+        f"the plan stage's next option that fits: {' '.join(suggestion.overrides)} ({suggestion.why}; "
+        f"estimated {suggestion.total_gib} GiB per device)"
+        if suggestion else "the plan stage finds no smaller option on this device"
+    )
+    return UserError(
+        f"device out of memory at training step {step + 1}: {first_line}",
+        fix=f"{advice}; see every estimate with the same command plus stage=plan",
+    )
+
+
+def interrupted(run_dir: RunDir, stop: StopOnSignal, records: bool) -> Interrupted:
+    """Record (when ``records``, i.e. on global rank 0) that a signal stopped the run at a saved step;
+    return the :class:`Interrupted` to raise."""
+    name = signal.Signals(stop.signal_number).name
+    saved = [path for path in run_dir.checkpoints() if checkpoints.step_of(path) == stop.stopped_at_step]
+    checkpoint = str(saved[0]) if saved else None
+    if records:
+        run_dir.update_manifest(status="interrupted", finished_at=rundir.now(), stopped_at_step=stop.stopped_at_step,
+                                error=f"stopped by {name}", last_checkpoint=checkpoint)
+    where = f"saved {checkpoint}" if checkpoint else "no checkpoint could be saved"
+    return Interrupted(
+        f"stopped by {name} at step {stop.stopped_at_step}; {where}. Rerun the same command "
+        f"(with output_dir={run_dir.path}) to resume",
+        stop.signal_number, checkpoint,
+    )
 
 
 def _rounded(loss: Optional[float]) -> str:
