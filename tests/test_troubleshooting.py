@@ -202,6 +202,8 @@ def _(ws: Workspace) -> Outcome:
     run = ws.path / "lora-run"
     for step in (5, 10):
         shutil.copytree(ws.adapters["tiny"], run / f"checkpoint-{step}")
+        # The file the Trainer writes last, which marks a checkpoint complete (npu_recipes.checkpoints).
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return ws.merge(str(run))
 
 
