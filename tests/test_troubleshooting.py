@@ -197,6 +197,14 @@ def _(ws: Workspace) -> Outcome:
     return ws.merge(str(checkpoint))
 
 
+@case("adapters-unreadable-config")
+def _(ws: Workspace) -> Outcome:
+    checkpoint = ws.path / "checkpoint-5"
+    shutil.copytree(ws.adapters["tiny"], checkpoint)
+    (checkpoint / "adapter_config.json").write_text('{"base_model_name_or_path": ')
+    return ws.merge(str(checkpoint))
+
+
 @case("adapters-run-directory")
 def _(ws: Workspace) -> Outcome:
     run = ws.path / "lora-run"
