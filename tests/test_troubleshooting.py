@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -282,6 +283,66 @@ def _(ws: Workspace) -> Outcome:
     result = run_cli("device=cpu", "stage=infer", f"adapters={ws.adapters['tiny']}", *DEMO_MAPPING,
                      f"dataset.path={ws.rows([GOOD_ROW])}", f"infer.result_dir={results}")
     return Outcome(result, [results, ws.adapters["tiny"] / "infer_result"])
+
+
+# --- resuming, disks and devices ------------------------------------------------------------------
+
+RESUMABLE = ("device=cpu", "train.max_steps=1", "train.save_steps=1", "train.learning_rate=1e-4")
+
+
+def finished_run(ws: Workspace) -> Path:
+    """A one-step training run whose directory the case then reuses (it must survive the case)."""
+    run = ws.path / "run"
+    result = run_cli(*RESUMABLE, f"output_dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+@case("resume-changed-settings")
+def _(ws: Workspace) -> Outcome:
+    run = finished_run(ws)
+    return Outcome(run_cli(*RESUMABLE, "train.learning_rate=2e-4", f"output_dir={run}"))
+
+
+@case("resume-other-world-size")
+def _(ws: Workspace) -> Outcome:
+    run = finished_run(ws)
+    return Outcome(run_cli(*RESUMABLE, "parallelism=ddp", "parallelism.nproc_per_node=2", f"output_dir={run}"))
+
+
+@case("resume-not-a-checkpoint")
+def _(ws: Workspace) -> Outcome:
+    (ws.path / "checkpoint-7").mkdir()
+    return ws.train(f"resume={ws.path / 'checkpoint-7'}")
+
+
+@case("output-dir-in-use")
+def _(ws: Workspace) -> Outcome:
+    import platform
+
+    run = finished_run(ws)
+    manifest = json.loads((run / "manifest.json").read_text())
+    # This test's own process stands for a training process still writing the directory.
+    manifest.update(status="running", pid=os.getpid(), host=platform.node())
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    return Outcome(run_cli(*RESUMABLE, f"output_dir={run}"))
+
+
+def faulty_cli(fault: str, *args: str) -> subprocess.CompletedProcess:
+    """The CLI with a fault injected by tests/faults.py (a full disk, an out-of-memory device)."""
+    return subprocess.run([sys.executable, "-m", "tests.faults", fault, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@case("disk-full-while-saving")
+def _(ws: Workspace) -> Outcome:
+    return Outcome(faulty_cli("no-space-at-checkpoint=2", "device=cpu", "train.max_steps=3", "train.save_steps=1",
+                              f"output_dir={ws.path / 'run'}"))
+
+
+@case("device-out-of-memory")
+def _(ws: Workspace) -> Outcome:
+    run = ws.path / "run"
+    return Outcome(faulty_cli("out-of-memory-at-step=2", "device=cpu", "train.max_steps=3", f"output_dir={run}"), [run])
 
 
 # --- config -------------------------------------------------------------------------------------
