@@ -12,7 +12,7 @@ VENV ?= .venv
 PY ?= $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --dist loadfile
 STAMP := .install-stamp
 RECIPE_TARGETS := $(subst _,-,$(filter-out demo,$(basename $(notdir $(wildcard recipes/*.yaml)))))
 

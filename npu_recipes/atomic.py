@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,3 +73,23 @@ def publish_directory(build: Callable[[Path], None], target: Path, replace: bool
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def check_writable(directory: Path) -> None:
+    """Raise ``OSError`` (its ``filename`` the directory at fault) unless files can be created in
+    ``directory``, or, while it does not exist yet, in its nearest existing ancestor (where it
+    would be created).
+
+    Probes by creating and removing a temporary directory there, which also catches read-only
+    mounts and what root may not write (``os.access`` says yes to root whatever the mount).
+    """
+    existing = Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    try:
+        probe = tempfile.mkdtemp(prefix=".write-probe-", dir=existing)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(existing)) from None
+    os.rmdir(probe)

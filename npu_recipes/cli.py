@@ -54,7 +54,9 @@ def main() -> None:
     config_module.register()
     args = get_args_parser().parse_args(sys.argv[1:])
     try:
-        config_module.check_overrides(args.overrides)
+        config_module.check_overrides(args.overrides, multirun=args.multirun)
+        if not (args.multirun or args.config_name or args.config_path or args.config_dir):
+            config_module.compose_dictconfig(args.overrides)
     except UserError as error:
         report_and_exit(error)
     try:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import re
 import string
 import typing
 from pathlib import Path
@@ -72,12 +74,14 @@ def _unwrap_optional(annotation):
     return annotation
 
 
-def _check_key(dotted: str) -> None:
+def _check_key(dotted: str) -> bool:
+    """Refuse a key the schema does not have; True when ``dotted`` is a schema field itself (False
+    for a key inside a free-form field such as ``reference`` or ``adapters``)."""
     node_type: Optional[type] = schema.RecipeConfig
     walked: List[str] = []
     for part in dotted.split("."):
         if node_type is None or not dataclasses.is_dataclass(node_type):
-            return
+            return False
         fields = {f.name: _unwrap_optional(f.type) for f in dataclasses.fields(node_type)}
         if part not in fields:
             section = ".".join(walked) or "the top level"
@@ -92,6 +96,7 @@ def _check_key(dotted: str) -> None:
             )
         walked.append(part)
         node_type = fields[part]
+    return True
 
 
 def _check_type(dotted: str, value, text: str) -> None:
@@ -103,12 +108,18 @@ def _check_type(dotted: str, value, text: str) -> None:
         raise UserError(f"{dotted}={text}: {reason}", fix=f"give {dotted} a value of the type shown by `--cfg job`") from None
 
 
-def check_overrides(overrides: List[str]) -> None:
+def check_overrides(overrides: List[str], multirun: bool = False) -> None:
     """Check command-line overrides against the schema and the config groups before Hydra composes.
 
+    Args:
+        overrides: Hydra overrides as typed (``key=value``, ``group=option``, ``+recipe=NAME``).
+        multirun: True under ``--multirun``/``-m``, where ``key=a,b`` sweeps.
+
     Raises:
-        UserError: an unparsable override, an unknown key, an unknown group option, or a recipe
-            selected without ``+`` (names the key, the valid choices and the closest match).
+        UserError: an unparsable override, an unknown key, an unknown group option, a recipe
+            selected without ``+`` or twice, a deletion (``~KEY``), a ``+`` on a key or group that
+            exists already, or a sweep without ``--multirun`` (names the override, the valid
+            choices and the closest match).
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -118,31 +129,64 @@ def check_overrides(overrides: List[str]) -> None:
     except HydraException as error:
         raise UserError(f"cannot parse override: {error}", fix="write overrides as key=value") from None
     groups = group_options()
+    recipes = []
     for override in parsed:
         key = override.key_or_group
-        if key == "hydra" or key.startswith("hydra.") or override.is_delete():
+        if key == "hydra" or key.startswith("hydra."):
             continue
+        _check_override_form(override, multirun, key in groups)
         if key in groups:
-            if key == RECIPE_GROUP and not override.is_add():
-                raise UserError(
-                    f"recipes are selected with a leading plus: +recipe={override.get_value_element_as_str()}",
-                    fix="write +recipe=NAME",
-                )
-            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
-                override.get_value_element_as_str()
-            ]
-            for value in values:
-                if value not in groups[key]:
-                    noun = "recipe" if key == RECIPE_GROUP else f"option for {key}"
-                    raise UserError(
-                        f"unknown {noun} {value!r}{_closest(value, groups[key])}; available: {', '.join(groups[key])}",
-                        fix=f"choose one of the names above (they are the files in "
-                        f"{'recipes/' if key == RECIPE_GROUP else 'conf/' + key + '/'})",
-                    )
+            if key == RECIPE_GROUP:
+                recipes.append(override.input_line)
+            _check_group_override(override, groups[key])
             continue
-        _check_key(key)
+        is_field = _check_key(key)
+        if override.is_add() and is_field:
+            raise UserError(
+                f"{override.input_line}: {key} exists already (every schema key does), so it cannot be added with +",
+                fix=f"drop the +: {override.input_line.lstrip('+')}",
+            )
         if not override.is_sweep_override():
             _check_type(key, override.value(), override.get_value_element_as_str())
+    if len(recipes) > 1:
+        raise UserError(f"only one recipe per run, got {', '.join(recipes)}", fix="keep one +recipe=NAME and override its settings with key=value")
+
+
+def _check_override_form(override, multirun: bool, is_group: bool) -> None:
+    line = override.input_line
+    if override.is_delete():
+        raise UserError(
+            f"{line}: deleting config entries (~KEY) is not supported",
+            fix="set the key to another value (KEY=VALUE), or choose another option of its config group",
+        )
+    if override.is_sweep_override() and not multirun:
+        raise UserError(
+            f"{line}: several values, which would sweep over them, but this is a single run",
+            fix="add --multirun (-m) for one run per value; for a list write key=[a,b], for text with commas quote it: key='a,b'",
+        )
+    if is_group and (override.is_add() or override.is_force_add()) and override.key_or_group != RECIPE_GROUP:
+        raise UserError(
+            f"{line}: {override.key_or_group} always has an option (its default), so it cannot be added with + or ++",
+            fix=f"drop the plus: {line.lstrip('+')}",
+        )
+
+
+def _check_group_override(override, options: List[str]) -> None:
+    key = override.key_or_group
+    if key == RECIPE_GROUP and not override.is_add():
+        raise UserError(
+            f"recipes are selected with a leading plus: +recipe={override.get_value_element_as_str()}",
+            fix="write +recipe=NAME",
+        )
+    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+    for value in values:
+        if value not in options:
+            noun = "recipe" if key == RECIPE_GROUP else f"option for {key}"
+            raise UserError(
+                f"unknown {noun} {value!r}{_closest(value, options)}; available: {', '.join(options)}",
+                fix=f"choose one of the names above (they are the files in "
+                f"{'recipes/' if key == RECIPE_GROUP else 'conf/' + key + '/'})",
+            )
 
 
 def _reject_choice(dotted: str, value: str, allowed: tuple) -> None:
@@ -190,12 +234,137 @@ def _check_templates(dataset: schema.DatasetConfig) -> None:
         if template is None:
             continue
         try:
-            list(string.Formatter().parse(template))
+            fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
         except ValueError as error:
             raise UserError(
                 f"dataset.{key}={template!r} is not a valid str.format template ({error})",
                 fix="write columns as {column}; double literal braces as {{ and }}",
             ) from None
+        for name in fields:
+            if not name or name.isdigit() or any(mark in name for mark in ".["):
+                raise UserError(
+                    f"dataset.{key}={template!r}: {{{name}}} is not a column name (templates fill whole columns by name; "
+                    "{} and {0} are positional, {a.b} and {a[0]} read inside a column)",
+                    fix="name each column: {question}; map nested data with dataset.messages_column instead",
+                )
+        try:
+            template.format(**dict.fromkeys(fields, "text"))
+        except (ValueError, KeyError, IndexError) as error:
+            raise UserError(
+                f"dataset.{key}={template!r} cannot be filled with text ({type(error).__name__}: {error})",
+                fix="write columns as {column} (conversions !s/!r and text format specs such as {column:>10} work); "
+                "double literal braces as {{ and }}",
+            ) from None
+
+
+SEED_MAX = 2**32 - 1
+"""Largest seed ``transformers.set_seed`` accepts (numpy's ``RandomState`` limit)."""
+
+
+def _check_text_and_types(config: schema.RecipeConfig) -> None:
+    """Values a field's type admits but the stages cannot use: empty paths, non-path adapters,
+    non-string target modules, seeds numpy refuses, unknown report_to integrations, schedulers
+    that need arguments npu_recipes does not pass, unparsable shard sizes."""
+    for dotted, value in (("output_dir", config.output_dir), ("model.name_or_path", config.model.name_or_path),
+                          ("dataset.split", config.dataset.split)):
+        if not str(value).strip():
+            raise UserError(f"{dotted} is empty", fix=f"pass {dotted}=VALUE")
+    _check_adapters_value(config.adapters)
+    targets = config.lora.target_modules
+    if not (isinstance(targets, str) and targets.strip()) and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) and t.strip() for t in targets)
+    ):
+        raise UserError(
+            f"lora.target_modules={targets!r} is neither a module name pattern nor a list of module names",
+            fix="pass lora.target_modules=all-linear or lora.target_modules=[q_proj,v_proj]",
+        )
+    for dotted, seed in (("train.seed", config.train.seed), ("infer.seed", config.infer.seed)):
+        if seed is not None and not 0 <= seed <= SEED_MAX:
+            raise UserError(f"{dotted}={seed} is outside 0..{SEED_MAX}", fix=f"pass {dotted}=N with 0 <= N <= {SEED_MAX}")
+    _check_positive("train.adam_epsilon", config.train.adam_epsilon)
+    if config.dataset.num_rows is not None:
+        _check_positive("dataset.num_rows", config.dataset.num_rows)
+    _check_report_to(config.train.report_to)
+    _check_scheduler_arguments(config.train.lr_scheduler_type)
+    _check_shard_size(config.merge.max_shard_size)
+
+
+def _check_adapters_value(adapters) -> None:
+    if adapters is None or isinstance(adapters, str):
+        return
+    if isinstance(adapters, list) and all(isinstance(path, str) for path in adapters):
+        return
+    if isinstance(adapters, dict) and all(isinstance(path, str) for path in adapters.values()):
+        return
+    raise UserError(
+        f"adapters={adapters!r} is not a checkpoint path, a list of paths or a name -> path mapping",
+        fix="pass adapters=RUN/checkpoint-N, 'adapters=[A,B]' or 'adapters={name: A}'",
+    )
+
+
+def _check_report_to(report_to: str) -> None:
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [name.strip() for name in report_to.split(",")] if report_to.strip() not in ("", "none", "all") else []
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            _check_choice_from_library("train.report_to", name, ["none", "all", *sorted(INTEGRATION_TO_CALLBACK)])
+        if name not in installed:
+            raise UserError(
+                f"train.report_to={report_to!r}: {name} is not installed here (installed: {', '.join(installed) or 'none'})",
+                fix=f"pip install {name}, or pass train.report_to=none",
+            )
+
+
+def _check_scheduler_arguments(name: str) -> None:
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(name, optimizer, num_warmup_steps=0, num_training_steps=10)
+    except (ValueError, TypeError) as error:
+        raise UserError(
+            f"train.lr_scheduler_type={name} needs arguments npu_recipes does not pass (transformers: {error})",
+            fix="choose another train.lr_scheduler_type, e.g. cosine or linear",
+        ) from None
+
+
+def shard_size(value: str):
+    """``merge.max_shard_size`` as ``save_pretrained`` takes it: a byte count (``"500000000"``) as
+    an int, a size with a unit (``"5GB"``) as the text."""
+    return int(value) if value.strip().isdigit() else value
+
+
+def _check_shard_size(value: str) -> None:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    size = shard_size(value)
+    try:
+        size = size if isinstance(size, int) else parse_size_to_int(size)
+    except ValueError as error:
+        raise UserError(f"merge.max_shard_size={value!r} is not a size ({error})", fix="pass e.g. merge.max_shard_size=5GB") from None
+    if size <= 0:
+        raise UserError(f"merge.max_shard_size={value!r} must be positive", fix="pass e.g. merge.max_shard_size=5GB")
+
+
+def _check_resolved_types(config: schema.RecipeConfig) -> None:
+    """OmegaConf checks a scalar's type after resolving an interpolation, but not a section's or a
+    list's (``nan_guard.inject_nan_at_steps=${oc.env:HOME}`` resolves to text). Reading the config
+    back as :func:`load_resolved` reads resolved.yaml checks them all."""
+    defaults = schema.RecipeConfig()
+    misplaced = [f.name for f in dataclasses.fields(config)
+                 if dataclasses.is_dataclass(getattr(defaults, f.name)) and not dataclasses.is_dataclass(getattr(config, f.name))]
+    try:
+        _from_plain(_to_plain(config))
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or (misplaced[0] if misplaced else "a value")
+        raise UserError(
+            f"{key} has the wrong type after resolving interpolations: {str(error).splitlines()[0]}",
+            fix=f"give {key} a value of the type shown by `--cfg job`",
+        ) from None
 
 
 def validate(cfg: DictConfig) -> schema.RecipeConfig:
@@ -211,8 +380,9 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
         raise UserError(f"{error.full_key} has no value", fix=f"pass {error.full_key}=VALUE on the command line") from None
     except OmegaConfBaseException as error:
         raise UserError(f"invalid config: {error}") from None
+    _check_resolved_types(config)
     for dotted in schema.CHOICES:
-        _check_choice(dotted, OmegaConf.select(cfg, dotted))
+        _check_choice(dotted, functools.reduce(getattr, dotted.split("."), config))
     train = config.train
     _check_positive("train.learning_rate", train.learning_rate)
     _check_positive("train.per_device_train_batch_size", train.per_device_train_batch_size)
@@ -240,6 +410,7 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     for name in ("warmup_steps", "weight_decay", "max_grad_norm", "seed", "dataloader_num_workers"):
         _check_positive(f"train.{name}", getattr(train, name), inclusive=True)
     _check_templates(config.dataset)
+    _check_text_and_types(config)
     if not str(config.dataset.path).strip():
         raise UserError("dataset.path is empty", fix="pass dataset.path=FILE or a hub id")
     if not 0 <= config.dataset.val_split_ratio < 1:
@@ -388,18 +559,66 @@ def _validate_serve(serve: schema.ServeConfig) -> None:
         raise UserError("serve.api_key is empty", fix="pass a non-empty key, or leave serve.api_key unset to serve without authentication")
 
 
+def _to_plain(config: schema.RecipeConfig) -> dict:
+    return _escape_interpolations(dataclasses.asdict(config))
+
+
+def _from_plain(plain) -> schema.RecipeConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema.RecipeConfig), plain))
+
+
 def load_resolved(path: Path) -> schema.RecipeConfig:
     """Load a run directory's ``resolved.yaml`` back into a typed :class:`RecipeConfig`.
 
     Workers and later stages call this instead of composing again.
     """
-    merged = OmegaConf.merge(OmegaConf.structured(schema.RecipeConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(merged)
+    return _from_plain(OmegaConf.load(path))
+
+
+def _escape_interpolations(value):
+    """``value`` with every ``${`` in its strings escaped for OmegaConf (``\\${``, backslashes before
+    it doubled), so that text which only looks like an interpolation stays text when read back."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda match: match.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {key: _escape_interpolations(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escape_interpolations(item) for item in value]
+    return value
 
 
 def to_yaml(config: schema.RecipeConfig) -> str:
-    """The YAML text of a resolved config (as written to ``resolved.yaml``)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config), resolve=True)
+    """The YAML text of a resolved config (as written to ``resolved.yaml``); :func:`load_resolved`
+    reads back an equal config, also when a value contains a literal ``${`` (an escaped
+    interpolation on the command line, e.g. in a prompt template)."""
+    return OmegaConf.to_yaml(OmegaConf.create(_to_plain(config)))
+
+
+def compose_dictconfig(overrides: List[str]) -> DictConfig:
+    """Compose ``conf/config.yaml`` with ``overrides`` as the CLI does (Hydra's compose API), unvalidated.
+
+    The CLI calls this once before Hydra's own composition, so that a composition error
+    :func:`check_overrides` did not foresee (e.g. merging a mapping into ``reference``) is reported
+    like every other mistake.
+
+    Raises:
+        UserError: Hydra or OmegaConf refused the composition (their message, without a traceback).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    register()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(paths.conf_dir()), job_name="npu_recipes"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        text = f"{error} {error.__cause__ or ''}"
+        reason = " ".join(line.strip() for line in text.splitlines() if line.strip())
+        raise UserError(
+            f"cannot compose the config: {reason}",
+            fix="correct that override (override syntax: https://hydra.cc/docs/advanced/override_grammar/basic/)",
+        ) from None
 
 
 def compose(overrides: List[str]) -> schema.RecipeConfig:
@@ -408,13 +627,8 @@ def compose(overrides: List[str]) -> schema.RecipeConfig:
     For tests and tools (docs generation, planning) that need a recipe's resolved settings.
 
     Raises:
-        UserError: as :func:`check_overrides` and :func:`validate`.
+        UserError: as :func:`check_overrides`, :func:`compose_dictconfig` and :func:`validate`.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     register()
     check_overrides(overrides)
-    with initialize_config_dir(version_base="1.3", config_dir=str(paths.conf_dir()), job_name="npu_recipes"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return validate(cfg)
+    return validate(compose_dictconfig(overrides))

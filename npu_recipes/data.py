@@ -72,17 +72,81 @@ def resolve_path(dataset: DatasetConfig) -> str:
 
 
 def _first_bad_json_line(path: Path) -> Optional[Tuple[int, str]]:
+    """The first line of a JSON lines file that is not a JSON object, as (line number, problem)."""
     with open(path, encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
                 return number, f"invalid JSON ({error.msg} at column {error.colno})"
             if not isinstance(record, dict):
                 return number, f"expected a JSON object, found {type(record).__name__}"
     return None
+
+
+def _json_document_problem(path: Path) -> Optional[Tuple[Optional[int], str]]:
+    """For a ``.json`` file holding one document (an array of objects, HF datasets' other JSON form):
+    the problem with it, as (line number or None, problem); None when it is such a document."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        return error.lineno, f"invalid JSON ({error.msg} at column {error.colno})"
+    if not isinstance(document, list):
+        return 1, f"expected an array of JSON objects, found {type(document).__name__}"
+    for index, record in enumerate(document):
+        if not isinstance(record, dict):
+            return None, f"record {index + 1} of the array is a {type(record).__name__}, not a JSON object"
+    return None
+
+
+def _json_problem(path: Path) -> Optional[Tuple[Optional[int], str]]:
+    """Where a JSON or JSON lines file is malformed, as (line number or None, problem), or None."""
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 12).lstrip()
+    if path.suffix == ".json" and head.startswith(b"["):
+        return _json_document_problem(path)
+    return _first_bad_json_line(path)
+
+
+_UTF8_CHUNK = 1 << 20
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a text data file that is not valid UTF-8, naming the line of the first bad byte.
+
+    pyarrow's JSON and CSV readers accept such bytes and fail only when a row is read, deep inside
+    tokenization; one streaming pass over the file (1 MiB at a time) finds them up front.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    consumed, newlines, line_start = 0, 0, 0
+    with open(path, "rb") as handle:
+        while True:
+            pending = decoder.getstate()[0]
+            chunk = handle.read(_UTF8_CHUNK)
+            data, base = pending + chunk, consumed - len(pending)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                before = data[: error.start]
+                line = newlines + before.count(b"\n") + 1
+                if b"\n" in before:
+                    line_start = base + before.rindex(b"\n") + 1
+                raise UserError(
+                    f"{path} line {line}: not valid UTF-8 "
+                    f"(byte 0x{data[error.start]:02x} at byte {base + error.start - line_start + 1} of the line)",
+                    fix="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8)",
+                ) from None
+            if not chunk:
+                return
+            newlines += chunk.count(b"\n")
+            if b"\n" in chunk:
+                line_start = consumed + chunk.rindex(b"\n") + 1
+            consumed += len(chunk)
 
 
 def _load_local(path: Path, split: str):
@@ -113,16 +177,20 @@ def _load_local(path: Path, split: str):
             raise UserError(f"cannot read dataset file {candidate}: {error.strerror}", fix="check the path and its permissions") from None
         if not has_content:
             raise UserError(f"dataset file {candidate} is empty (no rows)", fix="point dataset.path at a file with rows")
+        if builder in ("json", "csv"):
+            _check_utf8(candidate)
     split_name = split.partition("[")[0]
     try:
         return load_dataset(builder, data_files={split_name: [str(f) for f in files]}, split=split)
     except Exception as error:
         if builder == "json":
             for candidate in files:
-                bad = _first_bad_json_line(candidate)
+                bad = _json_problem(candidate)
                 if bad is not None:
+                    line, problem = bad
                     raise UserError(
-                        f"{candidate} line {bad[0]}: {bad[1]}", fix="fix or delete that line of the dataset file"
+                        f"{candidate}{'' if line is None else f' line {line}'}: {problem}",
+                        fix="fix or delete that line of the dataset file" if line else "fix that record of the dataset file",
                     ) from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not read dataset {path}: {reason}", fix=f"check that it is valid {builder}, UTF-8 encoded") from None
@@ -274,8 +342,10 @@ def _where(dataset: DatasetConfig, row: Dict[str, Any]) -> str:
 
 def _field_text(row: Dict[str, Any], column: str, dataset: DatasetConfig) -> str:
     value = row.get(column)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        problem = "missing or empty"
+    if value is None:
+        problem = "missing (absent or null)"
+    elif isinstance(value, str) and not value.strip():
+        problem = "empty"
     elif isinstance(value, (bool, dict, list)):
         problem = f"a {type(value).__name__}, not text"
     else:
@@ -437,7 +507,28 @@ def _tokenize_split(rows, dataset: DatasetConfig, tokenizer, max_length: int, tr
         "no_assistant_tokens": reasons.count("no_assistant_tokens"),
         "truncated": sum(kept["truncated"]),
     }
+    if not kept and counts["too_long"]:
+        # Only for the error message of an emptied split: the length that would keep one row.
+        counts["shortest_too_long"] = min(len(ids) for ids, reason in zip(tokenized["input_ids"], reasons) if reason == "too_long")
     return kept.remove_columns(["drop_reason", "truncated"]), counts
+
+
+def _raise_nothing_left(dataset: DatasetConfig, rows: int, counts: Dict[str, int], held_out: int, max_length: int, truncation: str) -> None:
+    """Refuse a training split the length filter emptied, with the count of rows dropped for each reason."""
+    reasons = []
+    if counts["too_long"]:
+        reasons.append(
+            f"{counts['too_long']} longer than train.max_length={max_length} tokens (shortest: {counts['shortest_too_long']} tokens)"
+        )
+    if counts["no_assistant_tokens"]:
+        reasons.append(f"{counts['no_assistant_tokens']} with no assistant token left after truncation to train.max_length={max_length}")
+    held = f"; {held_out} more held out for validation" if held_out else ""
+    fix = "raise train.max_length"
+    if counts["too_long"]:
+        fix += f" (to at least {counts['shortest_too_long']} to keep a row)"
+        if truncation == "drop":
+            fix += ", or set train.truncation_strategy=truncate"
+    raise UserError(f"dataset {dataset.path}: 0 of {rows} rows left for training: {', '.join(reasons)}{held}", fix=fix)
 
 
 def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str, seed: int) -> TokenizedSplits:
@@ -477,10 +568,10 @@ def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str,
         max_length, counts["dropped_no_assistant_tokens"], counts["truncated"],
     )
     if counts["train"] == 0:
-        raise UserError(
-            f"dataset {dataset.path}: no training rows left: {counts['rows']} rows, {counts['validation']} held out for "
-            f"validation, {counts['dropped_too_long']} dropped as longer than train.max_length={max_length} tokens, "
-            f"{counts['dropped_no_assistant_tokens']} dropped with no assistant tokens",
-            fix="raise train.max_length, set train.truncation_strategy=truncate, or check dataset.split",
+        _raise_nothing_left(dataset, len(train_rows), train_counts, counts["held_out"], max_length, truncation)
+    if val_rows is not None and counts["validation"] == 0:
+        log.warning(
+            "all %d held-out rows were dropped by the length filter (train.max_length=%d): training runs without evaluation",
+            counts["held_out"], max_length,
         )
     return TokenizedSplits(train=train, eval=evaluation, counts=counts, fingerprint=rows._fingerprint, held_out_rows=val_rows)

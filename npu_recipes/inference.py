@@ -23,6 +23,8 @@ from npu_recipes.errors import UserError
 from npu_recipes.schema import ModelConfig, RecipeConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+"""PEFT's adapter weight files (safetensors, or the older pickle format)."""
 TRAINING_RUN_KEY = "training_run"
 """Key of a merged model's manifest.json naming the training run its adapter came from."""
 
@@ -43,7 +45,24 @@ class Adapter:
     @property
     def base_model_name_or_path(self) -> str:
         """``base_model_name_or_path`` from adapter_config.json."""
-        return json.loads((self.path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        return _read_adapter_config(self.path)["base_model_name_or_path"]
+
+
+def _read_adapter_config(path: Path) -> dict:
+    config_path = path / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(
+            f"adapters: {config_path} is unreadable ({error})",
+            fix="restore the checkpoint directory from the training run (its adapter_config.json is written by PEFT)",
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("base_model_name_or_path"), str):
+        raise UserError(
+            f"adapters: {config_path} names no base model (base_model_name_or_path is missing)",
+            fix="restore the checkpoint directory from the training run (its adapter_config.json is written by PEFT)",
+        )
+    return config
 
 
 def _safe_name(text: str) -> str:
@@ -53,6 +72,11 @@ def _safe_name(text: str) -> str:
 
 def _checked_adapter(name: str, raw_path: Any) -> Adapter:
     path = Path(str(raw_path)).expanduser().absolute()
+    if path.is_file():
+        raise UserError(
+            f"adapters: {path} is a file, not a checkpoint directory",
+            fix=f"pass the directory that holds it: adapters={path.parent}",
+        )
     if not path.is_dir():
         raise UserError(f"adapters: {path} does not exist", fix="pass adapters=RUN_DIR/checkpoint-N of a LoRA training run")
     if not (path / ADAPTER_CONFIG).is_file():
@@ -61,10 +85,27 @@ def _checked_adapter(name: str, raw_path: Any) -> Adapter:
                 f"adapters: {path} is a full model checkpoint, not a PEFT adapter (it has config.json, no {ADAPTER_CONFIG})",
                 fix=f"load it as the model instead: model.name_or_path={path}",
             )
+        checkpoints = rundir.RunDir(path).checkpoints()
+        if checkpoints:
+            newest = checkpoints[-1]
+            kind = "a LoRA" if (newest / ADAPTER_CONFIG).is_file() else "a full fine-tuning"
+            fix = (f"pass one of its checkpoints: adapters={newest}" if kind == "a LoRA"
+                   else f"load a checkpoint as the model instead: model.name_or_path={newest}")
+            raise UserError(
+                f"adapters: {path} is the run directory of {kind} run, not a checkpoint "
+                f"(checkpoints: {', '.join(c.name for c in checkpoints)})",
+                fix=fix,
+            )
         raise UserError(
             f"adapters: {path} holds no adapter files ({ADAPTER_CONFIG} is missing)",
             fix="pass the checkpoint-N directory of a LoRA run (it holds adapter_config.json and adapter_model.safetensors)",
         )
+    if not any((path / weights).is_file() for weights in ADAPTER_WEIGHTS):
+        raise UserError(
+            f"adapters: {path} has {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})",
+            fix="copy the whole checkpoint directory from the training run; a LoRA checkpoint needs both files",
+        )
+    _read_adapter_config(path)
     return Adapter(name=_safe_name(name), path=path)
 
 
@@ -75,7 +116,8 @@ def parse_adapters(value: Any) -> List[Adapter]:
     checkpoint directories, made unique), or a name -> path mapping (names kept, made PEFT-safe).
 
     Raises:
-        UserError: a path does not exist, is a full checkpoint, or holds no adapter files.
+        UserError: a path does not exist, is a file, a full checkpoint or a run directory, holds no
+            adapter files, or has an unreadable adapter_config.json.
     """
     if value in (None, "", [], {}):
         return []
@@ -116,6 +158,80 @@ def base_model_config(config: RecipeConfig, adapters: List[Adapter]) -> ModelCon
         trust_remote_code=config.model.trust_remote_code,
         attn_implementation=config.model.attn_implementation,
     )
+
+
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight$")
+
+
+def _lora_shapes(adapter: Adapter) -> List[tuple]:
+    """``(module name, "A" or "B", shape)`` of every LoRA matrix in the adapter's safetensors file
+    (read from its header; no tensor is loaded). Empty for the older ``adapter_model.bin``."""
+    from safetensors import safe_open
+
+    weights = adapter.path / ADAPTER_WEIGHTS[0]
+    if not weights.is_file():
+        return []
+    shapes = []
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            match = _LORA_KEY.match(key)
+            if match:
+                shapes.append((match["module"], match["matrix"], tuple(handle.get_slice(key).get_shape())))
+    return shapes
+
+
+def _misfit(shapes: List[tuple], layers: dict) -> Optional[str]:
+    for module_name, matrix, shape in shapes:
+        layer = layers.get(module_name)
+        if layer is None:
+            return f"it adapts layer {module_name}, which that model does not have"
+        if not hasattr(layer, "in_features"):
+            continue
+        # PEFT's LoRA on nn.Linear(in, out): lora_A.weight is (r, in), lora_B.weight is (out, r).
+        fitted = shape[1] == layer.in_features if matrix == "A" else shape[0] == layer.out_features
+        if not fitted:
+            made_for = f"{shape[1]} inputs" if matrix == "A" else f"{shape[0]} outputs"
+            return (f"its lora_{matrix} of layer {module_name} is made for {made_for}, but that layer of the model has "
+                    f"{layer.in_features} inputs and {layer.out_features} outputs")
+    return None
+
+
+def check_adapters_fit(adapters: List[Adapter], base: ModelConfig, path: str) -> None:
+    """Check, before any weight is loaded, that every adapter's LoRA matrices fit the model at ``path``.
+
+    The model is built from its config.json on the meta device (no memory, no weights), and each
+    adapter's matrix shapes are read from its safetensors header; a LoRA made for another model
+    (another size or architecture) would otherwise fail inside PEFT after the whole base has loaded.
+
+    Raises:
+        UserError: an adapter does not fit; names the model it was trained on (its adapter_config.json),
+            the model it is loaded on and where that came from, and the first layer that differs.
+    """
+    if not adapters:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=base.trust_remote_code, revision=base.revision)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=base.trust_remote_code)
+    layers = dict(skeleton.named_modules())
+    for adapter in adapters:
+        problem = _misfit(_lora_shapes(adapter), layers)
+        if problem is None:
+            continue
+        trained_on = adapter.base_model_name_or_path
+        source = adapter.run_dir / rundir.RESOLVED if adapter.run_dir else f"base_model_name_or_path in its {ADAPTER_CONFIG}"
+        if trained_on == path:
+            raise UserError(
+                f"adapter {adapter.path} does not fit the model it is loaded on, {path} (from {source}): {problem}; "
+                "the model at that path has changed since the adapter was trained on it",
+                fix=f"put the model the adapter was trained on back at {path}, or train a new adapter on the model there",
+            )
+        raise UserError(
+            f"adapter {adapter.path} was trained on {trained_on} but is loaded on {path} (from {source}), "
+            f"which it does not fit: {problem}",
+            fix=f"apply the adapter to the model it was trained on ({trained_on}), or train a new adapter on {path}",
+        )
 
 
 @dataclass
@@ -161,11 +277,13 @@ def load(config: RecipeConfig, device: Device, local_rank: int = 0, dtype: Optio
     the checkpoint's dtype on accelerators).
 
     Raises:
-        UserError: as :func:`parse_adapters`, :func:`base_model_config` and :func:`models.resolve_path`.
+        UserError: as :func:`parse_adapters`, :func:`base_model_config`, :func:`check_adapters_fit`
+            and :func:`models.resolve_path`.
     """
     adapters = parse_adapters(config.adapters)
     base = base_model_config(config, adapters)
     path = models.resolve_path(base)
+    check_adapters_fit(adapters, base, path)
     tokenizer = models.load_tokenizer(base, path)
     tokenizer.padding_side = "left"
     model = models.load_model(base, path, dtype or models.select_dtype(base, path, device))

@@ -58,9 +58,6 @@ touching or copying the data file does not count as a change, unlike HF datasets
 BRANCHED_FROM = "branched_from"
 """Manifest key of a run started with ``resume=PATH``: the checkpoint it continues."""
 
-_WORLD_SIZE_KEYS = ("parallelism.nproc_per_node", "parallelism.nnodes")
-
-
 def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     if isinstance(tree, dict):
         flat: Dict[str, Any] = {}
@@ -156,7 +153,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, owned by another user
     return True
 
 

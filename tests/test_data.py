@@ -91,7 +91,7 @@ def test_missing_column_in_a_row_names_row_and_column(tmp_path):
     config = _blossom_config(path)
     loaded = data.load_rows(config)
     data.check_columns(config, loaded.column_names)
-    with pytest.raises(UserError, match=r"row 1 \(0-based; record 2 of the file\): column 'answer' is missing or empty; columns found in that row: input, output"):
+    with pytest.raises(UserError, match=r"row 1 \(0-based; record 2 of the file\): column 'answer' is missing \(absent or null\); columns found in that row: input, output"):
         data.to_messages(loaded[1], config)
 
 
@@ -120,7 +120,7 @@ def test_long_rows_are_dropped_or_truncated_and_counted(tmp_path, tokenizer):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     dropped = data.prepare(_blossom_config(path), tokenizer, max_length=64, truncation="drop", seed=0)
     assert (dropped.counts["train"], dropped.counts["dropped_too_long"]) == (1, 1)
-    with pytest.raises(UserError, match="no training rows left"):
+    with pytest.raises(UserError, match=r"0 of 2 rows left for training: 2 longer than train.max_length=16 tokens \(shortest: \d+ tokens\)"):
         data.prepare(_blossom_config(path), tokenizer, max_length=16, truncation="drop", seed=0)
 
 

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from npu_recipes import answers, atomic, chat, data, devices, generation, heldout, inference, rundir
 from npu_recipes.errors import UserError
-from npu_recipes.schema import DatasetConfig, RecipeConfig
+from npu_recipes.schema import DatasetConfig, ModelConfig, RecipeConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,34 +100,45 @@ def batch_source(config: RecipeConfig) -> Optional[BatchSource]:
     return BatchSource(dataset=dataset, samples=samples, origin=origin, training_run=training_run)
 
 
-def result_dir(config: RecipeConfig, loaded: inference.LoadedModel) -> Path:
+def result_dir(config: RecipeConfig, adapters: List[inference.Adapter], base: ModelConfig) -> Path:
     """``infer.result_dir``, else ``infer_result/`` in the adapter checkpoint, the merged or fine-tuned
     checkpoint, or (for a plain base model) ``output_dir``."""
     if config.infer.result_dir:
         return Path(config.infer.result_dir).expanduser().absolute()
-    if loaded.adapters:
-        return loaded.adapters[0].path / RESULT_DIR
-    model_dir = Path(_model_location(loaded))
+    if adapters:
+        return adapters[0].path / RESULT_DIR
+    model_dir = Path(_model_location(base))
     if model_dir.is_dir() and inference.training_run_dir(config) is not None:
         return model_dir / RESULT_DIR
     return Path(config.output_dir).expanduser().absolute() / RESULT_DIR
 
 
-def _model_location(loaded: inference.LoadedModel) -> str:
+def _model_location(base: ModelConfig) -> str:
     """The model's absolute directory when it is local, else its hub id."""
-    local = Path(loaded.base.name_or_path).expanduser()
-    return str(local.absolute()) if local.is_dir() else loaded.base.name_or_path
+    local = Path(base.name_or_path).expanduser()
+    return str(local.absolute()) if local.is_dir() else base.name_or_path
 
 
 def prepare(config: RecipeConfig, fresh_output_dir: bool) -> None:
-    """Check adapters and the data source before the model loads; the stage writes no run directory.
+    """Check adapters, the data source and (in batch mode) the result directory before the model
+    loads; the stage writes no run directory.
 
     Raises:
-        UserError: bad adapter paths; ``load_data_args=true`` without a training run behind the model.
+        UserError: bad adapter paths; ``load_data_args=true`` without a training run behind the
+            model; a result directory that cannot be written.
     """
-    inference.parse_adapters(config.adapters)
+    adapters = inference.parse_adapters(config.adapters)
     if config.load_data_args:
         _training_run(config)
+    if config.load_data_args or config.dataset.path is not None:
+        directory = result_dir(config, adapters, inference.base_model_config(config, adapters))
+        try:
+            atomic.check_writable(directory)
+        except OSError as error:
+            raise UserError(
+                f"cannot write inference results to {directory}: {error.strerror}: {error.filename}",
+                fix="pass infer.result_dir=DIR in a writable place",
+            ) from None
     return None
 
 
@@ -168,7 +179,7 @@ def evaluate(config: RecipeConfig, loaded: inference.LoadedModel, source: BatchS
         if answer_format and sample.reference is not None:
             row.update(answers.score(reply.text, sample.reference, answer_format))
         rows.append(row)
-    directory = result_dir(config, loaded)
+    directory = result_dir(config, loaded.adapters, loaded.base)
     directory.mkdir(parents=True, exist_ok=True)
     stem = _unique_stem(directory)
     results_path = directory / f"{stem}.jsonl"
@@ -177,7 +188,7 @@ def evaluate(config: RecipeConfig, loaded: inference.LoadedModel, source: BatchS
     generated = sum(row["generated_tokens"] for row in rows)
     metrics = {
         "results": str(results_path),
-        "model": _model_location(loaded),
+        "model": _model_location(loaded.base),
         "adapters": [str(a.path) for a in loaded.adapters],
         "data": source.origin,
         "dataset": {"name": source.dataset.name, "path": source.dataset.path, "answer_format": answer_format},

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from npu_recipes import atomic, devices, inference, models, rundir
+from npu_recipes import config as config_module
 from npu_recipes.errors import UserError
 from npu_recipes.schema import RecipeConfig
 
@@ -55,6 +56,13 @@ def _checked_inputs(config: RecipeConfig):
             f"merge target {target} already exists",
             fix="pass merge.exist_ok=true to replace it, or merge.output_dir=DIR for another place",
         )
+    try:
+        atomic.check_writable(target.parent)
+    except OSError as error:
+        raise UserError(
+            f"cannot write the merged model to {target}: {error.strerror}: {error.filename}",
+            fix="pass merge.output_dir=DIR in a writable place",
+        ) from None
     return adapters, target
 
 
@@ -62,8 +70,8 @@ def prepare(config: RecipeConfig, fresh_output_dir: bool) -> None:
     """Check the adapters and the target before anything loads; the merge writes no run directory.
 
     Raises:
-        UserError: no adapters, bad adapter paths, adapters of different bases, or an existing
-            target without ``merge.exist_ok=true``.
+        UserError: no adapters, bad adapter paths, adapters of different bases, an existing
+            target without ``merge.exist_ok=true``, or a target directory that cannot be written.
     """
     adapters, _ = _checked_inputs(config)
     inference.base_model_config(config, adapters)
@@ -98,7 +106,7 @@ def run(config: RecipeConfig, run_dir: Optional[rundir.RunDir]) -> None:
     log.info("merged %d adapter(s) into %s on %s in %s", len(adapters), base_path, device.type, str(dtype))
 
     def build(staging: Path) -> None:
-        merged.save_pretrained(staging, max_shard_size=config.merge.max_shard_size)
+        merged.save_pretrained(staging, max_shard_size=config_module.shard_size(config.merge.max_shard_size))
         models.load_tokenizer(base, base_path).save_pretrained(staging)
         weights = _weight_files(staging)
         rundir.RunDir(staging).update_manifest(**{

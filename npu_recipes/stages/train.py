@@ -105,6 +105,16 @@ def training_arguments(config: RecipeConfig, run_dir: RunDir, device: devices.De
     )
 
 
+def for_this_device(config: RecipeConfig, device: devices.Device) -> RecipeConfig:
+    """A copy of ``config`` that the memory planner plans for ``device`` as it is: its type and, on an
+    accelerator, its real memory (``plan.device_memory_gib``) rather than the recipe's target card."""
+    planned_for = copy.deepcopy(config)
+    planned_for.device = device.type
+    if device.is_accelerator:
+        planned_for.plan.device_memory_gib = device.total_memory_gib()
+    return planned_for
+
+
 def decide_gradient_checkpointing(config: RecipeConfig, device: devices.Device, run_dir: Optional[RunDir]) -> None:
     """Replace ``train.gradient_checkpointing=auto`` in ``config`` by the memory planner's decision for
     this device (its real memory on an accelerator, the host's RAM on the CPU; see
@@ -115,17 +125,13 @@ def decide_gradient_checkpointing(config: RecipeConfig, device: devices.Device, 
 
     if config.train.gradient_checkpointing != plan.AUTO:
         return
-    planned_for = copy.deepcopy(config)
-    planned_for.device = device.type
-    if device.is_accelerator:
-        planned_for.plan.device_memory_gib = device.total_memory_gib()
-    planned = plan.make(planned_for, [])
+    planned = plan.make(for_this_device(config, device), [])
     enabled = planned.config.train.gradient_checkpointing
     config.train.gradient_checkpointing = enabled
     log.info(
         "gradient checkpointing auto: %s (estimate without it %.2f GiB x %.2f %s %.2f GiB usable on %s)",
         "on" if enabled else "off", planned.without_checkpointing_gib, plan.AUTO_CHECKPOINTING_MARGIN,
-        ">" if enabled else "<=", planned.usable_gib, planned.target.label,
+        ">" if enabled else "<=", planned.usable_gib, device.name(),
     )
     if run_dir is not None:
         run_dir.update_manifest(gradient_checkpointing={
@@ -239,7 +245,7 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
     except Exception as error:
         if not devices.is_out_of_memory(error):
             raise
-        raise out_of_memory(config, error, trainer.state.global_step) from None
+        raise out_of_memory(for_this_device(config, device), error, trainer.state.global_step) from None
     finally:
         stop.uninstall()
     nan_guard.raise_if_stopped(config.train.learning_rate)
@@ -266,7 +272,8 @@ def out_of_space(run_dir: RunDir, error: OSError, step: int) -> UserError:
 
 def out_of_memory(config: RecipeConfig, error: Exception, step: int) -> UserError:
     """The error for a device out-of-memory failure, naming the plan stage's next option that fits
-    (:func:`npu_recipes.stages.plan.after_out_of_memory`)."""
+    ``config`` (planned for the device that failed, see :func:`for_this_device`;
+    :func:`npu_recipes.stages.plan.after_out_of_memory`)."""
     from npu_recipes.stages import plan
 
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
