@@ -19,11 +19,15 @@ def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (``os.replace`` of a fully written, fsynced sibling)."""
     path = Path(path)
     temporary = _temporary_sibling(path)
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        # A write that failed (e.g. a full disk) leaves nothing behind.
+        temporary.unlink(missing_ok=True)
 
 
 def write_json(path: Path, payload: Any) -> None:

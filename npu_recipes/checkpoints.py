@@ -31,9 +31,37 @@ OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """errno values of a write that failed for lack of room: no space left, quota exceeded, file too large."""
 
 
-def is_out_of_space(error: OSError) -> bool:
-    """True for a write that failed because the filesystem (or a quota or file-size limit) is full."""
-    return error.errno in OUT_OF_SPACE
+_OUT_OF_SPACE_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122",
+                       "File too large", "os error 27")
+# torch.save reports a failed write as a C++ stream error that does not say why.
+_UNEXPLAINED_WRITE_FAILURES = ("iostream error", "unexpected pos", "PytorchStreamWriter failed")
+LOW_SPACE_BYTES = 256 * 2**20
+"""Below this much free space (256 MiB), an unexplained write failure is taken for a full disk."""
+
+
+def is_out_of_space(error: BaseException, directory: Path) -> bool:
+    """True for a write into ``directory`` that failed because its filesystem (or a quota or the
+    process's file-size limit) is full.
+
+    Writers report it differently: ``OSError`` with ENOSPC/EDQUOT/EFBIG (Python's own files),
+    ``SafetensorError`` with the OS message ("No space left on device (os error 28)"), and
+    ``torch.save`` a ``RuntimeError`` naming only a stream failure; the last counts when the
+    filesystem has under :data:`LOW_SPACE_BYTES` free or a file-size limit is set.
+    """
+    if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:
+        return True
+    text = str(error)
+    if any(words in text for words in _OUT_OF_SPACE_WORDS):
+        return True
+    if not any(words in text for words in _UNEXPLAINED_WRITE_FAILURES):
+        return False
+    import resource
+
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = 0
+    return free < LOW_SPACE_BYTES or resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
 
 
 def step_of(path: Path) -> Optional[int]:

@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from npu_recipes import config as config_module
-from npu_recipes import paths, runner
+from npu_recipes import checkpoints, paths, runner
 from npu_recipes.errors import Interrupted, NothingToDo, Terminated, UserError, report_and_exit
 
 
@@ -42,6 +42,15 @@ def _compose_and_run(cfg: DictConfig) -> None:
         sys.exit(stop.exit_code)
     except NothingToDo as done:
         print(f"npu_recipes: {done}", file=sys.stderr, flush=True)
+    except OSError as error:
+        if error.errno not in checkpoints.OUT_OF_SPACE:
+            raise
+        # Outside training (which names its checkpoint, see stages/train.py): building the demo
+        # data or a tiny model, tokenizing into HF datasets' cache, writing run records.
+        report_and_exit(UserError(
+            f"no space left on the device while writing {error.filename or 'a file'} ({error.strerror})",
+            fix="free space there (df -h), or move the cache (NPU_RECIPES_CACHE, HF_DATASETS_CACHE) or output_dir to a larger disk",
+        ))
 
 
 def main() -> None:

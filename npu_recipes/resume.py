@@ -118,7 +118,8 @@ def check_compatible(saved: RecipeConfig, current: RecipeConfig, where: Path) ->
         listed = "; ".join(f"{key}: {before!r} in the saved run, {after!r} now" for key, before, after in changes)
         raise UserError(
             f"cannot resume the run in {where} with different settings: {listed}",
-            fix="rerun with the saved settings (see its resolved.yaml) to resume, or pass a new output_dir to start a new run",
+            fix="rerun with the saved settings (see its resolved.yaml) to resume, or start a new run from step 0 "
+            "(a new output_dir, and resume=never instead of resume=PATH)",
         )
 
 

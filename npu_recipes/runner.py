@@ -66,7 +66,7 @@ def run_stage(stage: ModuleType, config: RecipeConfig, run_dir: Optional[RunDir]
         raise
     except UserError as error:
         if run_dir is not None and records_failure:
-            run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=str(error))
+            _record_failure(run_dir, str(error))
             if not isinstance(error, RunStopped):
                 run_dir.discard_if_empty_of_results()
         raise
@@ -74,5 +74,14 @@ def run_stage(stage: ModuleType, config: RecipeConfig, run_dir: Optional[RunDir]
         if run_dir is not None and records_failure:
             reason = ("interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt)
                       else "terminated (SIGTERM)" if isinstance(error, Terminated) else f"{type(error).__name__}: {error}")
-            run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=reason)
+            _record_failure(run_dir, reason)
         raise
+
+
+def _record_failure(run_dir: RunDir, reason: str) -> None:
+    """Mark the manifest ``failed`` with ``reason``; on a full disk, where even that write fails, say so instead."""
+    try:
+        run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=reason)
+    except OSError as error:
+        print(f"npu_recipes: warning: could not record the failure in {run_dir.manifest_path}: {error.strerror}",
+              file=sys.stderr, flush=True)

@@ -133,3 +133,31 @@ def test_device_out_of_memory_names_the_plans_next_option(tmp_path):
             "(recompute activations in the backward pass; estimated") in result.stderr
     assert "see every estimate with the same command plus stage=plan" in result.stderr
     assert not run.exists(), "a run that failed before its first checkpoint leaves no directory"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit_kib,failing_writer", [(400, "safetensors"), (800, "torch.save")])
+def test_a_real_file_size_limit_while_saving_is_one_message_and_leaves_no_partial_save(tmp_path, tiny_model_path, limit_kib, failing_writer):
+    """A real failed write, not an injected one: the process's file-size limit (RLIMIT_FSIZE, what
+    `ulimit -f` sets) lies between the sizes of a full checkpoint's files (model.safetensors about
+    544 KiB, optimizer.pt about 1.1 MiB), so the first save fails in ``failing_writer``, which reports
+    it in its own way (SafetensorError "os error 27"; torch.save a bare stream error)."""
+    import resource
+
+    from npu_recipes import demo_data
+
+    rows = tmp_path / "rows.jsonl"
+    demo_data.write(rows, 64)
+    run = tmp_path / "run"
+    limit = limit_kib * 1024
+    result = subprocess.run(
+        [sys.executable, "-m", "npu_recipes", *COMMON, "dataset.builder=null", f"dataset.path={rows}", "dataset.val_split_ratio=0",
+         "train_type=full", "train.max_steps=3", "train.save_steps=2", f"output_dir={run}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("npu_recipes: error:") == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"npu_recipes: error: no space left on the device holding {run} at step 2 (" in result.stderr
+    assert "no complete checkpoint was saved" in result.stderr
+    assert not run.exists(), "a run that saved nothing leaves no directory (and gives its space back)"

@@ -238,14 +238,12 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
     stop.install()
     try:
         output = trainer.train(resume_from_checkpoint=resume_from)
-    except OSError as error:
-        if not checkpoints.is_out_of_space(error):
-            raise
-        raise out_of_space(run_dir, error, trainer.state.global_step) from None
     except Exception as error:
-        if not devices.is_out_of_memory(error):
-            raise
-        raise out_of_memory(for_this_device(config, device), error, trainer.state.global_step) from None
+        if checkpoints.is_out_of_space(error, run_dir.path):
+            raise out_of_space(run_dir, error, trainer.state.global_step) from None
+        if devices.is_out_of_memory(error):
+            raise out_of_memory(for_this_device(config, device), error, trainer.state.global_step) from None
+        raise
     finally:
         stop.uninstall()
     nan_guard.raise_if_stopped(config.train.learning_rate)
@@ -256,14 +254,18 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
     return output
 
 
-def out_of_space(run_dir: RunDir, error: OSError, step: int) -> UserError:
+def out_of_space(run_dir: RunDir, error: Exception, step: int) -> UserError:
     """The error for a full disk (or quota) during training: unfinished saves are deleted, to free
     their space, and the message names the newest complete checkpoint, from which a rerun resumes."""
     checkpoints.remove_partials(run_dir.path)
     found = run_dir.checkpoints()
+    if isinstance(error, OSError) and error.strerror:
+        reason = f"{error.strerror}: {error.filename or 'while saving'}"
+    else:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return UserError(
         f"no space left on the device holding {run_dir.path} at step {step} "
-        f"({error.strerror}: {error.filename or 'while saving'}); the unfinished save was deleted; "
+        f"({reason}); the unfinished save was deleted; "
         + (f"newest complete checkpoint: {found[-1]}" if found else "no complete checkpoint was saved"),
         fix=f"free space there (df -h {run_dir.path}) or lower train.save_total_limit, then rerun the same command "
         "(resume=auto continues from the newest complete checkpoint)",
