@@ -76,14 +76,14 @@ def may_change(key: str) -> bool:
     return any(key == allowed or key.startswith(allowed + ".") for allowed in MAY_CHANGE)
 
 
+def _differences(saved: RecipeConfig, current: RecipeConfig) -> List[Tuple[str, Any, Any]]:
+    before, after = _settings(saved), _settings(current)
+    return [(key, before.get(key), after.get(key)) for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+
+
 def changed_settings(saved: RecipeConfig, current: RecipeConfig) -> List[Tuple[str, Any, Any]]:
     """``(key, saved value, current value)`` for every key outside :data:`MAY_CHANGE` that differs."""
-    before, after = _settings(saved), _settings(current)
-    return [
-        (key, before.get(key), after.get(key))
-        for key in sorted(set(before) | set(after))
-        if not may_change(key) and before.get(key) != after.get(key)
-    ]
+    return [difference for difference in _differences(saved, current) if not may_change(difference[0])]
 
 
 def _world_size(config: RecipeConfig) -> int:
@@ -292,8 +292,7 @@ def _continue_in_place(config: RecipeConfig, path: Path, dataset_counts: Optiona
 
 def changed_settings_any(saved: RecipeConfig, current: RecipeConfig) -> bool:
     """True when any key but ``resume`` differs (including those a resumed run may change)."""
-    before, after = _settings(saved), _settings(current)
-    return any(before.get(key) != after.get(key) for key in set(before) | set(after) if key != "resume")
+    return any(key != "resume" for key, _, _ in _differences(saved, current))
 
 
 def _already_complete(path: Path, checkpoint: Optional[Path]) -> NothingToDo:

@@ -32,5 +32,12 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def run_faulty_cli(fault: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the CLI with one fault injected by tests/faults.py (``no-space-at-checkpoint=N``,
+    ``out-of-memory-at-step=N``); returns the completed process (text output)."""
+    return subprocess.run([sys.executable, "-m", "tests.faults", fault, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

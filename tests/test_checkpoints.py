@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from npu_recipes import checkpoints
-from tests.helpers import REPO, read_jsonl, run_cli
+from tests.helpers import REPO, read_jsonl, run_cli, run_faulty_cli
 
 
 def _checkpoint(run: Path, step: int, complete: bool = True) -> Path:
@@ -95,15 +95,11 @@ def test_save_total_limit_one_keeps_the_best_and_the_newest(tmp_path):
     assert [checkpoints.step_of(p) for p in checkpoints.complete(run)] == [best, 12]
 
 
-def _faulty_cli(fault: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tests.faults", fault, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_the_rerun_resumes(tmp_path):
     run = tmp_path / "run"
     args = (*COMMON, "dataset.val_split_ratio=0", "train.max_steps=6", "train.save_steps=2", f"output_dir={run}")
-    result = _faulty_cli("no-space-at-checkpoint=4", *args)
+    result = run_faulty_cli("no-space-at-checkpoint=4", *args)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("npu_recipes: error:") == 1 and "Traceback" not in result.stderr
     assert (f"npu_recipes: error: no space left on the device holding {run} at step 4 (No space left on device: "
@@ -123,7 +119,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_the_rerun_re
 @pytest.mark.slow
 def test_device_out_of_memory_names_the_plans_next_option(tmp_path):
     run = tmp_path / "run"
-    result = _faulty_cli("out-of-memory-at-step=3", *COMMON, "dataset.val_split_ratio=0", "train.max_steps=6",
+    result = run_faulty_cli("out-of-memory-at-step=3", *COMMON, "dataset.val_split_ratio=0", "train.max_steps=6",
                          "train.save_steps=100", f"output_dir={run}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count("npu_recipes: error:") == 1 and "Traceback" not in result.stderr

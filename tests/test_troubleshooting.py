@@ -16,14 +16,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List
 
 import pytest
 
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, run_cli, run_faulty_cli
 
 DOC = REPO / "docs" / "troubleshooting.md"
 GOOD_ROW = {"input": "What is 2 + 2?", "output": "2 + 2 = 4", "answer": "4"}
@@ -335,21 +334,16 @@ def _(ws: Workspace) -> Outcome:
         runlock.release(run)
 
 
-def faulty_cli(fault: str, *args: str) -> subprocess.CompletedProcess:
-    """The CLI with a fault injected by tests/faults.py (a full disk, an out-of-memory device)."""
-    return subprocess.run([sys.executable, "-m", "tests.faults", fault, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
 @case("disk-full-while-saving")
 def _(ws: Workspace) -> Outcome:
-    return Outcome(faulty_cli("no-space-at-checkpoint=2", "device=cpu", "train.max_steps=3", "train.save_steps=1",
+    return Outcome(run_faulty_cli("no-space-at-checkpoint=2", "device=cpu", "train.max_steps=3", "train.save_steps=1",
                               f"output_dir={ws.path / 'run'}"))
 
 
 @case("device-out-of-memory")
 def _(ws: Workspace) -> Outcome:
     run = ws.path / "run"
-    return Outcome(faulty_cli("out-of-memory-at-step=2", "device=cpu", "train.max_steps=3", f"output_dir={run}"), [run])
+    return Outcome(run_faulty_cli("out-of-memory-at-step=2", "device=cpu", "train.max_steps=3", f"output_dir={run}"), [run])
 
 
 # --- config -------------------------------------------------------------------------------------
