@@ -21,6 +21,9 @@ def isolated_caches(tmp_path_factory):
     # One intra-op thread per CLI subprocess: the tiny model gains nothing from more, and on a
     # loaded 2-core machine torch's spinning threads made runs up to 13x slower.
     os.environ["OMP_NUM_THREADS"] = "1"
+    # Every process group of a test talks over the loopback interface, whatever this machine's
+    # hostname resolves to (gloo otherwise binds the address of the hostname).
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     yield cache
 
 
