@@ -38,10 +38,10 @@ $(RECIPE_TARGETS): $(STAMP)
 	"$(PY)" -m npu_recipes +recipe=$(subst -,_,$@) $(ARGS)
 
 list: $(STAMP)
-	"$(PY)" -m npu_recipes.catalogue
+	"$(PY)" -m npu_recipes.plan.catalogue
 
 docs: $(STAMP)
-	"$(PY)" -m npu_recipes.docs
+	"$(PY)" -m npu_recipes.plan.recipes_page
 
 clean:
 	rm -rf $(STAMP) build dist *.egg-info outputs multirun .pytest_cache

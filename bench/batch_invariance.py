@@ -3,7 +3,7 @@
     python bench/batch_invariance.py device=cpu                                   # tiny_qwen2, fp32
     python bench/batch_invariance.py device=cpu adapters=RUN/checkpoint-30
 
-Loads the model exactly as the serve stage does (:func:`npu_recipes.inference.load`), greedily
+Loads the model exactly as the serve stage does (:func:`npu_recipes.infer.loading.load`), greedily
 generates ``--new-tokens`` tokens for ``--prompts`` chat prompts of different lengths, once as
 one left-padded batch (as the server batches them) and once one prompt at a time, and reports:
 the largest absolute difference between a row's logits in the batch and alone (over all steps
@@ -24,8 +24,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from npu_recipes import config as config_module  # noqa: E402
-from npu_recipes import demo_data, devices, inference, rundir  # noqa: E402
+from npu_recipes.config import compose  # noqa: E402
+from npu_recipes.data import demo
+from npu_recipes.runtime import devices
+from npu_recipes.infer import adapters, loading
+from npu_recipes.run import manifest  # noqa: E402
 
 import results_io  # noqa: E402  (bench/ is on sys.path when a script in it runs)
 
@@ -52,11 +55,12 @@ def main() -> None:
     parser.add_argument("--note", default="", help="how the model or adapter was made, kept in the JSON")
     args = parser.parse_args()
 
-    config = config_module.compose(args.overrides)
+    config = compose.compose(args.overrides)
     device = devices.resolve(config.device)
-    loaded = inference.load(config, device)
+    parsed = adapters.parse_adapters(config.adapters)
+    loaded = loading.load(adapters.base_model_config(config.model, parsed), parsed, device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    rows = demo_data.generate(args.prompts, seed=5)
+    rows = demo.generate(args.prompts, seed=5)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": " ".join([row["input"]] * (1 + i % 3))}],
                                            tokenize=False, add_generation_prompt=True) for i, row in enumerate(rows)]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -82,7 +86,7 @@ def main() -> None:
     record = {
         "device": device.name(),
         "dtype": str(model.dtype).replace("torch.", ""),
-        "versions": rundir.package_versions(),
+        "versions": manifest.package_versions(),
         "settings": {"overrides": args.overrides, "adapter": args.adapter or (loaded.adapters[0].name if loaded.adapters else None),
                      "note": args.note, "prompts": args.prompts, "new_tokens": args.new_tokens,
                      "prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths)},

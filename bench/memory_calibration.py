@@ -1,7 +1,7 @@
-"""Measure the peak allocated memory of real Trainer steps and set it beside npu_recipes.memory's estimate.
+"""Measure the peak allocated memory of real Trainer steps and set it beside npu_recipes.plan.memory's estimate.
 
 Each variant runs in its own process: a random-init model of the shape's config.json (built with
-``from_config``, no weights read), wrapped by the train stage's own ``models.apply_lora``, trained
+``from_config``, no weights read), wrapped by the train stage's own ``pretrained.apply_lora``, trained
 for a few optimizer steps by transformers ``Trainer`` with the train stage's own
 ``TrainingArguments`` on rows of exactly ``max_length`` random tokens (every token labelled), the
 worst case the planner assumes.
@@ -54,7 +54,7 @@ SHAPES = {
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32768,
         "max_position_embeddings": 4096, "rope_theta": 1000000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     },
-    "qwen2_7b": json.loads((REPO / "npu_recipes/model_configs/Qwen--Qwen2-7B-Instruct/config.json").read_text()),
+    "qwen2_7b": json.loads((REPO / "npu_recipes/model/configs/Qwen--Qwen2-7B-Instruct/config.json").read_text()),
 }
 
 
@@ -100,14 +100,17 @@ def measure(variant: dict, device_request: str, steps: int = 3) -> dict:
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, default_data_collator
 
-    from npu_recipes import accelerators, config as config_module, devices, memory, models
-    from npu_recipes.rundir import RunDir
-    from npu_recipes.stages.train import training_arguments
+    from npu_recipes.plan import targets
+    from npu_recipes.config import compose
+    from npu_recipes.runtime import devices
+    from npu_recipes.plan import memory
+    from npu_recipes.model import pretrained
+    from npu_recipes.train.arguments import training_arguments
 
     work = Path(tempfile.mkdtemp(prefix="memcal-"))
     (work / "model").mkdir()
     (work / "model" / "config.json").write_text(json.dumps(SHAPES[variant["shape"]]))
-    config = config_module.compose([
+    config = compose.compose([
         "model=local", f"model.name_or_path={work / 'model'}", f"model.torch_dtype={variant['dtype']}",
         f"train_type={variant['train_type']}", f"device={device_request}", f"train.max_length={variant['max_length']}",
         f"train.gradient_checkpointing={str(variant['gradient_checkpointing']).lower()}",
@@ -122,7 +125,7 @@ def measure(variant: dict, device_request: str, steps: int = 3) -> dict:
     model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     model.config.use_cache = False
     if config.train_type == "lora":
-        model = models.apply_lora(model, config.lora)
+        model = pretrained.apply_lora(model, config.lora)
 
     generator = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, model_config.vocab_size, (variant["max_length"],), generator=generator).tolist()
@@ -130,7 +133,8 @@ def measure(variant: dict, device_request: str, steps: int = 3) -> dict:
     dataset = Dataset.from_dict({"input_ids": rows, "labels": rows, "attention_mask": [[1] * len(r) for r in rows]})
     trainer = Trainer(
         model=model,
-        args=training_arguments(config, RunDir(work / "run"), device, dtype, has_eval=False),
+        args=training_arguments(config.train, config.parallelism, config.kernels, work / "run", device, dtype, has_eval=False,
+                                gradient_checkpointing=config.train.gradient_checkpointing),
         train_dataset=dataset,
         data_collator=default_data_collator,
     )
@@ -150,9 +154,9 @@ def measure(variant: dict, device_request: str, steps: int = 3) -> dict:
         method = "torch profiler CPU allocator events + tensors alive at start"
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
 
-    target = accelerators.resolve("auto", device.type)
+    target = targets.resolve("auto", device.type)
     shape = memory.model_shape(str(work / "model"), config.train_type, config.lora)
-    estimate = memory.estimate(shape, memory.setting_from_config(config, variant["dtype"]), target)
+    estimate = memory.estimate(shape, memory.TrainSetting.from_sections(config.train_type, variant["dtype"], config.train, config.lora, config.parallelism), target)
     return {
         **variant,
         "micro_batch": config.train.per_device_train_batch_size,
@@ -177,7 +181,8 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(json.loads(args.one), args.device)), flush=True)
         return
 
-    from npu_recipes import devices, rundir
+    from npu_recipes.runtime import devices
+    from npu_recipes.run import manifest
 
     shapes = args.shapes.split(",")
     records = []
@@ -198,10 +203,10 @@ def main() -> None:
               flush=True)
     device = devices.resolve(args.device)
     payload = {
-        "description": "peak allocated memory of real Trainer steps (random-init models); tests/test_memory.py holds npu_recipes.memory's estimate to it",
+        "description": "peak allocated memory of real Trainer steps (random-init models); tests/test_memory.py holds npu_recipes.plan.memory's estimate to it",
         "date": datetime.date.today().isoformat(),
         "device": device.name(),
-        "versions": rundir.package_versions(),
+        "versions": manifest.package_versions(),
         "shapes": {name: SHAPES[name] for name in shapes},
         "records": records,
     }

@@ -43,9 +43,9 @@ def questions(count: int) -> tuple:
     if GSM8K_TEST.is_file():
         rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()[:count]]
         return [row["question"] for row in rows], str(GSM8K_TEST)
-    from npu_recipes import demo_data
+    from npu_recipes.data import demo
 
-    return [row["input"] for row in demo_data.generate(count, seed=7)], "demo_math (generated)"
+    return [row["input"] for row in demo.generate(count, seed=7)], "demo_math (generated)"
 
 
 def percentile(values: list, fraction: float) -> float:

@@ -34,6 +34,7 @@ labelled so. JSON goes to ``--output`` (default bench/results/train_throughput_<
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -48,8 +49,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from npu_recipes import atomic, devices, packing, rundir  # noqa: E402
-from npu_recipes.schema import DEVICES  # noqa: E402
+from npu_recipes import atomic
+from npu_recipes.runtime import devices
+from npu_recipes.data import packing
+from npu_recipes.run import manifest, rundir  # noqa: E402
+from npu_recipes.config.schema import DEVICES  # noqa: E402
 
 KNOWN_PEAK_TFLOPS = {"NVIDIA H200": (790.0, "bf16 matmul rate measured on an H200 (../shared/bench/README.md)")}
 """Peak rates used for MFU instead of measuring, by device name."""
@@ -95,9 +99,10 @@ def qwen2_7b_config():
 
 def tiny_model_dir() -> Path:
     """npu_recipes' tiny_qwen2 checkpoint (built on first use), whose tokenizer every side uses."""
-    from npu_recipes import config, models
+    from npu_recipes.config import compose
+    from npu_recipes.model import pretrained
 
-    return Path(models.resolve_path(config.compose(["model=tiny_qwen2"]).model))
+    return Path(pretrained.resolve_path(compose.compose(["model=tiny_qwen2"]).model))
 
 
 def prepare_model(kind: str, device: devices.Device, workdir: Path) -> Path:
@@ -216,29 +221,33 @@ def recipe_overrides(args, device: devices.Device, workdir: Path) -> list[str]:
 
 def npu_recipes_side(args, device: devices.Device, workdir: Path) -> dict:
     """Side b: the recipe's resolved config through the train stage's ``fit`` (packing, Trainer, callbacks)."""
-    from npu_recipes import config, data, models
+    from npu_recipes.config import compose
+    from npu_recipes.data import sources, tokenize
+    from npu_recipes.model import pretrained
     from npu_recipes.stages import train
 
-    recipe = config.compose(recipe_overrides(args, device, workdir))
-    # Not train.prepare: that would tokenize the recipe's dataset, and this workload is generated token ids.
-    recipe.model.name_or_path = models.resolve_path(recipe.model)
-    run_dir = rundir.create(recipe, fresh_output_dir=True)
+    recipe = compose.compose(recipe_overrides(args, device, workdir))
+    # Not the stage's prepare: that would tokenize the recipe's dataset, and this workload is generated token ids.
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=pretrained.resolve_path(recipe.model)))
+    run_dir, recipe = rundir.create(recipe, fresh_output_dir=True)
     dataset, samples = load_workload(workdir)
-    splits = data.TokenizedSplits(
-        train=dataset.add_column(data.ROW_ID, list(range(len(dataset)))), eval=None,
-        counts={"train": len(samples), "train_tokens": sum(len(s["input_ids"]) for s in samples)},
-        fingerprint=f"bench-workload-seed{args.seed}",
-    )
-    tokenizer = models.load_tokenizer(recipe.model, recipe.model.name_or_path)
+    tokens = sum(len(s["input_ids"]) for s in samples)
+    counts = {"rows": len(samples), "held_out": 0, "train": len(samples), "validation": 0, "dropped_too_long": 0,
+              "dropped_no_assistant_tokens": 0, "truncated": 0, "train_tokens": tokens}
+    splits = tokenize.TokenizedSplits(train=dataset.add_column(sources.ROW_ID, list(range(len(dataset)))), eval=None,
+                                      counts=counts, fingerprint=f"bench-workload-seed{args.seed}")
+    tokenizer = pretrained.load_tokenizer(recipe.model, recipe.model.name_or_path)
     clock = Clock()
     output = train.fit(recipe, run_dir, device, tokenizer, splits)
-    manifest = run_dir.read_manifest()
+    recorded = run_dir.read_manifest()
+    checkpointing = recorded.gradient_checkpointing
     return {**clock.read(), "micro_batch_size": recipe.train.per_device_train_batch_size,
             "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
             "optimizer_steps": output.global_step, "epoch_s": output.metrics["train_runtime"],
             "loss": output.training_loss, "peak_memory_gib": device.peak_memory_gib(),
-            "packing": manifest.get("packing"), "gradient_checkpointing": recipe.train.gradient_checkpointing,
-            "npu_recipes_reported": {key: manifest["final_metrics"].get(key) for key in ("model_tflops", "mfu")},
+            "packing": dataclasses.asdict(recorded.packing) if recorded.packing else None,
+            "gradient_checkpointing": checkpointing.enabled if checkpointing else recipe.train.gradient_checkpointing,
+            "npu_recipes_reported": {"model_tflops": recorded.final_metrics.model_tflops, "mfu": recorded.final_metrics.mfu},
             "max_length": recipe.train.max_length, "overrides": recipe_overrides(args, device, workdir)}
 
 
@@ -252,9 +261,9 @@ def run_side(side: str, args) -> None:
 
 def plan_sides(args, device: devices.Device, workdir: Path, samples: list[dict]) -> dict:
     """b's packing of the workload (from its recipe's settings) and the matching micro-batch size for c."""
-    from npu_recipes import config
+    from npu_recipes.config import compose
 
-    recipe = config.compose(recipe_overrides(args, device, workdir))
+    recipe = compose.compose(recipe_overrides(args, device, workdir))
     lengths = [len(s["input_ids"]) for s in samples]
     packs = packing.plan_packs(lengths, recipe.train.max_length) if recipe.train.packing else [[i] for i in range(len(lengths))]
     tokens_per_micro_batch = sum(lengths) / len(packs) * recipe.train.per_device_train_batch_size
@@ -338,11 +347,11 @@ def main() -> None:
     report = {
         "benchmark": "bench/train_throughput.py",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": rundir.now(),
+        "date": manifest.now(),
         "device": {"type": device.type, "name": device.name(), "count": device.count,
                    "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()},
-        "versions": rundir.package_versions(),
-        "git_commit": rundir.git_commit(),
+        "versions": manifest.package_versions(),
+        "git_commit": manifest.git_commit(),
         "model": {"kind": kind, "n_matmul": n_matmul,
                   "dtype": "float32" if device.type == "cpu" else "bfloat16"},
         "workload": {"samples": len(samples), "tokens": tokens, "mean_length": round(tokens / len(samples), 1),

@@ -1,4 +1,4 @@
-"""Write files so that a reader never sees half of one: write a temporary sibling, then rename."""
+"""Write files so that a reader never sees half of one: write a temporary sibling, then rename (a leaf module: imports nothing of the package)."""
 
 from __future__ import annotations
 

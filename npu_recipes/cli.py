@@ -1,6 +1,8 @@
-"""``python -m npu_recipes [+recipe=NAME] [key=value ...]``: compose, validate, run.
+"""``python -m npu_recipes [+recipe=NAME] [key=value ...]`` and ``npu-recipes``: compose, validate, run.
 
-With no arguments at all it runs the ``demo`` recipe.
+With no arguments at all it runs the ``demo`` recipe. Every way a command ends (bad input, a
+stop signal, nothing to do) is turned into its exit status and message by one table,
+:func:`npu_recipes.errors.exit_for`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from npu_recipes import config as config_module
-from npu_recipes import checkpoints, paths, runner
-from npu_recipes.errors import Interrupted, NothingToDo, Terminated, UserError, report_and_exit
+from npu_recipes import errors, paths, runner
+from npu_recipes.config import compose
+from npu_recipes.config.validate import validate
 
 
 def setup_logging() -> None:
@@ -33,24 +35,10 @@ def _compose_and_run(cfg: DictConfig) -> None:
         if fresh_output_dir and hydra_config.mode == RunMode.MULTIRUN:
             # One run directory per job: the job's own sweep subdirectory (outputs/multirun/<time>/<job number>).
             cfg.output_dir, fresh_output_dir = hydra_config.runtime.output_dir, False
-        config = config_module.validate(cfg)
-        runner.run(config, fresh_output_dir)
-    except UserError as error:
-        report_and_exit(error)
-    except Interrupted as stop:
-        print(f"npu_recipes: {stop}", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_code)
-    except NothingToDo as done:
-        print(f"npu_recipes: {done}", file=sys.stderr, flush=True)
-    except OSError as error:
-        if error.errno not in checkpoints.OUT_OF_SPACE:
-            raise
-        # Outside training (which names its checkpoint, see stages/train.py): building the demo
-        # data or a tiny model, tokenizing into HF datasets' cache, writing run records.
-        report_and_exit(UserError(
-            f"no space left on the device while writing {error.filename or 'a file'} ({error.strerror})",
-            fix="free space there (df -h), or move the cache (NPU_RECIPES_CACHE, HF_DATASETS_CACHE) or output_dir to a larger disk",
-        ))
+        runner.run(validate(cfg), fresh_output_dir)
+    except (errors.UserError, errors.Interrupted, errors.NothingToDo, OSError) as error:
+        # KeyboardInterrupt and Terminated pass through Hydra and are handled in main().
+        errors.exit_with(error)
 
 
 def main() -> None:
@@ -60,19 +48,12 @@ def main() -> None:
     if len(sys.argv) == 1:
         sys.argv.append("+recipe=demo")
     setup_logging()
-    config_module.register()
+    compose.register()
     args = get_args_parser().parse_args(sys.argv[1:])
     try:
-        config_module.check_overrides(args.overrides, multirun=args.multirun)
+        compose.check_overrides(args.overrides, multirun=args.multirun)
         if not (args.multirun or args.config_name or args.config_path or args.config_dir):
-            config_module.compose_dictconfig(args.overrides)
-    except UserError as error:
-        report_and_exit(error)
-    try:
+            compose.compose_dictconfig(args.overrides)
         _compose_and_run()
-    except KeyboardInterrupt:
-        print("npu_recipes: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Terminated as stop:
-        print("npu_recipes: terminated (SIGTERM)", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_code)
+    except (errors.UserError, KeyboardInterrupt, errors.Terminated) as error:
+        errors.exit_with(error)

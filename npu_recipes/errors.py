@@ -1,9 +1,14 @@
-"""The one exception type for mistakes a user can fix, and how it reaches the terminal."""
+"""The exceptions that end a command, and the one table that turns each into an exit status and a message.
+
+A leaf module: it imports nothing of the package, and every other module may import it.
+"""
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
+from typing import NamedTuple, NoReturn, Optional
 
 
 class UserError(Exception):
@@ -36,11 +41,8 @@ class RunStopped(UserError):
 
 EXIT_USER_ERROR = 2
 
-
-def report_and_exit(error: UserError) -> None:
-    """Print ``error`` as one ``npu_recipes: error:`` block on stderr and exit with status 2."""
-    print(f"npu_recipes: error: {error}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""errno values of a write that failed for lack of room: no space left, quota exceeded, file too large."""
 
 
 class Interrupted(Exception):
@@ -66,7 +68,7 @@ class NothingToDo(Exception):
 
 class Terminated(BaseException):
     """SIGTERM arrived outside training (while loading, tokenizing or finishing; during training it
-    saves a checkpoint first, see :mod:`npu_recipes.stopping`). Raised from the signal handler the
+    saves a checkpoint first, see :mod:`npu_recipes.run.stopping`). Raised from the signal handler the
     way Python raises ``KeyboardInterrupt`` for SIGINT, so the run directory records why the
     process ended instead of saying ``running``; the process exits ``exit_code`` (143)."""
 
@@ -76,3 +78,57 @@ class Terminated(BaseException):
 def raise_terminated(number, frame) -> None:
     """SIGTERM handler that raises :class:`Terminated` (install with ``signal.signal``)."""
     raise Terminated()
+
+
+class Exit(NamedTuple):
+    """How a command ends: its exit ``status`` and the line it prints on stderr (None: nothing)."""
+
+    status: int
+    message: Optional[str]
+
+
+def exit_for(error: BaseException) -> Optional[Exit]:
+    """The one table from an exception that ends a command to its :class:`Exit`; None for a bug,
+    which keeps its traceback.
+
+    ============================  ======  =====================================================
+    exception                     status  printed
+    ============================  ======  =====================================================
+    :class:`UserError`            2       ``npu_recipes: error: MESSAGE`` and its ``fix:`` line
+    ``OSError`` for a full disk   2       the same, naming the file and where to free space
+    :class:`Interrupted`          128+N   where the run stopped and saved
+    :class:`NothingToDo`          0       why there is nothing to do
+    ``KeyboardInterrupt``         130     ``npu_recipes: interrupted``
+    :class:`Terminated`           143     ``npu_recipes: terminated (SIGTERM)``
+    ============================  ======  =====================================================
+    """
+    if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:
+        # Outside training (which names its checkpoint): building the demo data or a tiny model,
+        # tokenizing into HF datasets' cache, writing run records.
+        error = UserError(
+            f"no space left on the device while writing {error.filename or 'a file'} ({error.strerror})",
+            fix="free space there (df -h), or move the cache (NPU_RECIPES_CACHE, HF_DATASETS_CACHE) or output_dir to a larger disk",
+        )
+    if isinstance(error, UserError):
+        return Exit(EXIT_USER_ERROR, f"npu_recipes: error: {error}")
+    if isinstance(error, Interrupted):
+        return Exit(error.exit_code, f"npu_recipes: {error}")
+    if isinstance(error, NothingToDo):
+        return Exit(0, f"npu_recipes: {error}")
+    if isinstance(error, KeyboardInterrupt):
+        return Exit(128 + signal.SIGINT, "npu_recipes: interrupted")
+    if isinstance(error, Terminated):
+        return Exit(error.exit_code, "npu_recipes: terminated (SIGTERM)")
+    return None
+
+
+def exit_with(error: BaseException, announce: bool = True) -> NoReturn:
+    """End the process as :func:`exit_for` says (printing its line unless ``announce`` is False, for
+    a torchrun worker whose launcher reports); re-raise ``error`` when it is a bug."""
+    ending = exit_for(error)
+    if ending is None:
+        raise error
+    if announce and ending.message:
+        print(ending.message, file=sys.stderr, flush=True)
+    sys.exit(ending.status)
+

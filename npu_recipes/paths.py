@@ -1,4 +1,4 @@
-"""Where the package finds its config groups and recipes, and where it caches built artefacts."""
+"""Where the package finds its config groups and recipes, and where it caches built artefacts (a leaf module: imports nothing of the package)."""
 
 from __future__ import annotations
 

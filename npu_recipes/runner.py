@@ -1,24 +1,32 @@
-"""The thin runner: check the launch, prepare once, then run the stage in this process or in torchrun workers."""
+"""The thin runner: check the launch, prepare once, then run the stage in this process or in torchrun workers.
+
+The only module that imports :mod:`npu_recipes.stages`; the CLI (:mod:`npu_recipes.cli`) and every
+torchrun worker (:mod:`npu_recipes.worker`) come through here.
+"""
 
 from __future__ import annotations
 
+import shlex
 import sys
-from types import ModuleType
 from typing import Optional
 
-from npu_recipes import launch, rundir, stages
+from npu_recipes import stages
+from npu_recipes.config.resolved import RESOLVED
+from npu_recipes.config.schema import RecipeConfig
 from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, RunStopped, Terminated, UserError
-from npu_recipes.rundir import RunDir
-from npu_recipes.schema import RecipeConfig
+from npu_recipes.run import manifest
+from npu_recipes.run.manifest import LaunchRecord
+from npu_recipes.run.rundir import RunDir
+from npu_recipes.runtime import launch
 
 
 def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     """Plan the launch, prepare once, then run ``config.stage``.
 
-    A stage marked ``IN_LAUNCHER_ONLY``, or one process without DeepSpeed, runs here; anything else
-    starts torchrun workers (:mod:`npu_recipes.launch`), each of which loads the ``resolved.yaml``
-    written by prepare. Every check that needs no worker (the environment, visible devices, the
-    device's runtime) happens before prepare, so such a mistake leaves no run directory.
+    A stage that runs in the launcher only, or one process without DeepSpeed, runs here; anything
+    else starts torchrun workers (:mod:`npu_recipes.runtime.launch`), each of which loads the
+    ``resolved.yaml`` written by prepare. Every check that needs no worker (the environment, visible
+    devices, the device's runtime) happens before prepare, so such a mistake leaves no run directory.
 
     Args:
         config: the validated, resolved config.
@@ -31,27 +39,36 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
             (128 + the signal's number).
     """
     stage = stages.load(config.stage)
-    plan = None if getattr(stage, "IN_LAUNCHER_ONLY", False) else launch.plan(config)
-    run_dir = stage.prepare(config, fresh_output_dir)
+    plan = None if stage.in_launcher_only else launch.plan_launch(config.parallelism, config.device, config.recipe)
+    config, run_dir = stage.prepare(config, fresh_output_dir)
     if plan is None or plan.in_process or run_dir is None:
         run_stage(stage, config, run_dir)
         return
+    parallel = config.parallelism
+    owns_manifest = parallel.node_rank == 0
+    if owns_manifest:
+        command = shlex.join(plan.command(run_dir.path / RESOLVED))
+        run_dir.update_manifest(launch=LaunchRecord(plan.world_size, parallel.nproc_per_node, parallel.nnodes, command))
     try:
-        launch.launch(config, plan, run_dir)
+        launch.launch(parallel, plan, run_dir.path)
     except launch.WorkersFailed as failure:
-        owns_manifest = config.parallelism.node_rank == 0
-        status = run_dir.read_manifest().get("status") if run_dir.path.is_dir() else None
+        status = run_dir.read_manifest().status if run_dir.path.is_dir() else None
         # Rank 0 printed how an interrupted run stopped and where it saved.
-        if not failure.reported and status != "interrupted":
+        if not failure.reported and status != manifest.INTERRUPTED:
             print(f"npu_recipes: error: {failure}", file=sys.stderr, flush=True)
-        if owns_manifest and status == "running":
-            run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=str(failure).split("\n")[0])
+        if owns_manifest and status == manifest.RUNNING:
+            run_dir.update_manifest(status=manifest.FAILED, finished_at=manifest.now(), error=str(failure).split("\n")[0])
             if failure.exit_code == EXIT_USER_ERROR:
                 run_dir.discard_if_empty_of_results()
         sys.exit(failure.exit_code)
 
 
-def run_stage(stage: ModuleType, config: RecipeConfig, run_dir: Optional[RunDir], records_failure: bool = True) -> None:
+def run_worker(config: RecipeConfig, run_dir: RunDir, rank: int) -> None:
+    """Run ``config.stage`` in torchrun worker ``rank`` (global); rank 0 records a failure in the manifest."""
+    run_stage(stages.load(config.stage), config, run_dir, records_failure=rank == 0)
+
+
+def run_stage(stage: stages.Stage, config: RecipeConfig, run_dir: Optional[RunDir], records_failure: bool = True) -> None:
     """Run ``stage`` on ``config`` in this process and keep the run directory honest.
 
     When the stage fails and ``records_failure`` is set (the single process, or rank 0 of a
@@ -81,7 +98,7 @@ def run_stage(stage: ModuleType, config: RecipeConfig, run_dir: Optional[RunDir]
 def _record_failure(run_dir: RunDir, reason: str) -> None:
     """Mark the manifest ``failed`` with ``reason``; on a full disk, where even that write fails, say so instead."""
     try:
-        run_dir.update_manifest(status="failed", finished_at=rundir.now(), error=reason)
+        run_dir.update_manifest(status=manifest.FAILED, finished_at=manifest.now(), error=reason)
     except OSError as error:
         print(f"npu_recipes: warning: could not record the failure in {run_dir.manifest_path}: {error.strerror}",
               file=sys.stderr, flush=True)

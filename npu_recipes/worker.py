@@ -1,4 +1,4 @@
-"""One torchrun worker: ``python -m npu_recipes.worker RUN_DIR/resolved.yaml`` (started by :mod:`npu_recipes.launch`).
+"""One torchrun worker: ``python -m npu_recipes.worker RUN_DIR/resolved.yaml`` (started by :mod:`npu_recipes.runtime.launch`).
 
 The worker never composes: it loads the resolved config the launching process wrote and runs the
 same stage function a single process runs. Global rank 0 prints to the launching console; every
@@ -7,7 +7,7 @@ other rank writes its stdout and stderr to ``RUN_DIR/logs/rank<N>.log``.
 A worker never outlives its launcher: when the launcher dies (even by ``kill -9``, which it cannot
 forward), the kernel sends the worker SIGTERM, so it saves at the end of its step and exits as
 after any SIGTERM, instead of training on unseen in a directory a rerun would then also write.
-Workers also hold the run directory's lock (:mod:`npu_recipes.runlock`) until they exit.
+Workers also hold the run directory's lock (:mod:`npu_recipes.run.lock`) until they exit.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from npu_recipes import cli, config as config_module, devices, launch, runlock, runner, stages
-from npu_recipes.errors import Interrupted, Terminated, UserError, report_and_exit
-from npu_recipes.rundir import RunDir
+from npu_recipes import cli, errors, runner
+from npu_recipes.config.resolved import load_resolved
+from npu_recipes.errors import Interrupted, UserError
+from npu_recipes.run import lock
+from npu_recipes.run.rundir import RunDir
+from npu_recipes.runtime import devices, launch
 
 
 def _redirect_output(path: Path) -> None:
@@ -68,20 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     # DeepSpeed calls torch collectives that torch 2.13 deprecated, once per step: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     try:
-        config = config_module.load_resolved(resolved)
-        runlock.join(run_dir.path)
-        runner.run_stage(stages.load(config.stage), config, run_dir, records_failure=placement.rank == 0)
-    except UserError as error:
-        report_and_exit(error)
-    except Interrupted as stop:
-        if placement.rank == 0:
-            print(f"npu_recipes: {stop}", file=sys.stderr, flush=True)
-        sys.exit(stop.exit_code)
-    except KeyboardInterrupt:
-        # Ctrl-C reaches every worker at once; the launcher reports it, once, without a traceback per rank.
-        sys.exit(128 + signal.SIGINT)
-    except Terminated as stop:
-        sys.exit(stop.exit_code)
+        config = load_resolved(resolved)
+        lock.join(run_dir.path)
+        runner.run_worker(config, run_dir, placement.rank)
+    except (UserError, Interrupted, KeyboardInterrupt, errors.Terminated, OSError) as error:
+        # Every rank reports its own bad input (ranks but 0 into their log); rank 0 says where an
+        # interrupted run saved; a signal is reported once, by the launcher.
+        errors.exit_with(error, announce=isinstance(error, (UserError, OSError)) or (placement.rank == 0 and isinstance(error, Interrupted)))
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ def isolated_caches(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_path(isolated_caches) -> Path:
     """The tiny_qwen2 checkpoint directory, built once per session."""
-    from npu_recipes import models
-    from npu_recipes.schema import ModelConfig
+    from npu_recipes.model import pretrained
+    from npu_recipes.config.schema import ModelConfig
 
     path = Path(os.environ["NPU_RECIPES_CACHE"]) / "tiny_qwen2-v1"
-    return Path(models.resolve_path(ModelConfig(name_or_path=str(path), builder="tiny_qwen2")))
+    return Path(pretrained.resolve_path(ModelConfig(name_or_path=str(path), builder="tiny_qwen2")))
 
 
 @pytest.fixture(scope="session")

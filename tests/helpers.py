@@ -41,3 +41,12 @@ def run_faulty_cli(fault: str, *args: str, timeout: float = 600) -> subprocess.C
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_for_generation(config, device):
+    """The model ``config`` names (``model.*`` or its ``adapters``' base, plus the adapters), loaded
+    for generation on ``device`` as the infer and serve stages load it."""
+    from npu_recipes.infer import adapters, loading
+
+    parsed = adapters.parse_adapters(config.adapters)
+    return loading.load(adapters.base_model_config(config.model, parsed), parsed, device)

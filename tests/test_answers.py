@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from npu_recipes import answers, demo_data, schema
+from npu_recipes.infer import answers
+from npu_recipes.data import demo
+from npu_recipes.config import schema
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_numbers_compare_numerically(prediction, reference, correct):
 
 
 def test_blossom_answers():
-    rows = demo_data.generate(50, seed=7)
+    rows = demo.generate(50, seed=7)
     for row in rows:
         reference = f"{row['output']}\n\nAnswer: {row['answer']}"
         assert answers.extract(reference, "blossom").value == int(row["answer"])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from npu_recipes import config as config_module
-from npu_recipes import docs
+from npu_recipes.config import compose
+from npu_recipes.plan import recipes_page
 from tests.helpers import REPO, SHARED
 
 SEED = SHARED / "seed" / "NPU_SUPPORT.md"
@@ -29,7 +29,7 @@ def seed_table() -> list[tuple[int, str, int, str, int]]:
 
 
 def recipe_for_row(row: int):
-    matches = [c for c in map(lambda name: config_module.compose([f"+recipe={name}"]), config_module.recipe_names())
+    matches = [c for c in map(lambda name: compose.compose([f"+recipe={name}"]), compose.recipe_names())
                if c.reference.get("seed_row") == row]
     assert len(matches) == 1, f"seed table row {row} has {len(matches)} recipes"
     return matches[0]
@@ -51,8 +51,8 @@ def test_every_seed_table_row_is_one_recipe_with_the_seeds_settings():
         assert (train.save_steps, train.eval_steps, config.train_type) == (100, 100, "lora")
         assert config.recipe.startswith(f"qwen{size.lower()}_lora_")
     assert recipe_for_row(4).recipe == "qwen7b_lora_zero3"
-    assert config_module.compose(["+recipe=qwen14b_lora_zero3", "model=qwen1_5_14b_chat"]).model.name_or_path == "Qwen/Qwen1.5-14B-Chat"
-    assert config_module.compose(["+recipe=qwen7b_lora_zero3", "train_type=full"]).train_type == "full"
+    assert compose.compose(["+recipe=qwen14b_lora_zero3", "model=qwen1_5_14b_chat"]).model.name_or_path == "Qwen/Qwen1.5-14B-Chat"
+    assert compose.compose(["+recipe=qwen7b_lora_zero3", "train_type=full"]).train_type == "full"
 
 
 def _make(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
@@ -64,7 +64,7 @@ def _make(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
 
 
 def _documented_rows() -> dict[str, list[str]]:
-    table = [line.split("|")[1:-1] for line in docs.page_path().read_text().splitlines() if line.startswith("| ") and "`" in line]
+    table = [line.split("|")[1:-1] for line in recipes_page.page_path().read_text().splitlines() if line.startswith("| ") and "`" in line]
     return {cells[1].strip().strip("`"): [c.strip() for c in cells] for cells in table}
 
 
@@ -73,7 +73,7 @@ def test_make_list_shows_every_recipe_with_the_seeds_and_the_planned_memory(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
     documented = _documented_rows()
-    assert set(documented) == set(config_module.recipe_names())
+    assert set(documented) == set(compose.recipe_names())
     for name, cells in documented.items():
         row = lines[name]
         seed_gb, planned = cells[6], cells[8]
@@ -85,10 +85,10 @@ def test_make_list_shows_every_recipe_with_the_seeds_and_the_planned_memory(tmp_
 def test_recipe_targets_are_generated_from_recipes_and_pass_args(tmp_path):
     model = tmp_path / "qwen2-7b"
     model.mkdir()
-    (model / "config.json").write_bytes((REPO / "npu_recipes/model_configs/Qwen--Qwen2-7B-Instruct/config.json").read_bytes())
-    dry = _make(tmp_path, "-n", *[name.replace("_", "-") for name in config_module.recipe_names() if name != "demo"])
+    (model / "config.json").write_bytes((REPO / "npu_recipes/model/configs/Qwen--Qwen2-7B-Instruct/config.json").read_bytes())
+    dry = _make(tmp_path, "-n", *[name.replace("_", "-") for name in compose.recipe_names() if name != "demo"])
     assert dry.returncode == 0, dry.stderr
-    for name in config_module.recipe_names():
+    for name in compose.recipe_names():
         if name != "demo":
             assert re.search(rf"-m npu_recipes \+recipe={name}\s*$", dry.stdout, flags=re.M), dry.stdout
     result = _make(tmp_path, "qwen7b-lora-zero3", f"ARGS=stage=plan plan.format=json model.name_or_path={model} train.learning_rate=2e-4")
@@ -99,5 +99,5 @@ def test_recipe_targets_are_generated_from_recipes_and_pass_args(tmp_path):
 
 
 def test_docs_recipes_md_is_generated_from_the_current_recipes():
-    """Fails when a recipe, the estimator or the generator changed without `python -m npu_recipes.docs` (make docs)."""
-    assert docs.page_path().read_text() == docs.render(), "docs/recipes.md is stale: run `make docs`"
+    """Fails when a recipe, the estimator or the generator changed without `python -m npu_recipes.plan.recipes_page` (make docs)."""
+    assert recipes_page.page_path().read_text() == recipes_page.render(), "docs/recipes.md is stale: run `make docs`"

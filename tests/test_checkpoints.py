@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from npu_recipes import checkpoints
+from npu_recipes.run import checkpoints
 from tests.helpers import REPO, read_jsonl, run_cli, run_faulty_cli
 
 
@@ -140,10 +140,10 @@ def test_a_real_file_size_limit_while_saving_is_one_message_and_leaves_no_partia
     it in its own way (SafetensorError "os error 27"; torch.save a bare stream error)."""
     import resource
 
-    from npu_recipes import demo_data
+    from npu_recipes.data import demo
 
     rows = tmp_path / "rows.jsonl"
-    demo_data.write(rows, 64)
+    demo.write(rows, 64)
     run = tmp_path / "run"
     limit = limit_kib * 1024
     result = subprocess.run(

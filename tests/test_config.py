@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from npu_recipes import config as config_module
-from npu_recipes import schema
+from npu_recipes.config import compose, resolved
+from npu_recipes.config import schema
 from npu_recipes.errors import UserError
 
 # Options that need a user-supplied path before they validate.
@@ -19,9 +20,9 @@ PATH_OVERRIDES = {
 }
 
 
-@pytest.mark.parametrize("recipe", config_module.recipe_names())
+@pytest.mark.parametrize("recipe", compose.recipe_names())
 def test_every_recipe_composes_and_validates(recipe):
-    config = config_module.compose([f"+recipe={recipe}"])
+    config = compose.compose([f"+recipe={recipe}"])
     assert config.recipe == recipe
     assert config.stage == "train"
     assert config.model.name_or_path and config.dataset.path
@@ -29,12 +30,12 @@ def test_every_recipe_composes_and_validates(recipe):
 
 
 def _group_options():
-    return [(group, option) for group, options in config_module.group_options().items() if group != "recipe" for option in options]
+    return [(group, option) for group, options in compose.group_options().items() if group != "recipe" for option in options]
 
 
 @pytest.mark.parametrize("group,option", _group_options())
 def test_every_group_option_composes_and_validates(group, option):
-    config = config_module.compose([f"{group}={option}", *PATH_OVERRIDES.get((group, option), [])])
+    config = compose.compose([f"{group}={option}", *PATH_OVERRIDES.get((group, option), [])])
     if group in ("device", "train_type", "stage"):
         assert getattr(config, group) == option
     elif group == "parallelism":
@@ -44,13 +45,13 @@ def test_every_group_option_composes_and_validates(group, option):
 @pytest.mark.parametrize("group,option", sorted(PATH_OVERRIDES))
 def test_options_without_a_path_name_the_missing_key(group, option):
     with pytest.raises(UserError, match=rf"{group}\.(name_or_path|path) has no value"):
-        config_module.compose([f"{group}={option}"])
+        compose.compose([f"{group}={option}"])
 
 
 def test_seed_single_card_command_is_a_recipe_plus_overrides():
     """swift sft --model Qwen/Qwen2-7B-Instruct --dataset AI-ModelScope/blossom-math-v2 --num_train_epochs 5
     --train_type lora --learning_rate 1e-4 --gradient_accumulation_steps 16 --save_steps 100 --eval_steps 100"""
-    config = config_module.compose(["+recipe=qwen7b_lora_single"])
+    config = compose.compose(["+recipe=qwen7b_lora_single"])
     assert (config.model.name_or_path, config.model.hub) == ("Qwen/Qwen2-7B-Instruct", "modelscope")
     assert (config.dataset.path, config.dataset.hub) == ("AI-ModelScope/blossom-math-v2", "modelscope")
     assert config.train.num_train_epochs == 5 and config.train_type == "lora"
@@ -60,14 +61,14 @@ def test_seed_single_card_command_is_a_recipe_plus_overrides():
     # Packed (docs/packing.md): one ~2048-token pack (about 11 samples) per optimizer step instead of 16
     # single samples; the seed's exact run is two overrides away.
     assert config.train.packing and config.train.gradient_accumulation_steps == 1
-    exact = config_module.compose(["+recipe=qwen7b_lora_single", "train.packing=false", "train.gradient_accumulation_steps=16"])
+    exact = compose.compose(["+recipe=qwen7b_lora_single", "train.packing=false", "train.gradient_accumulation_steps=16"])
     assert not exact.train.packing and exact.train.gradient_accumulation_steps == 16
-    overridden = config_module.compose(["+recipe=qwen7b_lora_single", "train.learning_rate=2e-4", "train_type=full"])
+    overridden = compose.compose(["+recipe=qwen7b_lora_single", "train.learning_rate=2e-4", "train_type=full"])
     assert overridden.train.learning_rate == 2e-4 and overridden.train_type == "full"
 
 
 def test_defaults_equal_swift_sft():
-    config = config_module.compose(["model=qwen2_7b_instruct"])
+    config = compose.compose(["model=qwen2_7b_instruct"])
     train, lora = config.train, config.lora
     assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (1, 16)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (8, 32, 0.05, "all-linear")
@@ -75,7 +76,7 @@ def test_defaults_equal_swift_sft():
     assert (train.weight_decay, train.adam_beta2, train.seed) == (0.1, 0.95, 42)
     assert (train.save_steps, train.eval_steps, train.max_length, train.truncation_strategy) == (100, 100, 2048, "drop")
     assert train.learning_rate == 1e-4
-    assert config_module.compose(["train_type=full"]).train.learning_rate == 1e-5
+    assert compose.compose(["train_type=full"]).train.learning_rate == 1e-5
     assert config.model.trust_remote_code is False
 
 
@@ -106,29 +107,29 @@ def test_defaults_equal_swift_sft():
 )
 def test_bad_overrides_name_the_key_and_the_closest_match(override, expected):
     with pytest.raises(UserError) as caught:
-        config_module.compose([override])
+        compose.compose([override])
     assert expected in str(caught.value)
 
 
 def test_unknown_recipe_lists_the_available_ones():
     with pytest.raises(UserError) as caught:
-        config_module.compose(["+recipe=nope"])
-    for name in config_module.recipe_names():
+        compose.compose(["+recipe=nope"])
+    for name in compose.recipe_names():
         assert name in str(caught.value)
 
 
 def test_resolved_yaml_round_trips(tmp_path):
-    config = config_module.compose(["+recipe=demo", "train.learning_rate=3e-4", "lora.target_modules=[q_proj,v_proj]"])
+    config = compose.compose(["+recipe=demo", "train.learning_rate=3e-4", "lora.target_modules=[q_proj,v_proj]"])
     path = tmp_path / "resolved.yaml"
-    path.write_text(config_module.to_yaml(config))
-    assert config_module.load_resolved(path) == config
+    path.write_text(resolved.to_yaml(config))
+    assert resolved.load_resolved(path) == config
 
 
 def _schema_keys(node=schema.RecipeConfig, prefix=""):
     """Every dotted key of the schema's dataclasses (``train.learning_rate``, ``adapters``, ...)."""
     keys = []
     for field in dataclasses.fields(node):
-        annotation = config_module._unwrap_optional(field.type)
+        annotation = compose._unwrap_optional(field.type)
         if dataclasses.is_dataclass(annotation):
             keys += _schema_keys(annotation, f"{prefix}{field.name}.")
         else:
@@ -154,7 +155,7 @@ def _hydra_value(value) -> str:
 
 
 _SCHEMA_KEYS = _schema_keys()
-_GROUPS = config_module.group_options()
+_GROUPS = compose.group_options()
 _CHOICE_WORDS = sorted({word for choices in schema.CHOICES.values() for word in choices} | set(sum(_GROUPS.values(), [])))
 _SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.integers(-3, 3),
@@ -185,12 +186,12 @@ _GROUP_OVERRIDES = st.builds(
 
 def _validates_or_refuses(overrides, directory) -> None:
     try:
-        config = config_module.compose(overrides)
+        config = compose.compose(overrides)
     except UserError:
         return
-    resolved = directory / "resolved.yaml"
-    resolved.write_text(config_module.to_yaml(config))
-    assert config_module.load_resolved(resolved) == config
+    path = directory / "resolved.yaml"
+    path.write_text(resolved.to_yaml(config))
+    assert resolved.load_resolved(path) == config
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -206,10 +207,26 @@ def test_any_override_set_validates_or_fails_with_a_user_error(tmp_path_factory,
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.one_of(st.just([]), st.sampled_from(config_module.recipe_names()).map(lambda name: [f"+recipe={name}"])),
+    st.one_of(st.just([]), st.sampled_from(compose.recipe_names()).map(lambda name: [f"+recipe={name}"])),
     st.lists(st.builds(_override, st.just(""), st.sampled_from(_SCHEMA_KEYS), _VALUES.map(_hydra_value)), max_size=3),
 )
 def test_plain_values_on_schema_keys_validate_or_fail_with_a_user_error(tmp_path_factory, recipe, overrides):
     """The same property where most compositions get as far as validation: a recipe or none, then
     plain ``key=value`` overrides of schema keys with values of every type."""
     _validates_or_refuses(recipe + overrides, tmp_path_factory.mktemp("resolved"))
+
+
+GOLDEN_RESOLVED = Path(__file__).parent / "golden" / "resolved_recipes"
+
+
+@pytest.mark.parametrize("name", compose.recipe_names())
+def test_every_recipe_resolves_as_before_the_shared_seed_block(monkeypatch, name):
+    """The seed recipes share their training block (recipes/base/seed_sft.yaml) instead of repeating it;
+    each still resolves to the config it did when every recipe spelled the block out.
+
+    The golden files were written once, before the change, by composing every recipe with
+    ``output_dir=/runs/golden`` and ``NPU_RECIPES_CACHE=/cache`` and writing ``resolved.to_yaml`` of
+    the result (tests/golden/resolved_recipes/NAME.yaml)."""
+    monkeypatch.setenv("NPU_RECIPES_CACHE", "/cache")
+    config = compose.compose([f"+recipe={name}", "output_dir=/runs/golden"])
+    assert resolved.to_yaml(config) == (GOLDEN_RESOLVED / f"{name}.yaml").read_text()

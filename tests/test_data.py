@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from npu_recipes import data, demo_data
+from npu_recipes.data import messages, sources, tokenize
+from npu_recipes.data import demo
 from npu_recipes.errors import UserError
-from npu_recipes.schema import DatasetConfig
+from npu_recipes.config.schema import DatasetConfig
 
 CONVERSATION = [
     {"role": "system", "content": "You add numbers."},
@@ -28,11 +29,11 @@ def tokenizer(tiny_model_path):
 
 
 def test_exactly_the_assistant_tokens_carry_labels(tokenizer):
-    input_ids, labels = data.tokenize_conversation(CONVERSATION, tokenizer)
+    input_ids, labels = messages.tokenize_conversation(CONVERSATION, tokenizer)
     assert len(input_ids) == len(labels)
     full_text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     assert tokenizer.decode(input_ids) == full_text
-    labelled = [i for i, label in enumerate(labels) if label != data.IGNORE_INDEX]
+    labelled = [i for i, label in enumerate(labels) if label != messages.IGNORE_INDEX]
     assert all(labels[i] == input_ids[i] for i in labelled)
     # The labelled positions form exactly two runs: each assistant reply plus its <|im_end|>.
     runs, start = [], labelled[0]
@@ -42,20 +43,20 @@ def test_exactly_the_assistant_tokens_carry_labels(tokenizer):
             start = current
     assert runs == ["2 + 3 = 5<|im_end|>", "10 + 4 = 14<|im_end|>"]
     # Nothing of the system prompt, user turns, role headers or trailing newlines is labelled.
-    unlabelled_text = tokenizer.decode([t for t, label in zip(input_ids, labels) if label == data.IGNORE_INDEX])
+    unlabelled_text = tokenizer.decode([t for t, label in zip(input_ids, labels) if label == messages.IGNORE_INDEX])
     assert "You add numbers." in unlabelled_text and "What is 2 + 3?" in unlabelled_text
     assert "2 + 3 = 5" not in unlabelled_text
 
 
 def test_messages_after_the_last_assistant_turn_are_dropped(tokenizer):
-    ids_full, _ = data.tokenize_conversation(CONVERSATION, tokenizer)
-    ids_extra, _ = data.tokenize_conversation(CONVERSATION + [{"role": "user", "content": "thanks"}], tokenizer)
+    ids_full, _ = messages.tokenize_conversation(CONVERSATION, tokenizer)
+    ids_extra, _ = messages.tokenize_conversation(CONVERSATION + [{"role": "user", "content": "thanks"}], tokenizer)
     assert ids_full == ids_extra
 
 
 def test_demo_math_answers_are_correct():
-    rows = demo_data.generate(500, seed=3)
-    assert rows == demo_data.generate(500, seed=3)
+    rows = demo.generate(500, seed=3)
+    assert rows == demo.generate(500, seed=3)
     for row in rows:
         final_expression = re.findall(r"(\d+) ([-+*/]) (\d+) = \$?(\d+)", row["output"])[-1]
         a, op, b, result = final_expression
@@ -69,8 +70,8 @@ def _blossom_config(path) -> DatasetConfig:
 def test_blossom_mapping(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"input": "1+1?", "output": "1 + 1 = 2", "answer": "2"}) + "\n")
-    rows = data.load_rows(_blossom_config(path))
-    assert data.to_messages(rows[0], _blossom_config(path)) == [
+    rows = sources.load_rows(_blossom_config(path))
+    assert messages.to_messages(rows[0], _blossom_config(path)) == [
         {"role": "user", "content": "1+1?"},
         {"role": "assistant", "content": "1 + 1 = 2\n\nAnswer: 2"},
     ]
@@ -81,7 +82,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     good = json.dumps({"input": "q", "output": "o", "answer": "1"})
     path.write_text("\n".join([good, good, '{"input": "q", "output": ', good]) + "\n")
     with pytest.raises(UserError, match=r"broken\.jsonl line 3: invalid JSON"):
-        data.load_rows(_blossom_config(path))
+        sources.load_rows(_blossom_config(path))
 
 
 def test_missing_column_in_a_row_names_row_and_column(tmp_path):
@@ -89,49 +90,49 @@ def test_missing_column_in_a_row_names_row_and_column(tmp_path):
     rows = [{"input": "q", "output": "o", "answer": "1"}, {"input": "q2", "output": "o2"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     config = _blossom_config(path)
-    loaded = data.load_rows(config)
-    data.check_columns(config, loaded.column_names)
+    loaded = sources.load_rows(config)
+    messages.check_columns(config, loaded.column_names)
     with pytest.raises(UserError, match=r"row 1 \(0-based; record 2 of the file\): column 'answer' is missing \(absent or null\); columns found in that row: input, output"):
-        data.to_messages(loaded[1], config)
+        messages.to_messages(loaded[1], config)
 
 
 def test_column_absent_from_the_file_lists_the_columns_found(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     with pytest.raises(UserError, match=r"no column 'input' \(needed by dataset.user_template\); columns found: question, answer"):
-        data.check_columns(_blossom_config(path), data.load_rows(_blossom_config(path)).column_names)
+        messages.check_columns(_blossom_config(path), sources.load_rows(_blossom_config(path)).column_names)
 
 
 def test_messages_rows_with_a_system_turn(tmp_path, tokenizer):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"messages": CONVERSATION[1:3]}) + "\n")
     config = DatasetConfig(name="chat", path=str(path), messages_column="messages")
-    splits = data.prepare(config, tokenizer, max_length=512, truncation="drop", seed=0)
+    splits = tokenize.prepare(config, tokenizer, max_length=512, truncation="drop", seed=0)
     assert splits.counts["train"] == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}]}) + "\n")
     with pytest.raises(UserError, match="message 0 must have a role in"):
-        data.prepare(DatasetConfig(name="bad", path=str(bad), messages_column="messages"), tokenizer, 512, "drop", 0)
+        tokenize.prepare(DatasetConfig(name="bad", path=str(bad), messages_column="messages"), tokenizer, 512, "drop", 0)
 
 
 def test_long_rows_are_dropped_or_truncated_and_counted(tmp_path, tokenizer):
     path = tmp_path / "rows.jsonl"
     rows = [{"input": "short", "output": "ok", "answer": "1"}, {"input": "long " * 200, "output": "ok", "answer": "2"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    dropped = data.prepare(_blossom_config(path), tokenizer, max_length=64, truncation="drop", seed=0)
+    dropped = tokenize.prepare(_blossom_config(path), tokenizer, max_length=64, truncation="drop", seed=0)
     assert (dropped.counts["train"], dropped.counts["dropped_too_long"]) == (1, 1)
     with pytest.raises(UserError, match=r"0 of 2 rows left for training: 2 longer than train.max_length=16 tokens \(shortest: \d+ tokens\)"):
-        data.prepare(_blossom_config(path), tokenizer, max_length=16, truncation="drop", seed=0)
+        tokenize.prepare(_blossom_config(path), tokenizer, max_length=16, truncation="drop", seed=0)
 
 
 def test_validation_split_is_deterministic_and_disjoint(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"input": str(i), "output": "o", "answer": "1"}) + "\n" for i in range(300)))
-    rows = data.load_rows(_blossom_config(path))
-    train, held_out = data.split_rows(rows, 0.01, seed=42)
-    again_train, again_held_out = data.split_rows(rows, 0.01, seed=42)
-    assert len(held_out) == 3 and held_out[data.ROW_ID] == again_held_out[data.ROW_ID]
-    assert not set(train[data.ROW_ID]) & set(held_out[data.ROW_ID])
+    rows = sources.load_rows(_blossom_config(path))
+    train, held_out = sources.split_rows(rows, 0.01, seed=42)
+    again_train, again_held_out = sources.split_rows(rows, 0.01, seed=42)
+    assert len(held_out) == 3 and held_out[sources.ROW_ID] == again_held_out[sources.ROW_ID]
+    assert not set(train[sources.ROW_ID]) & set(held_out[sources.ROW_ID])
     assert len(train) + len(held_out) == 300
 
 
@@ -141,7 +142,7 @@ def test_mixed_json_types_in_a_mapped_column_are_refused(tmp_path):
     rows = [{"input": "q", "output": "o", "answer": "007"}] * 3 + [{"input": "q", "output": "o", "answer": 7}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError, match=r"rows.jsonl line 4: column 'answer' holds int where line 1 holds str"):
-        data.load_rows(_blossom_config(path))
+        sources.load_rows(_blossom_config(path))
 
 
 @pytest.mark.parametrize(
@@ -156,20 +157,20 @@ def test_malformed_conversations_name_the_row(tmp_path, conversation, expected):
     path.write_text(json.dumps({"messages": conversation}) + "\n")
     config = DatasetConfig(name="chat", path=str(path), messages_column="messages")
     with pytest.raises(UserError, match=expected):
-        data.to_messages(data.load_rows(config)[0], config)
+        messages.to_messages(sources.load_rows(config)[0], config)
 
 
 def test_empty_and_mixed_inputs_are_named(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(UserError, match="is empty"):
-        data.load_rows(_blossom_config(empty))
+        sources.load_rows(_blossom_config(empty))
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "a.jsonl").write_text(json.dumps({"input": "q", "output": "o", "answer": "1"}) + "\n")
     (mixed / "b.csv").write_text("input,output,answer\nq,o,1\n")
     with pytest.raises(UserError, match=r"mixes formats \(.csv, .jsonl\)"):
-        data.load_rows(_blossom_config(mixed))
+        sources.load_rows(_blossom_config(mixed))
     typo = DatasetConfig(name="gsm8k", path=str(tmp_path / "trian.jsonl"), hub="huggingface")
     with pytest.raises(UserError, match="does not exist"):
-        data.resolve_path(typo)
+        sources.resolve_path(typo)

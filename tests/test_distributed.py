@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from npu_recipes import demo_data
+from npu_recipes.data import demo
 from tests.helpers import REPO, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def variable_length_rows(tmp_path_factory) -> Path:
 
 
 def _demo_lines(directory: Path, count: int) -> list[str]:
-    demo_data.write(directory / "demo.jsonl", count)
+    demo.write(directory / "demo.jsonl", count)
     return (directory / "demo.jsonl").read_text().splitlines()
 
 

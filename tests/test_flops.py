@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from npu_recipes import config as config_module
-from npu_recipes import flops
+from npu_recipes.config import resolved
+from npu_recipes.model import flops
 from tests.helpers import read_jsonl, run_cli
 
 
@@ -116,12 +116,12 @@ def test_mfu_in_logging_and_manifest(tmp_path):
     assert manifest["final_metrics"]["mfu"] == summary["mfu"] and manifest["final_metrics"]["skipped_steps"] == 0
     assert "MFU " in result.stdout
 
-    resolved = config_module.load_resolved(run / "resolved.yaml")
-    base = AutoModelForCausalLM.from_pretrained(resolved.model.name_or_path)
+    run_config = resolved.load_resolved(run / "resolved.yaml")
+    base = AutoModelForCausalLM.from_pretrained(run_config.model.name_or_path)
     lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     counted = flops.FlopsModel.from_model(lora, lora.config)
     tokens = summary["num_input_tokens_seen"]
     attention = summary["total_flos"] - counted.dense_flops_per_token * tokens
     per_key = 12 * counted.num_layers * counted.attention_width
     # Every real token attends to at least itself and at most max_length keys.
-    assert per_key * tokens <= attention <= per_key * tokens * resolved.train.max_length
+    assert per_key * tokens <= attention <= per_key * tokens * run_config.train.max_length

@@ -8,10 +8,13 @@ import shutil
 import pytest
 import yaml
 
-from npu_recipes import config as config_module
-from npu_recipes import chat, devices, generation, heldout, inference
+from npu_recipes.config import compose
+from npu_recipes.infer import chat
+from npu_recipes.runtime import devices
+from npu_recipes.infer import generation
+from npu_recipes.run import heldout
 from npu_recipes.errors import UserError
-from tests.helpers import read_jsonl, run_cli
+from tests.helpers import load_for_generation, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -133,9 +136,9 @@ def test_batch_inference_over_the_first_50_gsm8k_test_rows(checkpoint, gsm8k_dir
 
 
 def test_left_padded_batches_give_each_prompt_its_own_reply(checkpoint):
-    config = config_module.compose(["device=cpu", f"adapters={checkpoint}", *VARIED])
-    loaded = inference.load(config, devices.resolve("cpu"))
-    gen_config = generation.generation_config(loaded, config.infer)
+    config = compose.compose(["device=cpu", f"adapters={checkpoint}", *VARIED])
+    loaded = load_for_generation(config, devices.resolve("cpu"))
+    gen_config = generation.for_infer(loaded, config.infer)
     prompts = [
         [{"role": "user", "content": "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts?"}],
         [{"role": "user", "content": "Hi"}],
@@ -156,9 +159,9 @@ def test_terminal_chat_keeps_history_until_cleared_and_quits(checkpoint):
     # Segments: reply 1, reply 2, "(conversation cleared)", reply 3, then the /quit prompt (empty).
     assert replies[2] == "(conversation cleared)" and replies[4:] == [""]
 
-    config = config_module.compose(["device=cpu", f"adapters={checkpoint}", *VARIED])
-    loaded = inference.load(config, devices.resolve("cpu"))
-    gen_config = generation.generation_config(loaded, config.infer)
+    config = compose.compose(["device=cpu", f"adapters={checkpoint}", *VARIED])
+    loaded = load_for_generation(config, devices.resolve("cpu"))
+    gen_config = generation.for_infer(loaded, config.infer)
     first = generation.generate(loaded, [[{"role": "user", "content": turns[0]}]], gen_config)[0].text
     second = generation.generate(loaded, [[{"role": "user", "content": turns[0]}, {"role": "assistant", "content": first},
                                            {"role": "user", "content": turns[1]}]], gen_config)[0].text

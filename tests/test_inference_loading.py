@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from npu_recipes import config as config_module
-from npu_recipes import devices, inference
+from npu_recipes.config import compose
+from npu_recipes.runtime import devices
+from npu_recipes.infer import adapters
 from npu_recipes.errors import UserError
-from tests.helpers import run_cli
+from tests.helpers import load_for_generation, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,8 @@ def lora_run(tmp_path_factory):
 
 
 def test_adapter_loads_on_the_base_of_its_run(lora_run):
-    config = config_module.compose(["device=cpu", "model=qwen2_7b_instruct", f"adapters={lora_run}/checkpoint-2"])
-    loaded = inference.load(config, devices.resolve("cpu"))
+    config = compose.compose(["device=cpu", "model=qwen2_7b_instruct", f"adapters={lora_run}/checkpoint-2"])
+    loaded = load_for_generation(config, devices.resolve("cpu"))
     assert loaded.base.name_or_path.endswith("tiny_qwen2-v1")
     assert [a.name for a in loaded.adapters] == ["default"]
     assert loaded.model.active_adapter == "default"
@@ -31,16 +32,16 @@ def test_adapter_loads_on_the_base_of_its_run(lora_run):
 
 
 def test_named_adapters_keep_their_names(lora_run):
-    adapters = inference.parse_adapters({"math.v1": f"{lora_run}/checkpoint-2", "other": f"{lora_run}/checkpoint-2"})
-    assert [a.name for a in adapters] == ["math_v1", "other"]
-    listed = inference.parse_adapters([f"{lora_run}/checkpoint-2", f"{lora_run}/checkpoint-2"])
+    named = adapters.parse_adapters({"math.v1": f"{lora_run}/checkpoint-2", "other": f"{lora_run}/checkpoint-2"})
+    assert [a.name for a in named] == ["math_v1", "other"]
+    listed = adapters.parse_adapters([f"{lora_run}/checkpoint-2", f"{lora_run}/checkpoint-2"])
     assert [a.name for a in listed] == ["checkpoint-2", "checkpoint-2_2"]
 
 
 def test_bad_adapter_paths_say_what_to_do(tmp_path, tiny_model_path):
     with pytest.raises(UserError, match="does not exist"):
-        inference.parse_adapters(str(tmp_path / "missing"))
+        adapters.parse_adapters(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="is a full model checkpoint"):
-        inference.parse_adapters(str(tiny_model_path))
+        adapters.parse_adapters(str(tiny_model_path))
     with pytest.raises(UserError, match="holds no adapter files"):
-        inference.parse_adapters(str(tmp_path))
+        adapters.parse_adapters(str(tmp_path))

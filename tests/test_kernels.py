@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from npu_recipes import kernels
+from npu_recipes.model import kernels
 from tests.helpers import read_jsonl, run_cli
 
 LIGER_MISSING = importlib.util.find_spec("liger_kernel") is None

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from npu_recipes import config as config_module
-from npu_recipes import deepspeed_config, devices, launch
-from npu_recipes.devices import Device
+from npu_recipes.config import compose
+from npu_recipes.runtime import deepspeed_config
+from npu_recipes.runtime import devices
+from npu_recipes.runtime import launch
+from npu_recipes.runtime.devices import Device
 from npu_recipes.errors import UserError
 from tests.helpers import run_cli
 
@@ -47,7 +49,7 @@ def test_launch_mistakes_fail_before_any_worker_starts(case, tmp_path):
     assert not run.exists()
 
 
-# The same checks in-process (launch.plan is what the runner calls before prepare).
+# The same checks in-process (launch.plan_launch is what the runner calls before prepare).
 PLAN_MISTAKES = {
     "more processes than visible GPUs": (
         {"CUDA_VISIBLE_DEVICES": "0,1"},
@@ -92,6 +94,14 @@ PLAN_MISTAKES = {
 }
 
 
+def _plan(config):
+    return launch.plan_launch(config.parallelism, config.device, config.recipe)
+
+
+def _check_environment(config):
+    launch.check_environment(config.parallelism, config.recipe)
+
+
 @pytest.mark.parametrize("case", sorted(PLAN_MISTAKES))
 def test_launch_plan_refuses(case, monkeypatch):
     env, overrides, expected = PLAN_MISTAKES[case]
@@ -100,17 +110,17 @@ def test_launch_plan_refuses(case, monkeypatch):
     for variable, value in env.items():
         monkeypatch.setenv(variable, value)
     with pytest.raises(UserError) as caught:
-        launch.plan(config_module.compose(overrides))
+        _plan(compose.compose(overrides))
     assert expected in caught.value.message and caught.value.fix
 
 
 def test_a_plan_runs_one_process_in_process_and_deepspeed_always_through_torchrun(monkeypatch):
     monkeypatch.delenv("NPROC_PER_NODE", raising=False)
-    single = launch.plan(config_module.compose(["device=cpu"]))
+    single = _plan(compose.compose(["device=cpu"]))
     assert single.in_process and single.world_size == 1
-    lone_zero3 = launch.plan(config_module.compose(["device=cpu", "parallelism=zero3_offload", "parallelism.nproc_per_node=1"]))
+    lone_zero3 = _plan(compose.compose(["device=cpu", "parallelism=zero3_offload", "parallelism.nproc_per_node=1"]))
     assert not lone_zero3.in_process and lone_zero3.world_size == 1
-    ddp = launch.plan(config_module.compose(["device=cpu", "parallelism=ddp", "parallelism.master_port=29999"]))
+    ddp = _plan(compose.compose(["device=cpu", "parallelism=ddp", "parallelism.master_port=29999"]))
     assert ddp.command(Path("/run/resolved.yaml"))[1:] == [
         "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1",
         "--master-port=29999", "--shutdown-timeout=300", "--log-dir=/dev/null", "-m", "npu_recipes.worker", "/run/resolved.yaml",
@@ -129,22 +139,22 @@ def test_torch_npu_error_names_the_package_and_the_version_to_install():
 def test_seed_environment_sets_the_process_count(monkeypatch):
     """NPROC_PER_NODE=4 ASCEND_RT_VISIBLE_DEVICES=0,1,2,3 swift sft --deepspeed zero3 ... composes to 4 processes."""
     monkeypatch.setenv("NPROC_PER_NODE", "4")
-    config = config_module.compose(["parallelism=zero3"])
+    config = compose.compose(["parallelism=zero3"])
     assert config.parallelism.nproc_per_node == 4 and config.parallelism.zero_stage == 3
-    launch.check_environment(config)
+    launch.check_environment(config.parallelism, config.recipe)
     monkeypatch.setenv("NPROC_PER_NODE", "8")
     with pytest.raises(UserError, match="NPROC_PER_NODE=8 contradicts parallelism.nproc_per_node=4"):
-        launch.check_environment(config_module.compose(["parallelism=zero3", "parallelism.nproc_per_node=4"]))
+        _check_environment(compose.compose(["parallelism=zero3", "parallelism.nproc_per_node=4"]))
     monkeypatch.delenv("NPROC_PER_NODE")
-    assert config_module.compose(["parallelism=ddp"]).parallelism.nproc_per_node == 2
+    assert compose.compose(["parallelism=ddp"]).parallelism.nproc_per_node == 2
 
 
 def test_multi_node_settings_become_torchrun_arguments(monkeypatch):
     for variable, value in {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}.items():
         monkeypatch.setenv(variable, value)
-    config = config_module.compose(["parallelism=zero2", "parallelism.nproc_per_node=8", "output_dir=/shared/run"])
-    launch.check_environment(config)
-    assert launch.torchrun_arguments(config) == [
+    config = compose.compose(["parallelism=zero2", "parallelism.nproc_per_node=8", "output_dir=/shared/run"])
+    launch.check_environment(config.parallelism, config.recipe)
+    assert launch.torchrun_arguments(config.parallelism) == [
         "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
         "--shutdown-timeout=300",
     ]
@@ -159,25 +169,25 @@ def test_visible_device_ids(monkeypatch, value, expected):
 
 
 def test_deepspeed_configs_leave_trainer_values_auto():
-    zero2 = deepspeed_config.build(config_module.compose(["parallelism=zero2"]).parallelism, Device("npu", 4))
+    zero2 = deepspeed_config.build(compose.compose(["parallelism=zero2"]).parallelism, Device("npu", 4))
     assert zero2["zero_optimization"]["stage"] == 2 and "optimizer" not in zero2
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
         assert zero2[key] == "auto"
     assert zero2["bf16"]["enabled"] == "auto" and zero2["fp16"]["enabled"] == "auto"
 
-    zero3 = deepspeed_config.build(config_module.compose(["parallelism=zero3"]).parallelism, Device("npu", 4))["zero_optimization"]
+    zero3 = deepspeed_config.build(compose.compose(["parallelism=zero3"]).parallelism, Device("npu", 4))["zero_optimization"]
     assert zero3["stage"] == 3 and zero3["stage3_gather_16bit_weights_on_model_save"] is True
     assert "offload_param" not in zero3 and "offload_optimizer" not in zero3
 
-    offload = deepspeed_config.build(config_module.compose(["parallelism=zero3_offload"]).parallelism, Device("npu", 4))
+    offload = deepspeed_config.build(compose.compose(["parallelism=zero3_offload"]).parallelism, Device("npu", 4))
     zero = offload["zero_optimization"]
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True} == zero["offload_param"]
     assert offload["optimizer"] == {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
-    on_cpu = deepspeed_config.build(config_module.compose(["parallelism=zero3_offload"]).parallelism, Device("cpu", 1))
+    on_cpu = deepspeed_config.build(compose.compose(["parallelism=zero3_offload"]).parallelism, Device("cpu", 1))
     assert on_cpu["zero_optimization"]["offload_param"]["pin_memory"] is False
 
     with pytest.raises(ValueError):
-        deepspeed_config.build(config_module.compose(["parallelism=ddp"]).parallelism, Device("cpu", 1))
+        deepspeed_config.build(compose.compose(["parallelism=ddp"]).parallelism, Device("cpu", 1))
 
 
 def test_only_npu_turns_off_ddp_unused_parameter_search():

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from npu_recipes import accelerators, memory
-from npu_recipes.catalogue import shipped_config_dir
-from npu_recipes.schema import LoraConfig
+from npu_recipes.plan import targets
+from npu_recipes.plan import memory
+from npu_recipes.model.pretrained import shipped_config_dir
+from npu_recipes.config.schema import LoraConfig
 from tests.helpers import REPO, SHARED
 
-CPU = accelerators.TARGETS["cpu"]
-H200 = accelerators.TARGETS["h200"]
+CPU = targets.TARGETS["cpu"]
+H200 = targets.TARGETS["h200"]
 CPU_CALIBRATION = REPO / "bench" / "results" / "memory_calibration_cpu.json"
 H200_ANCHORS = SHARED / "bench" / "h200_hf_peft_anchor.jsonl"
 TOLERANCE = 0.15
@@ -47,14 +48,14 @@ def test_layer_activations_equal_the_tensors_autograd_saves(tmp_path, train_type
     parameters excluded) on CPU in fp32: the per-layer formula plus the shared RoPE tables, exactly."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from npu_recipes import models
+    from npu_recipes.model import pretrained
 
     directory = _config_dir(tmp_path, SMALL_QWEN2)
     lora = LoraConfig()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
     if train_type == "lora":
-        model = models.apply_lora(model, lora)
+        model = pretrained.apply_lora(model, lora)
         model.enable_input_require_grads()
     model.train()
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -155,7 +156,7 @@ def test_peak_is_the_sum_of_the_components_live_at_it(tmp_path):
     for zero_stage, offload, world in ((None, False, 1), (None, False, 8), (2, False, 8), (3, False, 8), (3, True, 8)):
         setting = _setting("lora", "bfloat16", zero_stage=zero_stage, offload_optimizer=offload, offload_param=offload,
                            world_size=world, nproc_per_node=world, gradient_accumulation_steps=16)
-        estimate = memory.estimate(shape, setting, accelerators.TARGETS["ascend_910b3"])
+        estimate = memory.estimate(shape, setting, targets.TARGETS["ascend_910b3"])
         live = sum(c.bytes for c in estimate.components.values() if c.at_peak)
         assert live == pytest.approx(estimate.total_bytes)
         assert (estimate.host_bytes > 0) == offload

@@ -8,9 +8,12 @@ import shutil
 import pytest
 import torch
 
-from npu_recipes import config as config_module
-from npu_recipes import devices, inference, runlock, tiny_model
-from tests.helpers import run_cli
+from npu_recipes.config import compose
+from npu_recipes.runtime import devices
+from npu_recipes.infer import loading
+from npu_recipes.run import lock
+from npu_recipes.model import tiny
+from tests.helpers import load_for_generation, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +44,8 @@ def _logits(*overrides):
     """Logits of the fixed batch (2 chat prompts, left-padded) in fp32 on the CPU, padding positions zeroed.
 
     Several adapters are stacked, as the infer stage applies them."""
-    loaded = inference.load(config_module.compose(["device=cpu", *overrides]), devices.resolve("cpu"))
-    inference.stack_adapters(loaded)
+    loaded = load_for_generation(compose.compose(["device=cpu", *overrides]), devices.resolve("cpu"))
+    loading.stack_adapters(loaded)
     texts = [loaded.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in PROMPTS]
     batch = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert loaded.model.dtype == torch.float32
@@ -77,7 +80,7 @@ def test_merged_directory_is_a_complete_sharded_model(lora_checkpoint, merged, t
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 2 and all((merged / s).is_file() for s in shards)
     assert (merged / "config.json").is_file()
-    assert AutoTokenizer.from_pretrained(merged).chat_template == tiny_model.CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(merged).chat_template == tiny.CHAT_TEMPLATE
     assert GenerationConfig.from_pretrained(merged).eos_token_id == GenerationConfig.from_pretrained(tiny_model_path).eos_token_id
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["kind"] == "merged_model"
@@ -86,7 +89,7 @@ def test_merged_directory_is_a_complete_sharded_model(lora_checkpoint, merged, t
     assert manifest["training_run"] == str(lora_checkpoint.parent)
     assert manifest["dtype"] == "float32" and manifest["shards"] == shards
     assert manifest["weights_bytes"] == sum((merged / s).stat().st_size for s in shards)
-    assert not [p for p in lora_checkpoint.parent.glob(".*") if p.name != runlock.LOCK], "a temporary build directory was left behind"
+    assert not [p for p in lora_checkpoint.parent.glob(".*") if p.name != lock.LOCK], "a temporary build directory was left behind"
 
 
 def test_merge_refuses_an_existing_target(lora_checkpoint, merged):
@@ -130,12 +133,12 @@ def test_lora_trained_on_a_merged_model_merges_again(merged, tmp_path):
 
 def test_stacked_adapters_merge_into_what_infer_applies(lora_checkpoint, tmp_path):
     """Two adapters (the same checkpoint twice: the LoRA delta counted twice), merged in-process."""
-    from npu_recipes.stages import merge
+    from npu_recipes import runner
 
     stacked = f"adapters=[{lora_checkpoint},{lora_checkpoint}]"
     target = tmp_path / "stacked"
-    merge.run(config_module.compose(["stage=merge", "device=cpu", stacked, f"merge.output_dir={target}",
-                                     "merge.torch_dtype=float32"]), None)
+    runner.run(compose.compose(["stage=merge", "device=cpu", stacked, f"merge.output_dir={target}", "merge.torch_dtype=float32"]),
+               fresh_output_dir=False)
     assert [a["name"] for a in json.loads((target / "manifest.json").read_text())["adapters"]] == ["checkpoint-8", "checkpoint-8_2"]
     with_both = _logits(stacked)
     assert (with_both - _logits(f"adapters={lora_checkpoint}")).abs().max() > 0.05

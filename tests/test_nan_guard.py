@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from npu_recipes import config as config_module
+from npu_recipes.config import compose
 from tests.helpers import read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
@@ -62,5 +62,5 @@ def test_consecutive_bad_steps_stop_the_run(tmp_path):
 
 
 def test_default_limit_is_five():
-    config = config_module.compose([])
+    config = compose.compose([])
     assert config.nan_guard.max_consecutive_bad_steps == 5 and config.nan_guard.inject_nan_at_steps == []

@@ -10,8 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npu_recipes import config as config_module
-from npu_recipes import data, packing
+from npu_recipes.config import compose
+from npu_recipes.data import messages, sources
+from npu_recipes.data import packing
+from npu_recipes.model.attention import PER_SAMPLE_SDPA, adapt_model, packed_attention
 from tests.helpers import read_jsonl, run_cli
 
 
@@ -48,28 +50,28 @@ def tokenizer(tiny_model_path):
 @pytest.fixture(scope="module")
 def gsm8k_samples(gsm8k_dir, tokenizer):
     """The first 12 GSM8K training rows, tokenized as the train stage does (assistant-only labels)."""
-    dataset = config_module.compose(["dataset=gsm8k", f"dataset.path={gsm8k_dir / 'train.jsonl'}"]).dataset
+    dataset = compose.compose(["dataset=gsm8k", f"dataset.path={gsm8k_dir / 'train.jsonl'}"]).dataset
     samples = []
     with open(gsm8k_dir / "train.jsonl") as lines:
         for row_id, line in zip(range(12), lines):
-            messages = data.to_messages({**json.loads(line), data.ROW_ID: row_id}, dataset)
-            input_ids, labels = data.tokenize_conversation(messages, tokenizer)
+            conversation = messages.to_messages({**json.loads(line), sources.ROW_ID: row_id}, dataset)
+            input_ids, labels = messages.tokenize_conversation(conversation, tokenizer)
             samples.append({"input_ids": input_ids, "labels": labels})
     return samples
 
 
-ATTENTION_PATHS = ("sdpa", "eager", packing.PER_SAMPLE_SDPA)
+ATTENTION_PATHS = ("sdpa", "eager", PER_SAMPLE_SDPA)
 """transformers' block-diagonal mask from position ids (sdpa, eager) and npu_recipes' per-sample SDPA."""
 
 
 def load_model(path, attention):
     from transformers import AutoModelForCausalLM
 
-    loaded_as = "sdpa" if attention == packing.PER_SAMPLE_SDPA else attention
+    loaded_as = "sdpa" if attention == PER_SAMPLE_SDPA else attention
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=loaded_as)
     model.config.use_cache = False
-    if attention == packing.PER_SAMPLE_SDPA:
-        packing.adapt_model(model, "sdpa")
+    if attention == PER_SAMPLE_SDPA:
+        adapt_model(model, "sdpa")
     assert model.config._attn_implementation == attention
     return model.eval()
 
@@ -78,7 +80,7 @@ def token_losses(logits, labels):
     """Cross-entropy of every labelled next-token prediction, in order (nats; shape [labelled tokens])."""
     shifted = labels[:, 1:].reshape(-1)
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, reduction="none")
-    return losses[shifted != data.IGNORE_INDEX]
+    return losses[shifted != messages.IGNORE_INDEX]
 
 
 @pytest.mark.parametrize("attention", ATTENTION_PATHS)
@@ -91,11 +93,11 @@ def test_packed_per_token_loss_equals_unpacked(tiny_model_path, tokenizer, gsm8k
     configured = "eager" if attention == "eager" else "sdpa"
     _, pad_collator, _ = packing.training_inputs(
         Dataset.from_list(gsm8k_samples), tokenizer, packing=False, max_length=1024,
-        attn_implementation=configured, ignore_index=data.IGNORE_INDEX,
+        return_flash_attn_kwargs=packed_attention(configured).reads_cu_seq_lens, ignore_index=messages.IGNORE_INDEX,
     )
     packed, collator, stats = packing.training_inputs(
         Dataset.from_list(gsm8k_samples), tokenizer, packing=True, max_length=1024,
-        attn_implementation=configured, ignore_index=data.IGNORE_INDEX,
+        return_flash_attn_kwargs=packed_attention(configured).reads_cu_seq_lens, ignore_index=messages.IGNORE_INDEX,
     )
     assert stats["samples"] == 12 and stats["packs"] >= 3
     padded = pad_collator([dict(s) for s in gsm8k_samples])
@@ -156,7 +158,7 @@ def test_collator_flattens_packs_and_pads_plain_samples(tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     collator = packing.PackedCollator(
-        DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=data.IGNORE_INDEX), return_flash_attn_kwargs=True
+        DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=messages.IGNORE_INDEX), return_flash_attn_kwargs=True
     )
     packs = [
         {"input_ids": [[5, 6, 7], [8, 9]], "labels": [[-100, 6, 7], [-100, 9]]},
@@ -202,7 +204,7 @@ def test_packed_training_run_logs_the_same_losses_as_unpacked(tmp_path, gsm8k_di
     manifest = json.loads((tmp_path / "packed" / "manifest.json").read_text())
     assert manifest["packing"]["samples"] == 8 and manifest["packing"]["packs"] == len(packs)
     assert manifest["packing"]["tokens"] == manifest["dataset"]["train_tokens"]
-    assert manifest["packing"]["attention"] == packing.PER_SAMPLE_SDPA
+    assert manifest["packing"]["attention"] == PER_SAMPLE_SDPA
     assert json.loads((tmp_path / "unpacked" / "manifest.json").read_text())["packing"] is None
 
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from npu_recipes import config as config_module
-from npu_recipes.catalogue import shipped_config_dir
-from npu_recipes.stages import plan as plan_stage
+from npu_recipes.config import compose
+from npu_recipes.model.pretrained import shipped_config_dir
+from npu_recipes.plan import planner, report
 from tests.helpers import run_cli
 
 QWEN2_7B = "Qwen/Qwen2-7B-Instruct"
 QWEN2_5_14B = "Qwen/Qwen2.5-14B-Instruct"
 # Public parameter counts of the base models (transformers' own count of config.json's architecture).
 BASE_PARAMS = {QWEN2_7B: 7_615_616_512, QWEN2_5_14B: 14_770_033_664, "Qwen/Qwen1.5-14B-Chat": 14_167_290_880}
-SEED_RECIPES = [name for name in config_module.recipe_names() if name.startswith("qwen")]
+SEED_RECIPES = [name for name in compose.recipe_names() if name.startswith("qwen")]
 
 
 def config_only(tmp_path: Path, model_id: str) -> Path:
@@ -32,17 +32,23 @@ def config_only(tmp_path: Path, model_id: str) -> Path:
     return directory
 
 
-def _make(tmp_path, overrides):
-    config = config_module.compose(overrides)
+def _make_with_config(tmp_path, overrides):
+    config = compose.compose(overrides)
     given = Path(config.model.name_or_path)
     model_dir = given if given.is_dir() else config_only(tmp_path, config.model.name_or_path)
-    return plan_stage.make(config, overrides, model_dir=str(model_dir))
+    return config, planner.make(model=config.model, train_type=config.train_type, lora=config.lora, train=config.train,
+                                parallelism=config.parallelism, device=config.device, options=config.plan, model_dir=str(model_dir))
+
+
+def _make(tmp_path, overrides):
+    return _make_with_config(tmp_path, overrides)[1]
 
 
 @pytest.mark.parametrize("recipe", SEED_RECIPES)
 def test_every_seed_recipe_plans_offline_from_config_json_alone(tmp_path, recipe):
-    plan = _make(tmp_path, [f"+recipe={recipe}"])
-    config, shape, estimate = plan.config, plan.shape, plan.estimate
+    config, plan = _make_with_config(tmp_path, [f"+recipe={recipe}"])
+    shape, estimate = plan.shape, plan.estimate
+    launch = report.launch_for(config.parallelism, plan.target.device_type, [f"+recipe={recipe}"])
     assert shape.params - shape.trainable_params == BASE_PARAMS[config.model.name_or_path]
     world = config.reference["devices"]
     assert config.parallelism.nproc_per_node * config.parallelism.nnodes == world
@@ -50,16 +56,16 @@ def test_every_seed_recipe_plans_offline_from_config_json_alone(tmp_path, recipe
     live = sum(c.bytes for c in estimate.components.values() if c.at_peak)
     assert live == pytest.approx(estimate.total_bytes)
     assert 0 < estimate.total_gib < plan.usable_gib and plan.fits and plan.suggestion is None
-    assert plan.launch.environment == {"ASCEND_RT_VISIBLE_DEVICES": ",".join(map(str, range(world)))}
+    assert launch.environment == {"ASCEND_RT_VISIBLE_DEVICES": ",".join(map(str, range(world)))}
     if world > 1:
-        assert plan.launch.workers == [
+        assert launch.workers == [
             "python", "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--nnodes=1", "--node-rank=0",
             "--master-addr=127.0.0.1", "--shutdown-timeout=300", f"--log-dir={os.devnull}", "-m", "npu_recipes.worker",
             "RUN_DIR/resolved.yaml",
         ]
-        assert plan.launch.worker_environment == {"DS_ACCELERATOR": "npu"}
+        assert launch.worker_environment == {"DS_ACCELERATOR": "npu"}
     else:
-        assert plan.launch.workers is None
+        assert launch.workers is None
 
 
 def test_zero3_divides_weights_by_the_world_size(tmp_path):
@@ -81,13 +87,14 @@ def test_gradient_checkpointing_auto_turns_it_off_only_when_the_estimate_without
     if device_memory_gib:
         overrides.append(f"plan.device_memory_gib={device_memory_gib}")
     plan = _make(tmp_path, overrides)
-    assert plan.config.train.gradient_checkpointing is enabled
-    assert 30 < plan.without_checkpointing_gib < 36
-    assert (plan.without_checkpointing_gib * plan_stage.AUTO_CHECKPOINTING_MARGIN > plan.usable_gib) is enabled
+    assert plan.setting.gradient_checkpointing is enabled
+    without_checkpointing_gib = plan.checkpointing.without_checkpointing_gib
+    assert 30 < without_checkpointing_gib < 36
+    assert (without_checkpointing_gib * planner.AUTO_CHECKPOINTING_MARGIN > plan.usable_gib) is enabled
     forced_off = _make(tmp_path, [*overrides, "train.gradient_checkpointing=false"])
-    assert forced_off.estimate.total_gib == pytest.approx(plan.without_checkpointing_gib)
+    assert forced_off.estimate.total_gib == pytest.approx(without_checkpointing_gib)
     if not enabled:
-        assert plan.estimate.total_gib == pytest.approx(plan.without_checkpointing_gib)
+        assert plan.estimate.total_gib == pytest.approx(without_checkpointing_gib)
 
 
 def test_plan_prints_settings_launch_and_memory_through_the_cli(tmp_path):
@@ -114,19 +121,20 @@ def test_plan_json_matches_the_in_process_plan(tmp_path):
     args = ["+recipe=qwen7b_lora_zero3", "stage=plan", f"model.name_or_path={model}", "plan.format=json", "train.max_length=512"]
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)
-    expected = plan_stage.to_dict(_make(tmp_path, [a for a in args if a != "plan.format=json"]))
-    assert report["memory"] == expected["memory"] and report["device"] == expected["device"]
-    assert report["settings"]["max_length"] == 512 and report["settings"]["world_size"] == 4
-    assert report["reference"]["max_memory_gb_per_device"] == 22 and report["reference"]["runtime_hours"] == 8.5
-    assert report["launch"]["environment"] == {"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"}
-    assert report["launch"]["worker_environment"] == {"DS_ACCELERATOR": "npu"}
-    assert report["launch"]["command"][-3:] == ["+recipe=qwen7b_lora_zero3", f"model.name_or_path={model}", "train.max_length=512"]
-    components = report["memory"]["components"]
+    printed = json.loads(result.stdout)
+    config, plan = _make_with_config(tmp_path, [a for a in args if a != "plan.format=json"])
+    expected = report.to_dict(config, plan, report.launch_for(config.parallelism, plan.target.device_type, args))
+    assert printed["memory"] == expected["memory"] and printed["device"] == expected["device"]
+    assert printed["settings"]["max_length"] == 512 and printed["settings"]["world_size"] == 4
+    assert printed["reference"]["max_memory_gb_per_device"] == 22 and printed["reference"]["runtime_hours"] == 8.5
+    assert printed["launch"]["environment"] == {"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"}
+    assert printed["launch"]["worker_environment"] == {"DS_ACCELERATOR": "npu"}
+    assert printed["launch"]["command"][-3:] == ["+recipe=qwen7b_lora_zero3", f"model.name_or_path={model}", "train.max_length=512"]
+    components = printed["memory"]["components"]
     assert set(components) == {"weights", "gradients", "optimizer_states", "activations", "logits_and_loss",
                                "optimizer_step", "framework_overhead"}
-    assert report["memory"]["activations_gib"]["checkpointing_off"] > report["memory"]["activations_gib"]["checkpointing_on"]
-    assert report["fits"] is True and report["suggestion"] is None
+    assert printed["memory"]["activations_gib"]["checkpointing_off"] > printed["memory"]["activations_gib"]["checkpointing_on"]
+    assert printed["fits"] is True and printed["suggestion"] is None
 
 
 @pytest.mark.parametrize(
@@ -192,10 +200,10 @@ def test_unknown_target_lists_the_device_types():
     from npu_recipes.errors import UserError
 
     with pytest.raises(UserError, match=r"did you mean 'h200'.*ascend_910b3"):
-        config_module.compose(["stage=plan", "plan.target=h300"])
+        compose.compose(["stage=plan", "plan.target=h300"])
 
 
-@pytest.mark.parametrize("name", sorted(plan_stage.PARALLELISM_SETTINGS))
+@pytest.mark.parametrize("name", sorted(planner.PARALLELISM_SETTINGS))
 def test_suggested_parallelisms_set_what_their_group_option_sets(name):
-    parallel = config_module.compose([f"parallelism={name}"]).parallelism
-    assert (parallel.zero_stage, parallel.offload_optimizer_device, parallel.offload_param_device) == plan_stage.PARALLELISM_SETTINGS[name]
+    parallel = compose.compose([f"parallelism={name}"]).parallelism
+    assert (parallel.zero_stage, parallel.offload_optimizer_device, parallel.offload_param_device) == planner.PARALLELISM_SETTINGS[name]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from npu_recipes import checkpoints
+from npu_recipes.run import checkpoints
 from tests.helpers import REPO, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow

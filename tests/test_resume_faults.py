@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from npu_recipes import checkpoints, config as config_module, resume, runlock
+from npu_recipes.run import checkpoints
+from npu_recipes.config import compose
+from npu_recipes.run import resume
+from npu_recipes.run import lock
 from npu_recipes.errors import UserError
 from tests.helpers import REPO, read_jsonl, run_cli
 
@@ -203,7 +206,7 @@ def test_the_lock_not_the_pid_decides_whether_a_run_is_in_use(base, tmp_path):
     run = _copy(base, tmp_path)
     # A process holding the run's lock, as a live launcher or a worker still saving would.
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import time; from npu_recipes import runlock; runlock.claim({str(run)!r}); "
+        [sys.executable, "-c", f"import time; from npu_recipes.run import lock; lock.claim({str(run)!r}); "
          "print('held', flush=True); time.sleep(120)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     unrelated = subprocess.Popen(["sleep", "120"])
     try:
@@ -225,7 +228,7 @@ def test_the_lock_not_the_pid_decides_whether_a_run_is_in_use(base, tmp_path):
 
 
 def _lock_is_free(run: Path) -> bool:
-    descriptor = os.open(run / runlock.LOCK, os.O_RDWR)
+    descriptor = os.open(run / lock.LOCK, os.O_RDWR)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -276,7 +279,7 @@ def test_sigterm_before_training_exits_143_and_says_so(tmp_path):
 
 
 def _config(*overrides: str):
-    return config_module.compose(["model=tiny_qwen2", "device=cpu", *overrides])
+    return compose.compose(["model=tiny_qwen2", "device=cpu", *overrides])
 
 
 @pytest.mark.parametrize("value,expected", [("true", True), ("'true'", True), ("'FALSE'", False), ("' Auto '", "auto"),
@@ -334,23 +337,28 @@ def test_a_branch_whose_origin_is_gone_is_one_error(base, tmp_path):
     origin = tmp_path / "origin"
     shutil.copytree(base, origin)
     branch = tmp_path / "branch"
-    resume.open_run_dir(config_module.compose([*ARGS, f"resume={origin}/checkpoint-2", "train.max_steps=6", f"output_dir={branch}"]), False)
+    resume.open_run_dir(compose.compose([*ARGS, f"resume={origin}/checkpoint-2", "train.max_steps=6", f"output_dir={branch}"]), False)
     shutil.rmtree(origin / "checkpoint-2")  # e.g. rotated away by the origin run's save_total_limit
     with pytest.raises(UserError, match=rf"the run in {branch} saved no checkpoint of its own, and the checkpoint it branched "
                                         rf"off, {origin}/checkpoint-2, is gone or damaged"):
-        resume.open_run_dir(config_module.compose([*ARGS, "train.max_steps=6", f"output_dir={branch}"]), False)
+        resume.open_run_dir(compose.compose([*ARGS, "train.max_steps=6", f"output_dir={branch}"]), False)
 
 
 def test_out_of_memory_advice_says_when_it_starts_a_new_run(tiny_model_path):
     import torch
 
-    from npu_recipes.stages import train
+    from npu_recipes.plan import planner
+
+    def out_of_memory(config, error, step):
+        plan = planner.make(model=config.model, train_type=config.train_type, lora=config.lora, train=config.train,
+                            parallelism=config.parallelism, device=config.device, options=config.plan)
+        return planner.out_of_memory(error, step, plan, config.parallelism.name)
 
     error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
-    resumable = str(train.out_of_memory(_config("train.gradient_checkpointing=false"), error, 2))
+    resumable = str(out_of_memory(_config("train.gradient_checkpointing=false"), error, 2))
     assert "next option that fits: train.gradient_checkpointing=true (" in resumable and "new output_dir" not in resumable
-    new_run = str(train.out_of_memory(_config("train.gradient_checkpointing=true", "train.per_device_train_batch_size=8",
-                                              "train.gradient_accumulation_steps=2"), error, 2))
+    new_run = str(out_of_memory(_config("train.gradient_checkpointing=true", "train.per_device_train_batch_size=8",
+                                        "train.gradient_accumulation_steps=2"), error, 2))
     assert ("next option that fits: train.per_device_train_batch_size=1 train.gradient_accumulation_steps=16 (same global batch; "
             in new_run)
     assert "GiB per device) in a new output_dir (this run's checkpoints resume only with the settings that saved them)" in new_run

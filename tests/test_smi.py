@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from npu_recipes import smi
+from npu_recipes.doctor import smi
 from tests import npu_smi_variants as variants
 
 

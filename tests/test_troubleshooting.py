@@ -210,7 +210,7 @@ def _(ws: Workspace) -> Outcome:
     run = ws.path / "lora-run"
     for step in (5, 10):
         shutil.copytree(ws.adapters["tiny"], run / f"checkpoint-{step}")
-        # The file the Trainer writes last, which marks a checkpoint complete (npu_recipes.checkpoints).
+        # The file the Trainer writes last, which marks a checkpoint complete (npu_recipes.run.checkpoints).
         (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return ws.merge(str(run))
 
@@ -219,11 +219,11 @@ def _(ws: Workspace) -> Outcome:
 def _(ws: Workspace) -> Outcome:
     # A checkpoint of a LoRA trained on the wider model, inside a run directory whose resolved.yaml
     # names the tiny model (a checkpoint copied into the wrong run).
-    from npu_recipes import config as config_module
+    from npu_recipes.config import compose, resolved
 
     run = ws.path / "run-on-tiny"
     shutil.copytree(ws.adapters["wide"], run / "checkpoint-1")
-    (run / "resolved.yaml").write_text(config_module.to_yaml(config_module.compose(["device=cpu"])))
+    (run / "resolved.yaml").write_text(resolved.to_yaml(compose.compose(["device=cpu"])))
     return ws.merge(str(run / "checkpoint-1"))
 
 
@@ -320,18 +320,18 @@ def _(ws: Workspace) -> Outcome:
     import platform
 
     run = finished_run(ws)
-    from npu_recipes import runlock
+    from npu_recipes.run import lock
 
     manifest = json.loads((run / "manifest.json").read_text())
     # This test's own process stands for a training process still writing the directory: it is
     # the manifest's process and holds the run's lock.
     manifest.update(status="running", pid=os.getpid(), host=platform.node())
     (run / "manifest.json").write_text(json.dumps(manifest))
-    runlock.claim(run)
+    lock.claim(run)
     try:
         return Outcome(run_cli(*RESUMABLE, f"output_dir={run}"))
     finally:
-        runlock.release(run)
+        lock.release(run)
 
 
 @case("disk-full-while-saving")

@@ -4,5 +4,8 @@
 * :mod:`~npu_recipes.serving.generation`: one left-padded ``generate`` call for a batch of jobs;
 * :mod:`~npu_recipes.serving.batcher`: the queue that groups compatible jobs into batches;
 * :mod:`~npu_recipes.serving.app`: the FastAPI routes, authentication and error replies;
+* :mod:`~npu_recipes.serving.server`: bind the port, build the app, run uvicorn;
 * :mod:`~npu_recipes.serving.launcher`: start a server process and wait until it answers.
+
+May import :mod:`npu_recipes.infer` and everything below it (run, model, data, runtime, config, leaf modules).
 """

@@ -27,7 +27,7 @@ from jinja2.exceptions import TemplateError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from npu_recipes.schema import ServeConfig
+from npu_recipes.config.schema import ServeConfig
 from npu_recipes.serving import protocol
 from npu_recipes.serving.batcher import Batcher
 from npu_recipes.serving.jobs import Channel, Delta, Event, Failed, Finished, Job, Sampling

@@ -11,16 +11,16 @@ the sequences so far; it returns one flag per row, so finished rows stop while o
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 from typing import List, Sequence, Tuple
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 
-from npu_recipes.devices import Device
-from npu_recipes.inference import LoadedModel
-from npu_recipes.serving.jobs import Job, Sampling
+from npu_recipes.runtime.devices import Device
+from npu_recipes.infer import generation
+from npu_recipes.infer.loading import LoadedModel
+from npu_recipes.serving.jobs import Job
 
 REPLACEMENT_CHARACTER = "\ufffd"
 
@@ -111,7 +111,7 @@ class Generator:
     """Runs batches of jobs on a loaded model; call it from one thread only (it switches adapters).
 
     Args:
-        loaded: from :func:`npu_recipes.inference.load` (tokenizer padding on the left).
+        loaded: from :func:`npu_recipes.infer.loading.load` (tokenizer padding on the left).
         device: where the model lives (its first device); inputs are moved there.
     """
 
@@ -120,25 +120,7 @@ class Generator:
         self._tokenizer = loaded.tokenizer
         self._device = device
         self._has_adapters = bool(loaded.adapters)
-        configured = self._model.generation_config.eos_token_id
-        configured = configured if isinstance(configured, (list, tuple)) else [configured]
-        self._eos = {token for token in [*configured, self._tokenizer.eos_token_id] if token is not None}
-
-    def _generation_config(self, sampling: Sampling, max_new_tokens: int):
-        config = copy.deepcopy(self._model.generation_config)
-        config.max_new_tokens = max_new_tokens
-        if config.pad_token_id is None:
-            config.pad_token_id = self._tokenizer.pad_token_id
-        if sampling.do_sample is False:
-            config.do_sample = False
-            config.temperature = config.top_p = config.top_k = None
-        elif sampling.do_sample:
-            config.do_sample = True
-            if sampling.temperature is not None:
-                config.temperature = sampling.temperature
-            if sampling.top_p is not None:
-                config.top_p = sampling.top_p
-        return config
+        self._eos = set(generation.stop_token_ids(self._model.generation_config, self._tokenizer))
 
     def _adapter(self, name):
         if not self._has_adapters:
@@ -158,7 +140,10 @@ class Generator:
         sampling = jobs[0].sampling
         if sampling.seed is not None:
             set_seed(sampling.seed)
-        config = self._generation_config(sampling, max(job.max_tokens for job in jobs))
+        config = generation.generation_config(
+            self._model.generation_config, self._tokenizer, max_new_tokens=max(job.max_tokens for job in jobs),
+            do_sample=sampling.do_sample, temperature=sampling.temperature, top_p=sampling.top_p,
+        )
         with self._adapter(jobs[0].adapter), torch.inference_mode():
             self._model.generate(
                 input_ids=batch["input_ids"].to(target),

@@ -6,7 +6,7 @@ template, and a ``manifest.json`` naming the base model, the adapters and the tr
 ``infer load_data_args=true`` follows back to the run's validation split).
 
 The base model is the one the adapter's training run used (its resolved.yaml, see
-:func:`npu_recipes.inference.base_model_config`), so a local or built base is never downloaded.
+:func:`npu_recipes.infer.adapters.base_model_config`), so a local or built base is never downloaded.
 The directory is built under a temporary name and renamed when complete. The stage always runs in
 one process on one device (or the CPU), whatever ``NPROC_PER_NODE`` or ``parallelism.*`` say.
 """
@@ -17,40 +17,42 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-from npu_recipes import atomic, devices, inference, models, rundir
-from npu_recipes import config as config_module
+from npu_recipes import atomic
+from npu_recipes.config.schema import MergeConfig, RecipeConfig
+from npu_recipes.config.validate import shard_size
 from npu_recipes.errors import UserError
-from npu_recipes.schema import RecipeConfig
+from npu_recipes.infer import adapters, loading
+from npu_recipes.model import pretrained
+from npu_recipes.run import manifest
+from npu_recipes.run.rundir import RunDir
+from npu_recipes.runtime import devices
+from npu_recipes.stages import Prepared
 
 log = logging.getLogger(__name__)
 
-IN_LAUNCHER_ONLY = True
 MERGED_SUFFIX = "-merged"
 
 
-def target_dir(config: RecipeConfig, adapters: List[inference.Adapter]) -> Path:
+def target_dir(merge: MergeConfig, parsed: List[adapters.Adapter]) -> Path:
     """Where the merged model goes: ``merge.output_dir``, else ``<checkpoint>-merged`` beside the adapter.
 
     Raises:
         UserError: several adapters and no ``merge.output_dir`` (there is no single checkpoint to name it after).
     """
-    if config.merge.output_dir:
-        return Path(config.merge.output_dir).expanduser().absolute()
-    if len(adapters) > 1:
-        raise UserError(
-            f"merging {len(adapters)} adapters into one model needs a target directory",
-            fix="pass merge.output_dir=DIR",
-        )
-    return adapters[0].path.with_name(adapters[0].path.name + MERGED_SUFFIX)
+    if merge.output_dir:
+        return Path(merge.output_dir).expanduser().absolute()
+    if len(parsed) > 1:
+        raise UserError(f"merging {len(parsed)} adapters into one model needs a target directory", fix="pass merge.output_dir=DIR")
+    return parsed[0].path.with_name(parsed[0].path.name + MERGED_SUFFIX)
 
 
-def _checked_inputs(config: RecipeConfig):
-    adapters = inference.parse_adapters(config.adapters)
-    if not adapters:
+def _checked_inputs(config: RecipeConfig) -> Tuple[List[adapters.Adapter], Path]:
+    parsed = adapters.parse_adapters(config.adapters)
+    if not parsed:
         raise UserError("stage=merge needs the LoRA checkpoint to merge", fix="pass adapters=RUN_DIR/checkpoint-N")
-    target = target_dir(config, adapters)
+    target = target_dir(config.merge, parsed)
     if target.exists() and not config.merge.exist_ok:
         raise UserError(
             f"merge target {target} already exists",
@@ -63,80 +65,83 @@ def _checked_inputs(config: RecipeConfig):
             f"cannot write the merged model to {target}: {error.strerror}: {error.filename}",
             fix="pass merge.output_dir=DIR in a writable place",
         ) from None
-    return adapters, target
-
-
-def prepare(config: RecipeConfig, fresh_output_dir: bool) -> None:
-    """Check the adapters and the target before anything loads; the merge writes no run directory.
-
-    Raises:
-        UserError: no adapters, bad adapter paths, adapters of different bases, an existing
-            target without ``merge.exist_ok=true``, or a target directory that cannot be written.
-    """
-    adapters, _ = _checked_inputs(config)
-    inference.base_model_config(config, adapters)
-    return None
+    return parsed, target
 
 
 def _weight_files(directory: Path) -> List[Path]:
     return sorted(directory.glob("*.safetensors"))
 
 
-def run(config: RecipeConfig, run_dir: Optional[rundir.RunDir]) -> None:
-    """Merge ``config.adapters`` into their base and publish the merged model directory.
+class MergeStage:
+    in_launcher_only = True
 
-    Weights are saved in ``merge.torch_dtype`` (``auto``: the dtype the base checkpoint declares);
-    the merge itself is PEFT's (``safe_merge=True`` checks the merged weights for NaN).
+    def prepare(self, config: RecipeConfig, fresh_output_dir: bool) -> Prepared:
+        """Check the adapters and the target before anything loads; the merge writes no run directory.
 
-    Raises:
-        UserError: as :func:`prepare`; the target appeared while merging.
-    """
-    adapters, target = _checked_inputs(config)
-    device = devices.resolve(config.device)
-    base = inference.base_model_config(config, adapters)
-    base_path = models.resolve_path(base)
-    if config.merge.torch_dtype == "auto":
-        dtype = models.checkpoint_dtype(base, base_path)
-    else:
-        dtype = models.dtype_by_name(config.merge.torch_dtype)
-    started = time.perf_counter()
-    loaded = inference.load(config, device, dtype=dtype)
-    merged = loaded.model.merge_and_unload(safe_merge=True, adapter_names=[a.name for a in adapters])
-    training_run = adapters[0].run_dir
-    log.info("merged %d adapter(s) into %s on %s in %s", len(adapters), base_path, device.type, str(dtype))
+        Raises:
+            UserError: no adapters, bad adapter paths, adapters of different bases, an existing
+                target without ``merge.exist_ok=true``, or a target directory that cannot be written.
+        """
+        parsed, _ = _checked_inputs(config)
+        adapters.base_model_config(config.model, parsed)
+        return Prepared(config, None)
 
-    def build(staging: Path) -> None:
-        merged.save_pretrained(staging, max_shard_size=config_module.shard_size(config.merge.max_shard_size))
-        models.load_tokenizer(base, base_path).save_pretrained(staging)
-        weights = _weight_files(staging)
-        rundir.RunDir(staging).update_manifest(**{
-            "kind": "merged_model",
-            "stage": "merge",
-            "base_model": base_path,
-            "base_model_config": dataclasses.asdict(base),
-            "adapters": [{"name": a.name, "path": str(a.path), "base_model_name_or_path": a.base_model_name_or_path} for a in adapters],
-            inference.TRAINING_RUN_KEY: str(training_run) if training_run else None,
-            "method": "peft merge_and_unload(safe_merge=True)",
-            "dtype": str(dtype).replace("torch.", ""),
-            "device": device.type,
-            "shards": [w.name for w in weights],
-            "weights_bytes": sum(w.stat().st_size for w in weights),
-            "command": rundir.command_line(),
-            "git_commit": rundir.git_commit(),
-            "versions": rundir.package_versions(),
-            "created_at": rundir.now(),
-        })
+    def run(self, config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
+        """Merge ``config.adapters`` into their base and publish the merged model directory.
 
-    if not atomic.publish_directory(build, target, replace=config.merge.exist_ok):
-        raise UserError(
-            f"merge target {target} appeared while this merge was running (another merge of the same checkpoint?)",
-            fix="check that directory; pass merge.exist_ok=true to replace it",
+        Weights are saved in ``merge.torch_dtype`` (``auto``: the dtype the base checkpoint declares);
+        the merge itself is PEFT's (``safe_merge=True`` checks the merged weights for NaN).
+
+        Raises:
+            UserError: as :meth:`prepare`; the target appeared while merging.
+        """
+        parsed, target = _checked_inputs(config)
+        device = devices.resolve(config.device)
+        base = adapters.base_model_config(config.model, parsed)
+        base_path = pretrained.resolve_path(base)
+        if config.merge.torch_dtype == "auto":
+            dtype = pretrained.checkpoint_dtype(base, base_path)
+        else:
+            dtype = pretrained.dtype_by_name(config.merge.torch_dtype)
+        started = time.perf_counter()
+        loaded = loading.load(base, parsed, device, dtype=dtype)
+        merged = loaded.model.merge_and_unload(safe_merge=True, adapter_names=[a.name for a in parsed])
+        training_run = parsed[0].run_dir
+        log.info("merged %d adapter(s) into %s on %s in %s", len(parsed), base_path, device.type, str(dtype))
+
+        def build(staging: Path) -> None:
+            merged.save_pretrained(staging, max_shard_size=shard_size(config.merge.max_shard_size))
+            pretrained.load_tokenizer(base, base_path).save_pretrained(staging)
+            weights = _weight_files(staging)
+            manifest.write_merged(staging, manifest.MergedModelManifest(
+                base_model=base_path,
+                base_model_config=dataclasses.asdict(base),
+                adapters=[manifest.AdapterRecord(a.name, str(a.path), a.base_model_name_or_path) for a in parsed],
+                training_run=str(training_run) if training_run else None,
+                method="peft merge_and_unload(safe_merge=True)",
+                dtype=str(dtype).replace("torch.", ""),
+                device=device.type,
+                shards=[w.name for w in weights],
+                weights_bytes=sum(w.stat().st_size for w in weights),
+                command=manifest.command_line(),
+                git_commit=manifest.git_commit(),
+                versions=manifest.package_versions(),
+                created_at=manifest.now(),
+            ))
+
+        if not atomic.publish_directory(build, target, replace=config.merge.exist_ok):
+            raise UserError(
+                f"merge target {target} appeared while this merge was running (another merge of the same checkpoint?)",
+                fix="check that directory; pass merge.exist_ok=true to replace it",
+            )
+        weights = _weight_files(target)
+        size = sum(w.stat().st_size for w in weights)
+        print(
+            f"\nmerged model: {target}\n"
+            f"weights:      {len(weights)} safetensors file(s), {size / devices.GIB:.3f} GiB, {str(dtype).replace('torch.', '')}\n"
+            f"took:         {time.perf_counter() - started:.1f} s",
+            flush=True,
         )
-    weights = _weight_files(target)
-    size = sum(w.stat().st_size for w in weights)
-    print(
-        f"\nmerged model: {target}\n"
-        f"weights:      {len(weights)} safetensors file(s), {size / devices.GIB:.3f} GiB, {str(dtype).replace('torch.', '')}\n"
-        f"took:         {time.perf_counter() - started:.1f} s",
-        flush=True,
-    )
+
+
+STAGE = MergeStage()

@@ -1,0 +1,353 @@
+"""The checks behind ``stage=doctor``: software, devices, visibility, collective settings, interconnect.
+
+Each check yields a :class:`Check` with a status (``ok``, ``warn``, ``fail``, ``skip``), a short detail
+and, for ``warn``/``fail``, a one-line fix. :func:`diagnose` runs them for the device type a run would
+use (``device=auto`` looks for Ascend signs first, then NVIDIA ones, then settles on the CPU) and
+returns a :class:`Report`; nothing is written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from npu_recipes.runtime import devices
+from npu_recipes.doctor import smi
+from npu_recipes.errors import UserError
+from npu_recipes.config.schema import ParallelismConfig
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+SET_ENV = f"source {devices.CANN_SET_ENV}"
+TOOL_TIMEOUT_S = 60
+MATMUL_SIZE = 256
+# Collective-library variables whose values must be integers (seconds or MB), per CANN's and NCCL's docs.
+_INTEGER_VARIABLES = {
+    "npu": ("HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT", "HCCL_BUFFSIZE"),
+    "cuda": ("NCCL_TIMEOUT", "NCCL_BUFFSIZE"),
+}
+_COLLECTIVE_PREFIX = {"npu": "HCCL_", "cuda": "NCCL_"}
+_HEALTH_WARN = ("Warning",)
+
+
+@dataclass
+class Check:
+    """One line of the doctor's table: ``name``, ``status`` (ok|warn|fail|skip), ``detail``, ``fix`` (warn/fail)."""
+
+    name: str
+    status: str
+    detail: str
+    fix: Optional[str] = None
+
+
+@dataclass
+class Report:
+    """All checks for one device type, plus what the management tools reported (for ``doctor.format=json``)."""
+
+    device: str
+    reason: str
+    checks: List[Check] = field(default_factory=list)
+    tools: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> List[Check]:
+        return [check for check in self.checks if check.status == FAIL]
+
+    def add(self, name: str, status: str, detail: str, fix: Optional[str] = None) -> None:
+        self.checks.append(Check(name, status, detail, fix))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"device": self.device, "reason": self.reason, "ok": not self.failed,
+                "checks": [asdict(check) for check in self.checks], "tools": self.tools}
+
+
+def target_device(requested: str) -> Tuple[str, str]:
+    """The device type to check and why: ``device=npu|cuda|cpu`` as given; ``auto`` by the rule every
+    stage uses (:func:`npu_recipes.runtime.devices.auto_type`)."""
+    if requested != "auto":
+        return requested, f"device={requested}"
+    return devices.auto_type()
+
+
+def _base_version(version: str) -> str:
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    return ".".join(part or "0" for part in match.groups()) if match else version
+
+
+def _installed(distribution: str) -> Optional[str]:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _run_tool(*argv: str) -> Tuple[Optional[str], Optional[str]]:
+    """(stdout, None) when the tool ran and succeeded, else (None, why)."""
+    try:
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return None, f"`{' '.join(argv)}` could not run: {error}"
+    if result.returncode != 0:
+        return None, f"`{' '.join(argv)}` exited {result.returncode}: {(result.stderr or result.stdout).strip()[:200]}"
+    return result.stdout, None
+
+
+def _check_software(report: Report) -> None:
+    report.add("python", OK, platform.python_version())
+    report.add("torch", OK, torch.__version__)
+    if report.device == "npu":
+        torch_base = _base_version(torch.__version__)
+        npu_version = _installed("torch-npu") or _installed("torch_npu")
+        if npu_version is None:
+            report.add("torch_npu", FAIL, "not installed", f"pip install torch-npu=={torch_base} (it must match torch {torch_base})")
+        elif _base_version(npu_version) != torch_base:
+            report.add("torch_npu", FAIL, f"{npu_version} does not pair with torch {torch.__version__}",
+                       f"install the matching pair: pip install torch=={_base_version(npu_version)} or torch-npu=={torch_base}")
+        else:
+            report.add("torch_npu", OK, f"{npu_version} pairs with torch {torch_base}")
+        _check_cann(report)
+        from transformers.utils import is_torch_npu_available
+
+        available = is_torch_npu_available()
+        report.add("is_torch_npu_available", OK if available else FAIL, str(available),
+                   None if available else f"install a matching torch_npu and {SET_ENV}")
+    elif report.device == "cuda":
+        built = torch.version.cuda
+        report.add("torch CUDA build", OK if built else FAIL, built or f"torch {torch.__version__} is a CPU-only build",
+                   None if built else "install a CUDA build of torch (see pytorch.org for the wheel matching your driver)")
+
+
+def _check_cann(report: Report) -> None:
+    values = {name: os.environ.get(name) for name in devices.CANN_VARIABLES if os.environ.get(name)}
+    if not values:
+        report.add("CANN environment", FAIL, f"{' and '.join(devices.CANN_VARIABLES)} are unset", SET_ENV)
+        return
+    missing = [f"{name}={path}" for name, path in values.items() if not os.path.isdir(path)]
+    if missing:
+        report.add("CANN environment", FAIL, f"set but not present: {', '.join(missing)}",
+                   f"install CANN there or {SET_ENV} from the installed toolkit")
+    else:
+        report.add("CANN environment", OK, ", ".join(f"{name}={path}" for name, path in values.items()))
+
+
+def _resolve(report: Report) -> Optional[devices.Device]:
+    try:
+        device = devices.resolve(report.device)
+    except UserError as error:
+        report.add("devices", FAIL, error.message, error.fix)
+        return None
+    detail = f"{device.count} x {device.name()}" if device.type != "cpu" else device.name()
+    report.add("devices", OK, detail)
+    return device
+
+
+def _check_compute(report: Report, device: devices.Device) -> None:
+    """Allocate, multiply and compare with the CPU on every visible device; then a bf16 matmul on the first."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator)
+    expected = a @ b
+    for index in range(device.count):
+        target = device.torch_device(index)
+        try:
+            product = (a.to(target) @ b.to(target)).cpu()
+            error = float((product - expected).abs().max() / expected.abs().max())
+        except Exception as failure:  # any driver/runtime error is the finding itself
+            report.add(f"{target} matmul", FAIL, f"{type(failure).__name__}: {failure}"[:200],
+                       f"check the device with the vendor tool; hide it with {device.visibility_variable or 'the visibility variable'}")
+            continue
+        # TF32/HF32 matmuls round inputs to 10 mantissa bits: a relative error near 1e-3 is expected.
+        good = error < 1e-2
+        report.add(f"{target} matmul", OK if good else FAIL, f"{MATMUL_SIZE}x{MATMUL_SIZE} fp32, max relative error {error:.1e}",
+                   None if good else "the device computes wrong results: check driver and firmware versions")
+    target = device.torch_device(0)
+    try:
+        product = (a.to(target, torch.bfloat16) @ b.to(target, torch.bfloat16)).float().cpu()
+        error = float((product - expected).abs().max() / expected.abs().max())
+        works = device.supports_bf16() and error < 5e-2
+        detail = f"bf16 matmul max relative error {error:.1e}"
+    except Exception as failure:
+        works, detail = False, f"bf16 matmul failed: {type(failure).__name__}: {failure}"[:200]
+    report.add("bf16", OK if works else WARN, detail,
+               None if works else "train with model.torch_dtype=float16 or float32 on this device")
+
+
+def _check_visibility(report: Report, nproc_per_node: int, device: Optional[devices.Device], chips: Optional[int]) -> None:
+    variable, raw, ids, problem = devices.visibility(report.device)
+    wanted = nproc_per_node
+    if variable is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        good = wanted <= cores
+        report.add("processes per node", OK if good else WARN, f"nproc_per_node={wanted}, {cores} usable cores",
+                   None if good else f"pass parallelism.nproc_per_node={cores} or fewer")
+        return
+    if problem is not None:
+        report.add("visible devices", FAIL, problem,
+                   f"export {variable}=0,1,... (comma-separated, no repeats)")
+        return
+    if ids is not None and chips is not None and any(item.isdigit() and int(item) >= chips for item in ids):
+        report.add("visible devices", FAIL, f"{variable}={raw} names devices this machine lacks (it has {chips})",
+                   f"export {variable} with numbers below {chips}")
+        return
+    if ids is not None:
+        visible, source = len(ids), f"{variable}={raw}"
+    elif device is not None:
+        visible, source = device.count, f"{variable} unset, torch sees {device.count}"
+    elif chips is not None:
+        visible, source = chips, f"{variable} unset, the management tool lists {chips}"
+    else:
+        report.add("visible devices", SKIP, f"{variable} unset and no device could be counted")
+        return
+    good = wanted <= visible
+    report.add("visible devices", OK if good else FAIL, f"{source}; parallelism.nproc_per_node={wanted}",
+               None if good else f"pass parallelism.nproc_per_node={visible} or fewer, or export {variable} with {wanted} devices")
+
+
+def _check_collective_settings(report: Report, nnodes: int) -> None:
+    prefix = _COLLECTIVE_PREFIX.get(report.device)
+    if prefix is None:
+        return
+    name = f"{prefix.rstrip('_')} settings"
+    settings = {key: value for key, value in sorted(os.environ.items()) if key.startswith(prefix)}
+    bad = [key for key in _INTEGER_VARIABLES[report.device] if key in settings and not settings[key].strip().isdigit()]
+    if bad:
+        report.add(name, FAIL, ", ".join(f"{key}={settings[key]!r}" for key in bad) + " must be whole numbers",
+                   f"export {bad[0]}=<integer> or unset it")
+        return
+    detail = ", ".join(f"{key}={value}" for key, value in settings.items()) or "none set (library defaults)"
+    if report.device == "npu" and nnodes > 1 and not (settings.keys() & {"HCCL_IF_IP", "HCCL_SOCKET_IFNAME"}):
+        report.add(name, WARN, detail + f"; {nnodes} nodes and no HCCL_IF_IP/HCCL_SOCKET_IFNAME",
+                   "export HCCL_SOCKET_IFNAME=<the interface the nodes reach each other on>")
+        return
+    report.add(name, OK, detail)
+
+
+def _used_indices(nproc_per_node: int, report: Report, chips: List[smi.Chip]) -> List[int]:
+    """Tool indices of the chips a run would use: the first nproc_per_node visible ones."""
+    ids = devices.visibility(report.device).ids
+    candidates = [int(item) for item in ids if item.isdigit()] if ids is not None else [chip.index for chip in chips]
+    return candidates[:nproc_per_node]
+
+
+def _check_chips(report: Report, info: smi.SmiInfo, used: List[int], tool: str) -> None:
+    names = sorted({chip.name for chip in info.chips})
+    report.add(f"{tool} chips", OK, f"{len(info.chips)} x {', '.join(names)}" + (f" ({tool} {info.version})" if info.version else ""))
+    for chip in info.chips:
+        if chip.health is None or chip.health == "OK":
+            continue
+        status = WARN if chip.health in _HEALTH_WARN else FAIL
+        report.add(f"health {report.device}{chip.index}", status, f"{chip.name} chip {chip.chip} reports {chip.health}",
+                   f"inspect it with `npu-smi info -t health -i {chip.index}`; hide it with ASCEND_RT_VISIBLE_DEVICES")
+    memory = ", ".join(f"{chip.index}: {chip.memory_used_mb}/{chip.memory_total_mb}" for chip in info.chips)
+    report.add("HBM used/total MB", OK, memory)
+    busy = [process for process in info.processes if process.index in used]
+    if busy:
+        listed = ", ".join(f"pid {p.pid} {p.name} on {p.index} ({p.memory_mb} MB)" for p in busy)
+        report.add("processes", WARN, listed, "stop those processes or choose other devices with the visibility variable")
+    else:
+        report.add("processes", OK, f"{len(info.processes)} process(es), none on the devices this run would use")
+
+
+_FAST_LINKS = re.compile(r"^(HCCS.*|NV\d+|SIO)$")
+
+
+def _check_topology(report: Report, argv: Tuple[str, ...], key: str, used: List[int], prefix: str) -> None:
+    """Run the topology command ``argv``, keep its parse under ``report.tools[key]``, and judge the links
+    between the devices this run would use (``prefix`` + tool index: ``NPU0``, ``GPU3``)."""
+    command = " ".join(argv)
+    text, why = _run_tool(*argv)
+    if text is None:
+        report.add("interconnect", WARN, why, f"run `{command}` by hand")
+        return
+    try:
+        topology = smi.parse_topology(text)
+    except ValueError as error:
+        report.add("interconnect", WARN, f"unreadable `{command}` output: {error}", f"run `{command}` by hand")
+        return
+    report.tools[key] = topology.to_dict()
+    names = [f"{prefix}{index}" for index in used if f"{prefix}{index}" in topology.links]
+    slow = [(a, b, link) for a, b, link in topology.pairs(names) if not _FAST_LINKS.match(link)]
+    kinds = sorted({link for _, _, link in topology.pairs(topology.devices)})
+    affinity = {name: topology.attributes.get(name, {}).get("CPU Affinity") for name in names}
+    detail = f"links among all: {', '.join(kinds) or 'none'}; CPU affinity " + ", ".join(f"{n}: {a}" for n, a in affinity.items())
+    if slow:
+        shown = ", ".join(f"{a}-{b} {link}" for a, b, link in slow[:6]) + (" ..." if len(slow) > 6 else "")
+        report.add("interconnect", WARN, f"PCIe/host paths between devices this run would use: {shown}",
+                   "choose devices joined by HCCS/NVLink with the visibility variable, or expect slower collectives")
+    else:
+        report.add("interconnect", OK, detail)
+
+
+def _check_npu_smi(report: Report, nproc_per_node: int) -> Optional[int]:
+    if shutil.which("npu-smi") is None:
+        report.add("npu-smi", WARN, "not on PATH: chips, health and interconnect not checked",
+                   "add the driver's tools to PATH (e.g. /usr/local/Ascend/driver/tools)")
+        return None
+    text, why = _run_tool("npu-smi", "info")
+    if text is None:
+        report.add("npu-smi", FAIL, why, "check the Ascend driver installation (`npu-smi info` must work)")
+        return None
+    try:
+        info = smi.parse_npu_smi_info(text)
+    except ValueError as error:
+        report.add("npu-smi", FAIL, f"unreadable `npu-smi info` output: {error}", "run `npu-smi info` by hand and check the driver")
+        return None
+    report.tools["npu_smi_info"] = info.to_dict()
+    used = _used_indices(nproc_per_node, report, info.chips)
+    _check_chips(report, info, used, "npu-smi")
+    _check_topology(report, ("npu-smi", "info", "-t", "topo"), "npu_smi_topo", used, "NPU")
+    return len(info.chips)
+
+
+def _check_nvidia_smi(report: Report, nproc_per_node: int) -> Optional[int]:
+    if shutil.which("nvidia-smi") is None:
+        report.add("nvidia-smi", WARN, "not on PATH: memory, processes and interconnect not checked",
+                   "install the NVIDIA driver utilities (nvidia-smi)")
+        return None
+    gpus, why = _run_tool("nvidia-smi", f"--query-gpu={smi.NVIDIA_GPU_QUERY}", "--format=csv,noheader,nounits")
+    if gpus is None:
+        report.add("nvidia-smi", FAIL, why, "check the NVIDIA driver (`nvidia-smi` must work)")
+        return None
+    apps, _ = _run_tool("nvidia-smi", f"--query-compute-apps={smi.NVIDIA_APPS_QUERY}", "--format=csv,noheader,nounits")
+    info = smi.parse_nvidia_smi(gpus, apps or "")
+    report.tools["nvidia_smi"] = info.to_dict()
+    used = _used_indices(nproc_per_node, report, info.chips)
+    _check_chips(report, info, used, "nvidia-smi")
+    _check_topology(report, ("nvidia-smi", "topo", "-m"), "nvidia_smi_topo", used, "GPU")
+    return len(info.chips)
+
+
+def _check_host(report: Report) -> None:
+    import psutil
+
+    memory = psutil.virtual_memory()
+    report.add("CPU cores", OK, f"{os.cpu_count()} ({platform.machine()})")
+    report.add("memory", OK, f"{memory.total / devices.GIB:.1f} GiB total, {memory.available / devices.GIB:.1f} GiB available")
+
+
+def diagnose(device: str, parallelism: ParallelismConfig) -> Report:
+    """Run every check for the device type ``device`` points at, for a run with ``parallelism``;
+    never raises for what it finds."""
+    report = Report(*target_device(device))
+    _check_software(report)
+    chips = None
+    if report.device == "npu":
+        chips = _check_npu_smi(report, parallelism.nproc_per_node)
+    elif report.device == "cuda":
+        chips = _check_nvidia_smi(report, parallelism.nproc_per_node)
+    resolved = _resolve(report)
+    if resolved is not None:
+        _check_compute(report, resolved)
+    else:
+        report.add("matmul", SKIP, "no usable device to compute on")
+    _check_visibility(report, parallelism.nproc_per_node, resolved, chips)
+    _check_collective_settings(report, parallelism.nnodes)
+    _check_host(report)
+    return report

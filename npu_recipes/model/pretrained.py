@@ -1,0 +1,256 @@
+"""Finding, building and loading base models and tokenizers.
+
+Model paths are resolved once by the runner (:func:`resolve_path`), so workers, later stages and
+``resolved.yaml`` see a concrete local directory or hub id, and nothing is downloaded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+from npu_recipes import atomic, paths
+from npu_recipes.model import kernels, tiny
+from npu_recipes.runtime.devices import Device
+from npu_recipes.errors import UserError
+from npu_recipes.config.schema import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+BUILDERS: Dict[str, Callable[[Path], None]] = {"tiny_qwen2": tiny.build}
+"""Local model builders by name: ``model.builder=NAME`` creates ``model.name_or_path`` on first use."""
+
+BUILT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+"""Files every locally built model has; a cached build missing any of them is rebuilt."""
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""config.json of the hub models the shipped recipes name, one directory each (``Org--Name``), for planning offline."""
+
+_PATH_PREFIXES = ("/", "./", "../", "~")
+"""A ``model.name_or_path`` starting so is a local path, never a hub id."""
+
+
+def resolve_path(model: ModelConfig) -> str:
+    """Return a local directory (built or downloaded) or hub id to load ``model`` from.
+
+    * ``builder`` set: build into ``name_or_path`` if it does not exist yet (atomic, race-safe).
+    * an existing local directory: its absolute path.
+    * ``hub: modelscope``: ``modelscope.snapshot_download`` into ModelScope's cache.
+    * otherwise: the Hugging Face id, left to ``from_pretrained``.
+
+    Raises:
+        UserError: unknown builder, modelscope missing, or the download failing.
+    """
+    if model.builder is not None:
+        if model.builder not in BUILDERS:
+            raise UserError(
+                f"model.builder={model.builder!r} is not a known builder",
+                fix=f"use one of {sorted(BUILDERS)} or unset model.builder",
+            )
+        target = Path(model.name_or_path).expanduser().absolute()
+        if not target.is_relative_to(paths.cache_dir()) and not target.exists():
+            raise UserError(
+                f"model directory {target} (model.name_or_path) does not exist; model.builder={model.builder} only "
+                f"builds inside the cache {paths.cache_dir()}",
+                fix="check model.name_or_path, or pass model=local for your own checkpoint",
+            )
+        missing = [name for name in BUILT_FILES if not (target / name).is_file()]
+        if target.exists() and missing:
+            log.warning("rebuilding %s: the cached model is incomplete (missing %s)", target, ", ".join(missing))
+            shutil.rmtree(target, ignore_errors=True)
+        if not target.exists():
+            atomic.publish_directory(BUILDERS[model.builder], target)
+        return str(target)
+    local = Path(model.name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(
+                f"model directory {local.absolute()} has no config.json, so it is not a transformers checkpoint",
+                fix="point model.name_or_path at a directory saved with save_pretrained (config.json, weights, tokenizer)",
+            )
+        return str(local.absolute())
+    if model.name_or_path.startswith(_PATH_PREFIXES):
+        raise UserError(
+            f"model directory {model.name_or_path!r} (model.name_or_path) does not exist",
+            fix="pass an existing checkpoint directory, or a hub id such as Qwen/Qwen2-7B-Instruct",
+        )
+    if model.hub == "modelscope":
+        try:
+            from modelscope import snapshot_download
+        except ImportError:
+            raise UserError(
+                f"model {model.name_or_path!r} is on ModelScope (model.hub=modelscope) but the modelscope package is missing",
+                fix="pip install modelscope, or set model.name_or_path to a local directory",
+            ) from None
+        try:
+            return snapshot_download(model.name_or_path, revision=model.revision)
+        except Exception as error:
+            raise UserError(
+                f"could not download {model.name_or_path!r} from ModelScope: {error}",
+                fix="check the id and your network, or download it and pass model.name_or_path=DIR",
+            ) from None
+    return model.name_or_path
+
+
+def shipped_config_dir(name_or_path: str) -> Optional[Path]:
+    """The shipped directory holding only the config.json of hub model ``name_or_path`` (``Org/Name``), if any."""
+    candidate = SHIPPED_CONFIGS / name_or_path.replace("/", "--")
+    return candidate if (candidate / "config.json").is_file() else None
+
+
+def fetch_config(model: ModelConfig) -> str:
+    """A local directory holding ``model``'s config.json, fetching only that file from a hub.
+
+    * ``builder`` set or a local path: as :func:`resolve_path` (the tiny model is built locally; a
+      directory must hold config.json);
+    * a hub id: ``config.json`` alone, through ``huggingface_hub.hf_hub_download`` or ModelScope's
+      ``model_file_download`` (``model.hub``), into their usual caches.
+
+    Raises:
+        UserError: the path does not exist or has no config.json, modelscope is missing, or the download fails
+            (offline, unknown id); the fix names ``model.name_or_path=DIR``.
+    """
+    offline_fix = "check the id and the network, or put the model's config.json into a directory and pass model.name_or_path=DIR"
+    if model.builder is not None or Path(model.name_or_path).expanduser().is_dir() or model.name_or_path.startswith(_PATH_PREFIXES):
+        return resolve_path(model)
+    if model.hub == "modelscope":
+        try:
+            from modelscope.hub.file_download import model_file_download
+        except ImportError:
+            raise UserError(
+                f"model {model.name_or_path!r} is on ModelScope (model.hub=modelscope) but the modelscope package is missing",
+                fix="pip install modelscope, or pass model.hub=huggingface (Qwen publishes the same ids there), "
+                "or model.name_or_path=DIR with the model's config.json",
+            ) from None
+        try:
+            return str(Path(model_file_download(model.name_or_path, "config.json", revision=model.revision)).parent)
+        except Exception as error:
+            raise UserError(f"could not fetch config.json of {model.name_or_path!r} from ModelScope: {error}", fix=offline_fix) from None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return str(Path(hf_hub_download(model.name_or_path, "config.json", revision=model.revision)).parent)
+    except Exception as error:
+        raise UserError(
+            f"could not fetch config.json of {model.name_or_path!r} from the Hugging Face Hub: {type(error).__name__}: {error}",
+            fix=offline_fix,
+        ) from None
+
+
+def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
+    """The dtype to load weights in.
+
+    ``auto`` follows the checkpoint's ``config.json`` (bf16 for Qwen2) on accelerators, falling
+    back to fp16 where bf16 is unsupported, and uses fp32 on the CPU. An explicit
+    ``model.torch_dtype`` (e.g. ``float32``, the seed's advice when bf16 gives NaN) always wins.
+    """
+    if model.torch_dtype != "auto":
+        return _DTYPES[model.torch_dtype]
+    if device.type == "cpu":
+        return torch.float32
+    declared = checkpoint_dtype(model, path)
+    if declared == torch.bfloat16 and not device.supports_bf16():
+        return torch.float16
+    return declared
+
+
+def checkpoint_dtype(model: ModelConfig, path: str) -> torch.dtype:
+    """The dtype the checkpoint's ``config.json`` declares (``dtype``/``torch_dtype``), fp32 when none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return _DTYPES.get(declared, declared) if isinstance(declared, str) else declared
+
+
+def dtype_by_name(name: str) -> torch.dtype:
+    """``torch.bfloat16``/``float16``/``float32`` for a ``*.torch_dtype`` value other than ``auto``."""
+    return _DTYPES[name]
+
+
+def load_tokenizer(model: ModelConfig, path: str):
+    """Load the tokenizer; sets a pad token (eos) when the checkpoint defines none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"cannot load the tokenizer of {path}: {str(error).splitlines()[0]}",
+            fix="check model.name_or_path (a complete local checkpoint, or a hub id reachable from here)",
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"the tokenizer of {path} has no chat template, so conversations cannot be formatted",
+            fix="use an Instruct/Chat checkpoint, or one whose tokenizer_config.json carries chat_template",
+        )
+    return tokenizer
+
+
+def load_model(model: ModelConfig, path: str, dtype: torch.dtype):
+    """Load ``AutoModelForCausalLM`` weights from ``path`` in ``dtype``: on the CPU (the Trainer moves them), or
+    spread over the visible devices by ``model.device_map`` (e.g. ``auto``) when that is set."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=model.attn_implementation,
+            trust_remote_code=model.trust_remote_code,
+            revision=model.revision,
+            device_map=model.device_map,
+        )
+    except OSError as error:
+        raise UserError(
+            f"cannot load model weights from {path}: {str(error).splitlines()[0]}",
+            fix="check model.name_or_path (a complete local checkpoint, or a hub id reachable from here)",
+        ) from None
+
+
+def apply_lora(model, lora: LoraConfig):
+    """Wrap ``model`` with PEFT LoRA adapters as ``lora.*`` says (also used on meta-device models by the planner)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=target,
+            bias=lora.bias,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def _numel(parameter) -> int:
+    # ZeRO-3 leaves an empty tensor in each process and records the full size as ds_numel.
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
+def load_for_training(model: ModelConfig, path: str, dtype: torch.dtype, lora: Optional[LoraConfig], kernel_choice: str):
+    """Load the base model at ``path`` for training: no KV cache, wrapped with PEFT LoRA when ``lora``
+    is given (``train_type=lora``), with ``kernels`` applied; logs trainable and total parameters."""
+    loaded = load_model(model, path, dtype)
+    loaded.config.use_cache = False
+    if lora is not None:
+        loaded = apply_lora(loaded, lora)
+    kernels.apply(kernel_choice, loaded)
+    trainable = sum(_numel(p) for p in loaded.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in loaded.parameters())
+    log.info("%s: %s trainable of %s parameters (%.3f%%)", "lora" if lora is not None else "full", f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total)
+    return loaded

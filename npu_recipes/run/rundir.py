@@ -1,0 +1,191 @@
+"""The run directory: the one place a training run records everything, read by every later stage.
+
+Layout (the README's run-directory table)::
+
+    resolved.yaml     the fully resolved config: enough to rerun, rebuild the validation split,
+                      or find the base model (npu_recipes.config.resolved)
+    manifest.json     command, git commit, versions, devices, data fingerprint and counts,
+                      start/end time, status, final metrics (npu_recipes.run.manifest, its only writer)
+    logging.jsonl     one JSON object per logging or evaluation step
+    loss.png          training and evaluation loss against step
+    validation_rows.json  the held-out rows' ids and content hash (npu_recipes.run.heldout)
+    checkpoint-<N>/   adapter or full weights (safetensors) + trainer state (npu_recipes.run.checkpoints)
+    checkpoint-<N>-merged/, checkpoint-<N>/infer_result/   written by the merge and infer stages
+    .lock             held by the run's processes (npu_recipes.run.lock)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+from npu_recipes import atomic
+from npu_recipes.config.resolved import RESOLVED, to_yaml
+from npu_recipes.config.schema import RecipeConfig
+from npu_recipes.errors import UserError
+from npu_recipes.run import checkpoints, lock, manifest
+
+LOGGING = "logging.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+class RunDir:
+    """A run directory on disk; every write to it is atomic (see :mod:`npu_recipes.atomic`)."""
+
+    def __init__(self, path: Path, created_here: bool = False, created_parents: tuple = ()):
+        self.path = Path(path)
+        self.created_here = created_here
+        self.created_parents = created_parents
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / manifest.MANIFEST
+
+    def read_manifest(self) -> manifest.RunManifest:
+        """The run's manifest (:func:`npu_recipes.run.manifest.read`)."""
+        return manifest.read(self.path)
+
+    def update_manifest(self, **fields: Any) -> manifest.RunManifest:
+        """Set ``fields`` of the run's manifest (:func:`npu_recipes.run.manifest.update`)."""
+        return manifest.update(self.path, **fields)
+
+    def append_log(self, record: Dict[str, Any]) -> None:
+        """Append one JSON record as a line of logging.jsonl (a single write, flushed at once)."""
+        with open(self.path / LOGGING, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(manifest.finite_or_null(record), allow_nan=False) + "\n")
+
+    def read_log(self, skip_damaged: bool = False):
+        """All records of logging.jsonl, in order.
+
+        A last line without its newline that is not JSON (an append cut short by a crash or a full
+        disk) is left out. With ``skip_damaged``, every line that is not a JSON object is left out
+        and ``(records, numbers of the damaged lines)`` is returned.
+
+        Raises:
+            UserError: without ``skip_damaged``, a line other than a cut-short last one is not a JSON object.
+        """
+        log_path = self.path / LOGGING
+        if not log_path.is_file():
+            return ([], []) if skip_damaged else []
+        text = log_path.read_text(errors="replace")
+        lines = text.splitlines()
+        records, damaged = [], []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif skip_damaged or (number == len(lines) and not text.endswith("\n")):
+                damaged.append(number)
+            else:
+                raise UserError(
+                    f"{log_path}, line {number}: not a JSON record: {line[:80]!r}",
+                    fix="delete that line (or the file: it is the run's log, not needed to resume)",
+                )
+        return (records, damaged) if skip_damaged else records
+
+    def checkpoints(self) -> list[Path]:
+        """Complete ``checkpoint-<N>`` directories, oldest step first (see :mod:`npu_recipes.run.checkpoints`)."""
+        return checkpoints.complete(self.path)
+
+    def discard_if_empty_of_results(self) -> None:
+        """Remove what this run wrote when it holds no checkpoint, so a run that failed before saving
+        anything leaves nothing that looks like a result. A directory the user made beforehand is
+        kept (only this run's files go); one this run created is deleted."""
+        if not self.path.is_dir() or self.checkpoints():
+            return
+        lock.release(self.path)
+        if self.created_here:
+            shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self.created_parents:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+            return
+        for name in (RESOLVED, manifest.MANIFEST, LOGGING, LOSS_PLOT, lock.LOCK):
+            (self.path / name).unlink(missing_ok=True)
+
+
+def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":
+    """Create ``path`` exclusively (``mkdir`` without ``exist_ok``), so two runs never share it."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output_dir {path} is an existing file, not a directory", fix="pass a directory path as output_dir=DIR")
+    created_parents = tuple(p for p in path.parents if not p.exists())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output_dir {path}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
+    candidate, suffix = path, 2
+    while True:
+        try:
+            candidate.mkdir()
+            return RunDir(candidate, created_here=True, created_parents=created_parents)
+        except FileExistsError:
+            if fresh_output_dir:
+                candidate, suffix = path.with_name(f"{path.name}-{suffix}"), suffix + 1
+                continue
+            if any(candidate.iterdir()):
+                holds_run = (candidate / RESOLVED).is_file()
+                found = checkpoints.complete(candidate)
+                raise UserError(
+                    f"output_dir {candidate} already exists and is not empty",
+                    fix="pass a new output_dir=DIR, or delete the old run"
+                    + (", or pass resume=auto to continue the training run in it" if holds_run
+                       else f", or pass a new output_dir with resume={found[-1]} to continue from its newest checkpoint" if found else ""),
+                ) from None
+            return RunDir(candidate, created_here=False)
+        except OSError as error:
+            raise UserError(f"cannot create output_dir {candidate}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
+
+
+def create(config: RecipeConfig, fresh_output_dir: bool) -> Tuple[RunDir, RecipeConfig]:
+    """Create the run directory for ``config`` and write resolved.yaml and an initial manifest.
+
+    With ``fresh_output_dir`` (the default ``outputs/<recipe>/<timestamp>``), a ``-2``, ``-3``...
+    suffix avoids two runs started in the same second colliding. An explicit ``output_dir`` that
+    already holds files is refused, except on a node other than node 0 of a multi-node run, which
+    joins the directory node 0 created on a shared filesystem (writing nothing to it).
+
+    Returns:
+        The run directory, and ``config`` with ``output_dir`` its absolute path (as resolved.yaml holds it).
+
+    Raises:
+        UserError: output_dir exists and is not empty, or cannot be created (names the path).
+    """
+    path = Path(config.output_dir).expanduser().absolute()
+    if config.parallelism.node_rank > 0 and (path / RESOLVED).is_file():
+        # Another node of a multi-node run on a shared filesystem: node 0 created the directory and
+        # owns resolved.yaml and the manifest; this node's workers read them.
+        return RunDir(path), dataclasses.replace(config, output_dir=str(path))
+    run_dir = _claim(path, fresh_output_dir)
+    config = dataclasses.replace(config, output_dir=str(run_dir.path))
+    try:
+        if not lock.claim(run_dir.path):
+            raise UserError(f"output_dir {run_dir.path} is in use: another run started in it at the same time", fix="pass another output_dir")
+        atomic.write_text(run_dir.path / RESOLVED, to_yaml(config))
+    except OSError as error:
+        run_dir.discard_if_empty_of_results()
+        raise UserError(f"cannot write into output_dir {run_dir.path}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
+    run_dir.update_manifest(
+        recipe=config.recipe,
+        stage=config.stage,
+        status=manifest.RUNNING,
+        command=manifest.command_line(),
+        cwd=os.getcwd(),
+        git_commit=manifest.git_commit(),
+        versions=manifest.package_versions(),
+        host=platform.node(),
+        pid=os.getpid(),
+        started_at=manifest.now(),
+    )
+    return run_dir, config

@@ -1,0 +1,116 @@
+"""The non-public library methods and attributes npu_recipes relies on (docs/architecture.md lists
+them), one test each, named after it: a release that renames, re-signs or changes one fails here
+first, in-process and in seconds, rather than deep inside a training run."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+
+from npu_recipes.errors import UserError
+
+
+def _tiny_causal_lm(hidden_size: int = 32):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return Qwen2ForCausalLM(config)
+
+
+def _trainer(output_dir, model=None, max_steps: int = 1):
+    from datasets import Dataset
+    from transformers import TrainingArguments, default_data_collator
+
+    from npu_recipes.config.schema import NanGuardConfig
+    from npu_recipes.model.flops import FlopsModel
+    from npu_recipes.run.rundir import RunDir
+    from npu_recipes.train.nan_guard import NanGuard
+    from npu_recipes.train.trainer import RecipeTrainer
+
+    model = model or _tiny_causal_lm()
+    rows = [[1, 2, 3, 4, 5, 6, 7, 8]] * 2
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=1, save_strategy="steps",
+                             save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no")
+    guard = NanGuard(NanGuardConfig(), RunDir(output_dir))
+    return RecipeTrainer(model=model, args=args, data_collator=default_data_collator,
+                         train_dataset=Dataset.from_dict({"input_ids": rows, "labels": rows}),
+                         flops_model=FlopsModel.from_model(model, model.config), nan_guard=guard)
+
+
+def test_trainer__save_checkpoint_and__get_output_dir(tmp_path):
+    """``Trainer._save_checkpoint(model, trial)`` writes ``checkpoint-<step>`` under ``_get_output_dir(trial)``:
+    RecipeTrainer points that at a staging directory and renames the finished checkpoint into place."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
+    assert "_get_output_dir(" in inspect.getsource(Trainer._save_checkpoint)
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "model.safetensors").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 1
+    assert not list(tmp_path.glob(".partial-*")), "the staging directory must be renamed away"
+
+
+def test_trainer__load_from_checkpoint(tmp_path):
+    """``Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)`` loads a checkpoint's weights;
+    one made for another model becomes a UserError naming the checkpoint."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == ["self", "resume_from_checkpoint", "model"]
+    other = tmp_path / "checkpoint-1"
+    _tiny_causal_lm(hidden_size=16).save_pretrained(other)
+    trainer = _trainer(tmp_path / "run")
+    with pytest.raises(UserError, match=rf"cannot resume from {other}: its weights do not fit this run"):
+        trainer._load_from_checkpoint(str(other))
+
+
+def test_trainer__load_optimizer_and_scheduler(tmp_path):
+    """``Trainer._load_optimizer_and_scheduler(checkpoint)`` restores optimizer.pt and scheduler.pt; an
+    optimizer state of other parameters becomes a UserError naming the checkpoint."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._load_optimizer_and_scheduler).parameters) == ["self", "checkpoint"]
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    stranger = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    torch.save(stranger.state_dict(), checkpoint / "optimizer.pt")
+    torch.save(torch.optim.lr_scheduler.LambdaLR(stranger, lambda step: 1.0).state_dict(), checkpoint / "scheduler.pt")
+    trainer = _trainer(tmp_path / "run")
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    with pytest.raises(UserError, match=rf"cannot resume from {checkpoint}: its optimizer and scheduler states do not fit"):
+        trainer._load_optimizer_and_scheduler(str(checkpoint))
+
+
+def test_hydra__internal_utils_get_args_parser():
+    """The parser behind ``@hydra.main``: overrides, ``--multirun`` and the config-source options the CLI inspects."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(["-m", "+recipe=demo", "train.learning_rate=1e-4,2e-4"])
+    assert args.multirun and args.overrides == ["+recipe=demo", "train.learning_rate=1e-4,2e-4"]
+    assert args.config_name is None and args.config_path is None and args.config_dir is None
+
+
+def test_datasets_dataset__fingerprint():
+    """``Dataset._fingerprint``: a string that changes with the rows and that ``map(new_fingerprint=...)`` sets."""
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"text": ["a", "b"]})
+    other = Dataset.from_dict({"text": ["a", "c"]})
+    assert isinstance(rows._fingerprint, str) and rows._fingerprint != other._fingerprint
+    assert rows.map(lambda row: row, new_fingerprint="npu-recipes-test")._fingerprint == "npu-recipes-test"
+
+
+def test_huggingface_hub_parse_size_to_int():
+    """``parse_size_to_int``: the sizes ``save_pretrained(max_shard_size=...)`` accepts, in bytes."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    assert parse_size_to_int("5GB") == 5 * 10**9 and parse_size_to_int("500MB") == 5 * 10**8
+    with pytest.raises(ValueError):
+        parse_size_to_int("five gigabytes")
