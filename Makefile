@@ -13,10 +13,11 @@ PY ?= $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 PYTEST_ARGS ?= -n 2 --dist loadfile
+FAST_PYTEST_ARGS ?= -m "not slow and not cli" -p no:cacheprovider
 STAMP := .install-stamp
 RECIPE_TARGETS := $(subst _,-,$(filter-out demo,$(basename $(notdir $(wildcard recipes/*.yaml)))))
 
-.PHONY: install demo test clean list docs $(RECIPE_TARGETS)
+.PHONY: install demo test test-fast lint clean list docs $(RECIPE_TARGETS)
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "npu_recipes needs Python 3.10 or newer")'
@@ -31,8 +32,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	"$(PY)" -m npu_recipes +recipe=demo $(ARGS)
 
-test: $(STAMP)
+test: lint
 	"$(PY)" -m pytest $(PYTEST_ARGS)
+
+# The in-process tier (pure logic, nothing started): under a minute on 2 idle cores.
+test-fast: $(STAMP)
+	HYPOTHESIS_PROFILE=fast "$(PY)" -m pytest $(FAST_PYTEST_ARGS)
+
+# The package's import layers (.importlinter) and ruff's rules (pyproject.toml).
+lint: $(STAMP)
+	"$(PY)" -m ruff check npu_recipes tests bench
+	"$(PY)" -c 'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' 
 
 $(RECIPE_TARGETS): $(STAMP)
 	"$(PY)" -m npu_recipes +recipe=$(subst -,_,$@) $(ARGS)

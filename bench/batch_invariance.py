@@ -24,13 +24,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from npu_recipes.config import compose  # noqa: E402
-from npu_recipes.data import demo
-from npu_recipes.runtime import devices
-from npu_recipes.infer import adapters, loading
-from npu_recipes.run import manifest  # noqa: E402
+import results_io  # bench/ is on sys.path when a script in it runs
 
-import results_io  # noqa: E402  (bench/ is on sys.path when a script in it runs)
+from npu_recipes.config import compose
+from npu_recipes.data import demo
+from npu_recipes.infer import adapters, loading
+from npu_recipes.run import manifest
+from npu_recipes.runtime import devices
 
 
 def greedy(model, tokenizer, texts, new_tokens, device):

@@ -100,11 +100,10 @@ def measure(variant: dict, device_request: str, steps: int = 3) -> dict:
     from datasets import Dataset
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, default_data_collator
 
-    from npu_recipes.plan import targets
     from npu_recipes.config import compose
-    from npu_recipes.runtime import devices
-    from npu_recipes.plan import memory
     from npu_recipes.model import pretrained
+    from npu_recipes.plan import memory, targets
+    from npu_recipes.runtime import devices
     from npu_recipes.train.arguments import training_arguments
 
     work = Path(tempfile.mkdtemp(prefix="memcal-"))
@@ -181,8 +180,8 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(json.loads(args.one), args.device)), flush=True)
         return
 
-    from npu_recipes.runtime import devices
     from npu_recipes.run import manifest
+    from npu_recipes.runtime import devices
 
     shapes = args.shapes.split(",")
     records = []

@@ -31,9 +31,9 @@ import openai
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from npu_recipes.serving.launcher import ServerProcess  # noqa: E402
+import results_io  # bench/ is on sys.path when a script in it runs
 
-import results_io  # noqa: E402  (bench/ is on sys.path when a script in it runs)
+from npu_recipes.serving.launcher import ServerProcess
 
 GSM8K_TEST = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 

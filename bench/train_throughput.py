@@ -47,13 +47,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
 from npu_recipes import atomic
-from npu_recipes.runtime import devices
+from npu_recipes.config.schema import DEVICES
 from npu_recipes.data import packing
-from npu_recipes.run import manifest, rundir  # noqa: E402
-from npu_recipes.config.schema import DEVICES  # noqa: E402
+from npu_recipes.run import manifest, rundir
+from npu_recipes.runtime import devices
 
 KNOWN_PEAK_TFLOPS = {"NVIDIA H200": (790.0, "bf16 matmul rate measured on an H200 (../shared/bench/README.md)")}
 """Peak rates used for MFU instead of measuring, by device name."""
@@ -179,8 +179,14 @@ def load_workload(workdir: Path):
 def plain_side(side: str, args, device: devices.Device, workdir: Path) -> dict:
     """Sides a and c: transformers Trainer + PEFT as a user would write them, no npu_recipes code."""
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening,
-                              Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainingArguments,
+    )
 
     plan = json.loads((workdir / "plan.json").read_text())
     dataset, _ = load_workload(workdir)

@@ -50,3 +50,25 @@ def load_for_generation(config, device):
 
     parsed = adapters.parse_adapters(config.adapters)
     return loading.load(adapters.base_model_config(config.model, parsed), parsed, device)
+
+
+def run_in_process(*overrides: str) -> None:
+    """Compose, validate and run a stage in this process, as the CLI does once it has parsed its
+    arguments: for tests of what a stage produces. The CLI contract (exit status, the printed error
+    block, a process per command) is tested through :func:`run_cli`.
+
+    The run directory's lock is released afterwards, so a later command (in a subprocess, too) may
+    continue the run, as it could after a CLI process had exited.
+
+    Raises:
+        What the stage raises: UserError for bad input, SystemExit where a stage exits with a status.
+    """
+    from npu_recipes import runner
+    from npu_recipes.config import compose
+    from npu_recipes.run import lock
+
+    config = compose.compose(list(overrides))
+    try:
+        runner.run(config, fresh_output_dir=not any(o.startswith("output_dir=") for o in overrides))
+    finally:
+        lock.release(Path(config.output_dir).expanduser().absolute())

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from npu_recipes.infer import answers
-from npu_recipes.data import demo
 from npu_recipes.config import schema
+from npu_recipes.data import demo
+from npu_recipes.infer import answers
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,12 @@ Each case of docs/troubleshooting.md runs in tests/test_troubleshooting.py; thes
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import run_cli
 
 
+@pytest.mark.cli
 def test_unknown_recipe_fails_cleanly(tmp_path):
     run = tmp_path / "run"
     result = run_cli("+recipe=qwen7b_lora", "device=cpu", f"output_dir={run}")
@@ -17,6 +20,7 @@ def test_unknown_recipe_fails_cleanly(tmp_path):
     assert not run.exists()
 
 
+@pytest.mark.cli
 def test_a_directory_the_user_made_survives_a_failed_run(tmp_path):
     premade = tmp_path / "premade"
     premade.mkdir()

@@ -3,6 +3,7 @@ targets generated from recipes/, and docs/recipes.md kept current."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -28,9 +29,13 @@ def seed_table() -> list[tuple[int, str, int, str, int]]:
     return [(i, size, int(n), ds, int(gb)) for i, (size, n, ds, gb) in enumerate(rows, 1)]
 
 
+@functools.lru_cache(maxsize=None)
+def _every_recipe() -> tuple:
+    return tuple(compose.compose([f"+recipe={name}"]) for name in compose.recipe_names())
+
+
 def recipe_for_row(row: int):
-    matches = [c for c in map(lambda name: compose.compose([f"+recipe={name}"]), compose.recipe_names())
-               if c.reference.get("seed_row") == row]
+    matches = [c for c in _every_recipe() if c.reference.get("seed_row") == row]
     assert len(matches) == 1, f"seed table row {row} has {len(matches)} recipes"
     return matches[0]
 
@@ -68,6 +73,7 @@ def _documented_rows() -> dict[str, list[str]]:
     return {cells[1].strip().strip("`"): [c.strip() for c in cells] for cells in table}
 
 
+@pytest.mark.cli
 def test_make_list_shows_every_recipe_with_the_seeds_and_the_planned_memory(tmp_path):
     result = _make(tmp_path, "list")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,6 +88,7 @@ def test_make_list_shows_every_recipe_with_the_seeds_and_the_planned_memory(tmp_
     assert lines["qwen14b_lora_zero3"][2:6] == ["Qwen/Qwen2.5-14B-Instruct", "8", "zero3", "31"]
 
 
+@pytest.mark.cli
 def test_recipe_targets_are_generated_from_recipes_and_pass_args(tmp_path):
     model = tmp_path / "qwen2-7b"
     model.mkdir()
@@ -98,6 +105,7 @@ def test_recipe_targets_are_generated_from_recipes_and_pass_args(tmp_path):
     assert report["settings"]["parallelism"] == "zero3" and report["settings"]["world_size"] == 4
 
 
+@pytest.mark.slow
 def test_docs_recipes_md_is_generated_from_the_current_recipes():
     """Fails when a recipe, the estimator or the generator changed without `python -m npu_recipes.plan.recipes_page` (make docs)."""
     assert recipes_page.page_path().read_text() == recipes_page.render(), "docs/recipes.md is stale: run `make docs`"

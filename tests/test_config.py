@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from npu_recipes.config import compose, resolved
-from npu_recipes.config import schema
+from npu_recipes.config import compose, resolved, schema
 from npu_recipes.errors import UserError
 
 # Options that need a user-supplied path before they validate.
@@ -184,36 +184,93 @@ _GROUP_OVERRIDES = st.builds(
 )
 
 
-def _validates_or_refuses(overrides, directory) -> None:
+def _valid_values(key: str, default):
+    """Values of ``key`` that pass its own checks: its choices, or the default and one change of it
+    that keeps its sign and range (half a positive float, twice a positive int, the other bool)."""
+    if key in schema.CHOICES:
+        return st.sampled_from(schema.CHOICES[key])
+    if isinstance(default, bool):
+        return st.booleans()
+    if isinstance(default, int) and default > 0:
+        return st.sampled_from([default, 2 * default])
+    if isinstance(default, float) and default > 0:
+        return st.sampled_from([default, default / 2])
+    return st.just(default)
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {key: value for name, item in tree.items() for key, value in _flat(item, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: tree}
+
+
+_DEFAULTS = {key: value for key, value in _flat(dataclasses.asdict(compose.compose([]))).items()
+             if key in _SCHEMA_KEYS and not isinstance(value, (dict, list)) and key not in ("output_dir", "recipe")}
+_VALID_OVERRIDES = st.one_of(
+    st.sampled_from(sorted(_DEFAULTS)).flatmap(lambda key: _valid_values(key, _DEFAULTS[key]).map(
+        lambda value: _override("", key, _hydra_value(value)))),
+    st.sampled_from([f"{group}={option}" for group, option in _group_options() if (group, option) not in PATH_OVERRIDES]),
+)
+"""Overrides that each pass on their own; a set of them still meets the cross-field rules."""
+
+
+def _validates_or_refuses(overrides, directory) -> bool:
+    """True when ``overrides`` validate (and resolved.yaml round-trips), False when refused with a UserError."""
     try:
         config = compose.compose(overrides)
     except UserError:
-        return
+        return False
     path = directory / "resolved.yaml"
     path.write_text(resolved.to_yaml(config))
     assert resolved.load_resolved(path) == config
+    return True
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(_KEY_OVERRIDES, _GROUP_OVERRIDES), max_size=5))
-def test_any_override_set_validates_or_fails_with_a_user_error(tmp_path_factory, overrides):
+def _assert_both_outcomes_are_common(outcomes: list) -> None:
+    """The generator must reach validation often (a test that passes when every set is refused tests
+    nothing) and still produce refusals."""
+    validated = sum(outcomes)
+    assert len(outcomes) >= 20, "too few examples ran to judge the generator"
+    assert 0.25 <= validated / len(outcomes) <= 0.9, f"{validated} of {len(outcomes)} generated override sets validated"
+
+
+def test_any_override_set_validates_or_fails_with_a_user_error(tmp_path_factory):
     """Any composition of overrides over the schema's keys (values of every type, nan/inf and negative
     numbers, interpolations, unknown keys, +/++/~ prefixes, sweeps) and over the config groups and
     recipes (valid and invalid options) either validates, or raises UserError: never another
     exception from Hydra, OmegaConf or a check. A config that validates is written to resolved.yaml
-    and read back equal, as the runner, workers and later stages do."""
-    _validates_or_refuses(overrides, tmp_path_factory.mktemp("resolved"))
+    and read back equal, as the runner, workers and later stages do. Half the examples are built
+    from overrides that each pass alone, so that many sets reach validation and some validate."""
+    directory = tmp_path_factory.mktemp("resolved")
+    outcomes = []
+
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.one_of(st.lists(_VALID_OVERRIDES, max_size=5),
+                     st.lists(st.one_of(_KEY_OVERRIDES, _GROUP_OVERRIDES, _VALID_OVERRIDES), max_size=5)))
+    def validates_or_refuses(overrides):
+        outcomes.append(_validates_or_refuses(overrides, directory))
+
+    validates_or_refuses()
+    _assert_both_outcomes_are_common(outcomes)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.one_of(st.just([]), st.sampled_from(compose.recipe_names()).map(lambda name: [f"+recipe={name}"])),
-    st.lists(st.builds(_override, st.just(""), st.sampled_from(_SCHEMA_KEYS), _VALUES.map(_hydra_value)), max_size=3),
-)
-def test_plain_values_on_schema_keys_validate_or_fail_with_a_user_error(tmp_path_factory, recipe, overrides):
+def test_plain_values_on_schema_keys_validate_or_fail_with_a_user_error(tmp_path_factory):
     """The same property where most compositions get as far as validation: a recipe or none, then
-    plain ``key=value`` overrides of schema keys with values of every type."""
-    _validates_or_refuses(recipe + overrides, tmp_path_factory.mktemp("resolved"))
+    plain ``key=value`` overrides of schema keys with values of every type, or values that pass alone."""
+    directory = tmp_path_factory.mktemp("resolved")
+    outcomes = []
+    plain = st.builds(_override, st.just(""), st.sampled_from(_SCHEMA_KEYS), _VALUES.map(_hydra_value))
+
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        st.one_of(st.just([]), st.sampled_from(compose.recipe_names()).map(lambda name: [f"+recipe={name}"])),
+        st.lists(st.one_of(plain, _VALID_OVERRIDES, _VALID_OVERRIDES), max_size=3),
+    )
+    def validates_or_refuses(recipe, overrides):
+        outcomes.append(_validates_or_refuses(recipe + overrides, directory))
+
+    validates_or_refuses()
+    _assert_both_outcomes_are_common(outcomes)
 
 
 GOLDEN_RESOLVED = Path(__file__).parent / "golden" / "resolved_recipes"
@@ -230,3 +287,42 @@ def test_every_recipe_resolves_as_before_the_shared_seed_block(monkeypatch, name
     monkeypatch.setenv("NPU_RECIPES_CACHE", "/cache")
     config = compose.compose([f"+recipe={name}", "output_dir=/runs/golden"])
     assert resolved.to_yaml(config) == (GOLDEN_RESOLVED / f"{name}.yaml").read_text()
+
+
+def test_the_names_that_validate_without_transformers_are_transformers_own():
+    """Validation answers without importing transformers for the usual scheduler and optimizer names;
+    those lists must be transformers' own: every listed scheduler is built by ``get_scheduler`` from
+    warmup and total steps alone, every other scheduler needs more, and every listed optimizer is
+    one of its ``OptimizerNames``."""
+    import torch
+    from transformers import get_scheduler
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from npu_recipes.config import validate
+
+    without_arguments = []
+    for member in SchedulerType:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        try:
+            get_scheduler(member.value, optimizer, num_warmup_steps=0, num_training_steps=10)
+        except (ValueError, TypeError):
+            continue
+        without_arguments.append(member.value)
+    assert sorted(validate.SCHEDULERS_WITHOUT_ARGUMENTS) == sorted(without_arguments)
+    assert set(validate.COMMON_OPTIMIZERS) <= {member.value for member in OptimizerNames}
+
+
+@pytest.mark.cli
+def test_a_config_error_is_found_without_importing_torch_or_transformers():
+    """What the CLI does before a stage runs (check the overrides, compose, validate) imports neither
+    torch nor transformers, so a mistake is reported in about a second."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom npu_recipes.config import compose\n"
+              "compose.compose(['+recipe=qwen7b_lora_zero3', 'train.learning_rate=2e-4', 'train.optim=adamw_torch_fused'])\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -7,10 +7,9 @@ import re
 
 import pytest
 
-from npu_recipes.data import messages, sources, tokenize
-from npu_recipes.data import demo
-from npu_recipes.errors import UserError
 from npu_recipes.config.schema import DatasetConfig
+from npu_recipes.data import demo, messages, sources, tokenize
+from npu_recipes.errors import UserError
 
 CONVERSATION = [
     {"role": "system", "content": "You add numbers."},

@@ -1,17 +1,19 @@
-"""``stage=doctor`` through the real CLI: on this machine's CPU, and with fake npu-smi / nvidia-smi
-executables on PATH that print the real fixtures (or variants of them), so the tool paths run for real."""
+"""``stage=doctor``: on this machine's CPU, and with fake npu-smi / nvidia-smi executables on PATH that print
+the real fixtures (or variants of them), so the tool paths run for real. The JSON reports are read from the
+stage run in this process; the table and a bad option go through the real CLI."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import subprocess
 
 import pytest
 
 from tests import npu_smi_variants as variants
+from tests.helpers import run_cli, run_in_process
 from tests.test_smi import NVIDIA_TOPO
-from tests.helpers import run_cli
 
 
 def _fake_tool(bin_dir, name, outputs: dict) -> None:
@@ -38,13 +40,34 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def doctor(monkeypatch, capsys):
+    """Run ``stage=doctor`` with these overrides in this process, in directory ``cwd`` with ``env`` set;
+    returns its exit status and printed output as a CompletedProcess."""
+
+    def run(*overrides, cwd, env=None):
+        monkeypatch.chdir(cwd)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        try:
+            run_in_process("stage=doctor", *overrides)
+            status = 0
+        except SystemExit as exit:
+            status = exit.code
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(["stage=doctor", *overrides], status, printed.out, printed.err)
+
+    return run
+
+
 def _checks(result) -> dict:
     report = json.loads(result.stdout)
     return report, {check["name"]: check for check in report["checks"]}
 
 
-def test_cpu_doctor_passes_and_writes_nothing(tmp_path):
-    result = run_cli("stage=doctor", "device=cpu", "doctor.format=json", cwd=tmp_path)
+def test_cpu_doctor_passes_and_writes_nothing(tmp_path, doctor):
+    result = doctor("device=cpu", "doctor.format=json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     report, checks = _checks(result)
     assert report["device"] == "cpu" and report["ok"] is True
@@ -55,7 +78,7 @@ def test_cpu_doctor_passes_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [], "the doctor must not create a run directory"
 
 
-def test_npu_machine_with_a_sick_card_busy_card_and_pcie_links(tmp_path, npu_smi_texts):
+def test_npu_machine_with_a_sick_card_busy_card_and_pcie_links(tmp_path, npu_smi_texts, doctor):
     """Four 910B4 32 GB cards, NPU2 in Alarm, a process on NPU0, PCIe-only links: all found, exit 1."""
     info = variants.with_processes(
         variants.with_health(variants.as_910b4_32gb(variants.fewer_cards(npu_smi_texts["info"], 4)), 2, "Alarm"),
@@ -63,8 +86,8 @@ def test_npu_machine_with_a_sick_card_busy_card_and_pcie_links(tmp_path, npu_smi
     )
     topo = variants.topology(variants.PCIE_ONLY_4, ["0-23", "0-23", "24-47", "24-47"], npu_smi_texts["topo"])
     _fake_tool(tmp_path / "bin", "npu-smi", {"info -t topo": topo, "": info})
-    result = run_cli("stage=doctor", "parallelism.nproc_per_node=4", "doctor.format=json", cwd=tmp_path,
-                     env=_env(tmp_path / "bin", HCCL_CONNECT_TIMEOUT="600"))
+    result = doctor("parallelism.nproc_per_node=4", "doctor.format=json", cwd=tmp_path,
+                    env=_env(tmp_path / "bin", HCCL_CONNECT_TIMEOUT="600"))
     assert result.returncode == 1, result.stderr[-2000:]
     report, checks = _checks(result)
     assert report["device"] == "npu" and "npu-smi is on PATH" in report["reason"] and report["ok"] is False
@@ -82,6 +105,7 @@ def test_npu_machine_with_a_sick_card_busy_card_and_pcie_links(tmp_path, npu_smi
     assert report["tools"]["npu_smi_topo"]["links"]["NPU1"]["NPU2"] == "PHB"
 
 
+@pytest.mark.cli
 def test_table_output_names_each_failure_and_its_fix(tmp_path, npu_smi_texts):
     _fake_tool(tmp_path / "bin", "npu-smi", {"info -t topo": npu_smi_texts["topo"], "": npu_smi_texts["info"]})
     result = run_cli("stage=doctor", "parallelism.nproc_per_node=4", cwd=tmp_path,
@@ -101,15 +125,15 @@ def test_table_output_names_each_failure_and_its_fix(tmp_path, npu_smi_texts):
     assert len([line for line in fixes if line.startswith("  FAIL ")]) == len(failed)
 
 
-def test_cuda_path_reads_nvidia_smi(tmp_path):
+def test_cuda_path_reads_nvidia_smi(tmp_path, doctor):
     gpus = "0, NVIDIA H200, 00000000:19:00.0, 1021, 143771, GPU-aaa\n1, NVIDIA H200, 00000000:3B:00.0, 4, 143771, GPU-bbb\n"
     _fake_tool(tmp_path / "bin", "nvidia-smi", {
         "--query-gpu=index,name,pci.bus_id,memory.used,memory.total,uuid --format=csv,noheader,nounits": gpus,
         "--query-compute-apps=gpu_uuid,pid,process_name,used_memory --format=csv,noheader,nounits": "",
         "topo -m": NVIDIA_TOPO,
     })
-    result = run_cli("stage=doctor", "device=cuda", "parallelism.nproc_per_node=2", "doctor.format=json",
-                     cwd=tmp_path, env=_env(tmp_path / "bin", CUDA_VISIBLE_DEVICES="1,0"))
+    result = doctor("device=cuda", "parallelism.nproc_per_node=2", "doctor.format=json",
+                    cwd=tmp_path, env=_env(tmp_path / "bin", CUDA_VISIBLE_DEVICES="1,0"))
     report, checks = _checks(result)
     assert report["device"] == "cuda"
     assert checks["nvidia-smi chips"]["detail"] == "2 x NVIDIA H200"
@@ -117,8 +141,8 @@ def test_cuda_path_reads_nvidia_smi(tmp_path):
     assert checks["interconnect"]["detail"].endswith("CPU affinity GPU1: 0-55,112-167, GPU0: 0-55,112-167")
     assert checks["visible devices"]["status"] == "ok"
     assert checks["visible devices"]["detail"] == "CUDA_VISIBLE_DEVICES=1,0; parallelism.nproc_per_node=2"
-    uuids = run_cli("stage=doctor", "device=cuda", "parallelism.nproc_per_node=3", "doctor.format=json",
-                    cwd=tmp_path, env=_env(tmp_path / "bin", CUDA_VISIBLE_DEVICES="GPU-aaa,GPU-bbb"))
+    uuids = doctor("device=cuda", "parallelism.nproc_per_node=3", "doctor.format=json",
+                   cwd=tmp_path, env=_env(tmp_path / "bin", CUDA_VISIBLE_DEVICES="GPU-aaa,GPU-bbb"))
     visible = _checks(uuids)[1]["visible devices"]
     assert visible["status"] == "fail" and visible["detail"].startswith("CUDA_VISIBLE_DEVICES=GPU-aaa,GPU-bbb;")
     import torch
@@ -128,6 +152,7 @@ def test_cuda_path_reads_nvidia_smi(tmp_path):
         assert checks["devices"]["status"] == "fail" and "sees no CUDA device" in checks["devices"]["detail"]
 
 
+@pytest.mark.cli
 def test_bad_doctor_format_is_a_user_error(tmp_path):
     result = run_cli("stage=doctor", "doctor.format=yaml", cwd=tmp_path)
     assert result.returncode == 2

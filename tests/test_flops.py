@@ -9,7 +9,7 @@ import torch
 
 from npu_recipes.config import resolved
 from npu_recipes.model import flops
-from tests.helpers import read_jsonl, run_cli
+from tests.helpers import read_jsonl, run_in_process
 
 
 @pytest.mark.parametrize("name,label,peak", [
@@ -90,17 +90,16 @@ def test_utilisation():
 
 
 @pytest.mark.slow
-def test_mfu_in_logging_and_manifest(tmp_path):
+def test_mfu_in_logging_and_manifest(tmp_path, capsys):
     """A LoRA run against a configured peak: per-record MFU = model TFLOP/s / peak, and the Trainer's
     total_flos is the 4·N·T + 6·N_lora·T + attention count of the tokens it saw."""
-    from transformers import AutoModelForCausalLM
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"
-    result = run_cli("device=cpu", "train.max_steps=4", "train.logging_steps=2", "train.gradient_accumulation_steps=2",
-                     "train.per_device_train_batch_size=2", "dataset.val_split_ratio=0", "mfu.peak_tflops=0.01",
-                     "train.save_steps=100", f"output_dir={run}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_process("device=cpu", "train.max_steps=4", "train.logging_steps=2", "train.gradient_accumulation_steps=2",
+                   "train.per_device_train_batch_size=2", "dataset.val_split_ratio=0", "mfu.peak_tflops=0.01",
+                   "train.save_steps=100", f"output_dir={run}")
     records = read_jsonl(run / "logging.jsonl")
     train = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 4]
@@ -114,7 +113,7 @@ def test_mfu_in_logging_and_manifest(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["device"]["peak_tflops"] == 0.01 and manifest["device"]["peak_source"] == "mfu.peak_tflops"
     assert manifest["final_metrics"]["mfu"] == summary["mfu"] and manifest["final_metrics"]["skipped_steps"] == 0
-    assert "MFU " in result.stdout
+    assert "MFU " in capsys.readouterr().out
 
     run_config = resolved.load_resolved(run / "resolved.yaml")
     base = AutoModelForCausalLM.from_pretrained(run_config.model.name_or_path)

@@ -1,4 +1,5 @@
-"""The infer stage through the real CLI: the training run's validation split, GSM8K batches, the terminal chat."""
+"""The infer stage: the training run's validation split, GSM8K batches (in this process), the terminal chat and
+refusals (through the real CLI)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ import pytest
 import yaml
 
 from npu_recipes.config import compose
-from npu_recipes.infer import chat
-from npu_recipes.runtime import devices
-from npu_recipes.infer import generation
-from npu_recipes.run import heldout
 from npu_recipes.errors import UserError
-from tests.helpers import load_for_generation, read_jsonl, run_cli
+from npu_recipes.infer import chat, generation
+from npu_recipes.run import heldout
+from npu_recipes.runtime import devices
+from tests.helpers import load_for_generation, read_jsonl, run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +27,11 @@ VARIED = ("infer.max_new_tokens=12", "infer.repetition_penalty=3.0")
 @pytest.fixture(scope="module")
 def gsm8k_run(tmp_path_factory, gsm8k_dir):
     run = tmp_path_factory.mktemp("infer") / "run"
-    result = run_cli(
+    run_in_process(
         "device=cpu", "dataset=gsm8k", f"dataset.path={gsm8k_dir / 'train.jsonl'}", f"dataset.max_samples={ROWS}",
         "dataset.val_split_ratio=0.05", f"train.seed={SEED}", "train.max_steps=6", "train.save_steps=6",
         "train.gradient_accumulation_steps=1", "train.learning_rate=1e-2", "train.max_length=512", f"output_dir={run}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     return run
 
 
@@ -41,10 +40,8 @@ def checkpoint(gsm8k_run):
     return gsm8k_run / "checkpoint-6"
 
 
-def _infer(*args, input=None):
-    result = run_cli("stage=infer", "device=cpu", *args, input=input)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def _infer(*args):
+    run_in_process("stage=infer", "device=cpu", *args)
 
 
 def _latest_results(directory):
@@ -82,8 +79,7 @@ def test_load_data_args_evaluates_exactly_the_held_out_rows(gsm8k_run, gsm8k_dir
 
 
 def test_merged_model_with_load_data_args_gives_the_adapter_replies(checkpoint, adapter_results):
-    merge = run_cli("stage=merge", "device=cpu", f"adapters={checkpoint}")
-    assert merge.returncode == 0, merge.stderr[-3000:]
+    run_in_process("stage=merge", "device=cpu", f"adapters={checkpoint}")
     merged = checkpoint.with_name(checkpoint.name + "-merged")
     _infer(f"model.name_or_path={merged}", "load_data_args=true", *VARIED, "infer.batch_size=4")
     rows, metrics = _latest_results(merged / "infer_result")
@@ -117,8 +113,8 @@ def test_a_changed_split_is_refused(gsm8k_run, gsm8k_dir, tmp_path):
         heldout.rebuild(copy)
 
 
-def test_batch_inference_over_the_first_50_gsm8k_test_rows(checkpoint, gsm8k_dir, tmp_path):
-    result = _infer(f"adapters={checkpoint}", "dataset=gsm8k", f"dataset.path={gsm8k_dir / 'test.jsonl'}",
+def test_batch_inference_over_the_first_50_gsm8k_test_rows(checkpoint, gsm8k_dir, tmp_path, capsys):
+    _infer(f"adapters={checkpoint}", "dataset=gsm8k", f"dataset.path={gsm8k_dir / 'test.jsonl'}",
                     "infer.max_samples=50", "infer.max_new_tokens=16", "infer.batch_size=16", f"infer.result_dir={tmp_path}")
     rows, metrics = _latest_results(tmp_path)
     tests = [json.loads(line) for line in (gsm8k_dir / "test.jsonl").read_text().splitlines()[:50]]
@@ -131,8 +127,9 @@ def test_batch_inference_over_the_first_50_gsm8k_test_rows(checkpoint, gsm8k_dir
     assert metrics["answers_found"] == sum(row["prediction"] is not None for row in rows)
     assert metrics["generated_tokens"] == sum(row["generated_tokens"] for row in rows) > 0
     assert metrics["generation_config"]["do_sample"] is False
-    assert f"accuracy:   {metrics['correct']}/50" in result.stdout
-    assert "generating: 100%" in result.stderr
+    printed = capsys.readouterr()
+    assert f"accuracy:   {metrics['correct']}/50" in printed.out
+    assert "generating: 100%" in printed.err
 
 
 def test_left_padded_batches_give_each_prompt_its_own_reply(checkpoint):
@@ -153,8 +150,9 @@ def test_left_padded_batches_give_each_prompt_its_own_reply(checkpoint):
 def test_terminal_chat_keeps_history_until_cleared_and_quits(checkpoint):
     turns = ["Ava has 3 apples and gets 4 more. How many?", "And if she eats 2?"]
     after_clear = "Hi"
-    result = _infer(f"adapters={checkpoint}", *VARIED,
-                    input="\n".join([*turns, "/clear", after_clear, "/quit", "never answered"]) + "\n")
+    result = run_cli("stage=infer", "device=cpu", f"adapters={checkpoint}", *VARIED,
+                     input="\n".join([*turns, "/clear", after_clear, "/quit", "never answered"]) + "\n")
+    assert result.returncode == 0, result.stderr[-3000:]
     replies = [segment.strip() for segment in result.stdout.split(chat.PROMPT)[1:]]
     # Segments: reply 1, reply 2, "(conversation cleared)", reply 3, then the /quit prompt (empty).
     assert replies[2] == "(conversation cleared)" and replies[4:] == [""]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from npu_recipes.config import compose
-from npu_recipes.runtime import devices
-from npu_recipes.infer import adapters
 from npu_recipes.errors import UserError
-from tests.helpers import load_for_generation, run_cli
+from npu_recipes.infer import adapters
+from npu_recipes.runtime import devices
+from tests.helpers import load_for_generation, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -16,9 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("lora") / "run"
-    result = run_cli("device=cpu", "train.max_steps=2", "train.gradient_accumulation_steps=1",
-                     "dataset.val_split_ratio=0", f"output_dir={run}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_process("device=cpu", "train.max_steps=2", "train.gradient_accumulation_steps=1", "dataset.val_split_ratio=0",
+                   f"output_dir={run}")
     return run
 
 

@@ -21,6 +21,7 @@ LIGER_MISSING = importlib.util.find_spec("liger_kernel") is None
     ("model.attn_implementation=flash_attention_2", "flash_attention_2 needs an NPU or a CUDA GPU, but this run's device is cpu"),
     ("kernels=fused", "kernels='fused' is not valid"),
 ])
+@pytest.mark.cli
 def test_a_kernel_that_cannot_run_here_fails_clearly(tmp_path, override, expected):
     run = tmp_path / "run"
     result = run_cli(override, "device=cpu", "train.max_steps=1", f"output_dir={run}")

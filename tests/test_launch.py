@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 
 from npu_recipes.config import compose
-from npu_recipes.runtime import deepspeed_config
-from npu_recipes.runtime import devices
-from npu_recipes.runtime import launch
-from npu_recipes.runtime.devices import Device
 from npu_recipes.errors import UserError
+from npu_recipes.runtime import deepspeed_config, devices, launch
+from npu_recipes.runtime.devices import Device
 from tests.helpers import run_cli
 
 # Through the real CLI: each must fail in the launching process with exit 2, one error block, no
@@ -36,6 +34,7 @@ BEFORE_ANY_WORKER = {
 }
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case", sorted(BEFORE_ANY_WORKER))
 def test_launch_mistakes_fail_before_any_worker_starts(case, tmp_path):
     env, overrides, expected = BEFORE_ANY_WORKER[case]

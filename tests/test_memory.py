@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from npu_recipes.plan import targets
-from npu_recipes.plan import memory
-from npu_recipes.model.pretrained import shipped_config_dir
 from npu_recipes.config.schema import LoraConfig
+from npu_recipes.model.pretrained import shipped_config_dir
+from npu_recipes.plan import memory, targets
 from tests.helpers import REPO, SHARED
 
 CPU = targets.TARGETS["cpu"]
@@ -160,3 +159,17 @@ def test_peak_is_the_sum_of_the_components_live_at_it(tmp_path):
         live = sum(c.bytes for c in estimate.components.values() if c.at_peak)
         assert live == pytest.approx(estimate.total_bytes)
         assert (estimate.host_bytes > 0) == offload
+
+
+def test_planning_does_not_draw_from_the_training_random_numbers(tiny_model_path):
+    """The train stage plans ``gradient_checkpointing=auto`` between seeding and initialising LoRA; the
+    planner's meta-device skeleton must leave torch's generator as it found it, or the same seed would
+    give other initial weights with ``auto`` than with ``true``, and a second run in one process other
+    weights than the first."""
+    import torch
+
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    memory.model_shape(str(tiny_model_path), "lora", LoraConfig(r=3))
+    assert torch.equal(torch.rand(4), expected)

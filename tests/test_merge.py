@@ -1,4 +1,5 @@
-"""The merge stage through the real CLI: PEFT merge of a LoRA trained by the train stage, checked by logits."""
+"""The merge stage: PEFT merge of a LoRA trained by the train stage, checked by logits (in this process where
+the merged result is what is checked, through the real CLI where the command's contract is)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import pytest
 import torch
 
 from npu_recipes.config import compose
-from npu_recipes.runtime import devices
 from npu_recipes.infer import loading
-from npu_recipes.run import lock
 from npu_recipes.model import tiny
-from tests.helpers import load_for_generation, run_cli
+from npu_recipes.run import lock
+from npu_recipes.runtime import devices
+from tests.helpers import load_for_generation, run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +30,17 @@ PROMPTS = [
 
 
 def _train(run, *extra):
-    result = run_cli(*TRAIN, *extra, f"output_dir={run}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    """A LoRA of 8 steps: in this process, or through the CLI (torchrun) for a multi-process parallelism."""
+    if any(argument.startswith("parallelism=") for argument in extra):
+        result = run_cli(*TRAIN, *extra, f"output_dir={run}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        run_in_process(*TRAIN, *extra, f"output_dir={run}")
     return run / "checkpoint-8"
 
 
-def _merge(*args, env=None):
-    result = run_cli("stage=merge", "device=cpu", *args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def _merge(*args):
+    run_in_process("stage=merge", "device=cpu", *args)
 
 
 def _logits(*overrides):
@@ -101,17 +104,18 @@ def test_merge_refuses_an_existing_target(lora_checkpoint, merged):
     assert {p.name: p.stat().st_mtime_ns for p in merged.iterdir()} == before
 
 
-def test_merge_with_nproc_per_node_set_runs_once_and_replaces_with_exist_ok(lora_checkpoint, merged, tmp_path):
+def test_merge_with_nproc_per_node_set_runs_once_and_replaces_with_exist_ok(lora_checkpoint, merged, tmp_path, monkeypatch, capsys):
     """NPROC_PER_NODE=2 (the seed's multi-device style) and a multi-process parallelism (as a ZeRO-3
     recipe carries) must not turn merge into two processes; the command also names a hub model,
     which must not be fetched: the base comes from the adapter's run."""
     target = tmp_path / "replaced"
     shutil.copytree(merged, target)
     (target / "stale.txt").write_text("from the previous merge")
-    result = _merge(f"adapters={lora_checkpoint}", "model=qwen2_7b_instruct", f"merge.output_dir={target}",
-                    "merge.exist_ok=true", "merge.torch_dtype=float32", "parallelism=zero3", "parallelism.nproc_per_node=2",
-                    env={"NPROC_PER_NODE": "2"})
-    assert result.stdout.count("merged model:") == 1
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    capsys.readouterr()
+    _merge(f"adapters={lora_checkpoint}", "model=qwen2_7b_instruct", f"merge.output_dir={target}",
+           "merge.exist_ok=true", "merge.torch_dtype=float32", "parallelism=zero3", "parallelism.nproc_per_node=2")
+    assert capsys.readouterr().out.count("merged model:") == 1
     assert not (target / "stale.txt").exists()
     assert (target / "model.safetensors").is_file(), "the default max_shard_size (5GB) keeps the tiny model in one file"
     assert json.loads((target / "manifest.json").read_text())["base_model"] == json.loads(
@@ -132,13 +136,10 @@ def test_lora_trained_on_a_merged_model_merges_again(merged, tmp_path):
 
 
 def test_stacked_adapters_merge_into_what_infer_applies(lora_checkpoint, tmp_path):
-    """Two adapters (the same checkpoint twice: the LoRA delta counted twice), merged in-process."""
-    from npu_recipes import runner
-
+    """Two adapters (the same checkpoint twice: the LoRA delta counted twice)."""
     stacked = f"adapters=[{lora_checkpoint},{lora_checkpoint}]"
     target = tmp_path / "stacked"
-    runner.run(compose.compose(["stage=merge", "device=cpu", stacked, f"merge.output_dir={target}", "merge.torch_dtype=float32"]),
-               fresh_output_dir=False)
+    _merge(stacked, f"merge.output_dir={target}", "merge.torch_dtype=float32")
     assert [a["name"] for a in json.loads((target / "manifest.json").read_text())["adapters"]] == ["checkpoint-8", "checkpoint-8_2"]
     with_both = _logits(stacked)
     assert (with_both - _logits(f"adapters={lora_checkpoint}")).abs().max() > 0.05

@@ -97,6 +97,7 @@ def test_gradient_checkpointing_auto_turns_it_off_only_when_the_estimate_without
         assert plan.estimate.total_gib == pytest.approx(without_checkpointing_gib)
 
 
+@pytest.mark.cli
 def test_plan_prints_settings_launch_and_memory_through_the_cli(tmp_path):
     model = config_only(tmp_path, QWEN2_5_14B)
     result = run_cli("+recipe=qwen14b_lora_zero3", "stage=plan", f"model.name_or_path={model}", cwd=tmp_path)
@@ -116,6 +117,7 @@ def test_plan_prints_settings_launch_and_memory_through_the_cli(tmp_path):
     assert not (tmp_path / "outputs").exists(), "stage=plan must not create a run directory"
 
 
+@pytest.mark.cli
 def test_plan_json_matches_the_in_process_plan(tmp_path):
     model = config_only(tmp_path, QWEN2_7B)
     args = ["+recipe=qwen7b_lora_zero3", "stage=plan", f"model.name_or_path={model}", "plan.format=json", "train.max_length=512"]
@@ -157,6 +159,7 @@ def test_a_plan_that_does_not_fit_names_the_next_option_that_does(tmp_path, over
     assert followed.fits and followed.estimate.total_gib == pytest.approx(plan.suggestion.total_gib, abs=0.01)
 
 
+@pytest.mark.cli
 def test_suggestion_through_the_cli_and_device_memory_override(tmp_path):
     model = config_only(tmp_path, QWEN2_7B)
     result = run_cli("+recipe=qwen7b_lora_single", "stage=plan", f"model.name_or_path={model}", "plan.device_memory_gib=16",
@@ -169,6 +172,7 @@ def test_suggestion_through_the_cli_and_device_memory_override(tmp_path):
     assert report["suggestion"]["total_gib"] < 12.7
 
 
+@pytest.mark.cli
 def test_plan_on_cpu_compares_all_processes_with_host_ram(tmp_path, tiny_model_path):
     result = run_cli("model=tiny_qwen2", "stage=plan", "device=cpu", "parallelism=ddp", "parallelism.nproc_per_node=2",
                      "plan.format=json", cwd=tmp_path)
@@ -180,6 +184,7 @@ def test_plan_on_cpu_compares_all_processes_with_host_ram(tmp_path, tiny_model_p
     assert report["settings"]["architecture"]["hidden_size"] == 64
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(importlib.util.find_spec("modelscope") is not None, reason="modelscope is installed here")
 def test_modelscope_id_without_modelscope_names_the_fix(tmp_path):
     result = run_cli("+recipe=qwen7b_lora_zero3", "stage=plan", cwd=tmp_path)
@@ -188,6 +193,7 @@ def test_modelscope_id_without_modelscope_names_the_fix(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.cli
 def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
     result = run_cli("+recipe=qwen7b_lora_zero3", "stage=plan", "model.hub=huggingface", cwd=tmp_path,
                      env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from npu_recipes.serving.launcher import ServerProcess
-from tests.helpers import run_cli
+from tests.helpers import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,9 @@ QUESTION = [{"role": "user", "content": "Kofi had 40 apples and gave away 8. How
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     run = tmp_path_factory.mktemp("serve_lora") / "run"
-    result = run_cli("device=cpu", "train.max_steps=30", "train.save_steps=15", "train.learning_rate=1e-2",
-                     "train.gradient_accumulation_steps=1", "train.per_device_train_batch_size=4", "lora.r=16",
-                     "dataset.val_split_ratio=0", f"output_dir={run}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_process("device=cpu", "train.max_steps=30", "train.save_steps=15", "train.learning_rate=1e-2",
+                   "train.gradient_accumulation_steps=1", "train.per_device_train_batch_size=4", "lora.r=16",
+                   "dataset.val_split_ratio=0", f"output_dir={run}")
     return {"early": run / "checkpoint-15", "late": run / "checkpoint-30"}
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List
 
 import pytest
 
-from tests.helpers import REPO, run_cli, run_faulty_cli
+from tests.helpers import REPO, run_cli, run_faulty_cli, run_in_process
 
 DOC = REPO / "docs" / "troubleshooting.md"
 GOOD_ROW = {"input": "What is 2 + 2?", "output": "2 + 2 = 4", "answer": "4"}
@@ -290,10 +290,10 @@ RESUMABLE = ("device=cpu", "train.max_steps=1", "train.save_steps=1", "train.lea
 
 
 def finished_run(ws: Workspace) -> Path:
-    """A one-step training run whose directory the case then reuses (it must survive the case)."""
+    """A one-step training run (made in this process: it is the setting, not the case) whose directory
+    the case then reuses through the CLI (it must survive the case)."""
     run = ws.path / "run"
-    result = run_cli(*RESUMABLE, f"output_dir={run}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_in_process(*RESUMABLE, f"output_dir={run}")
     return run
 
 
@@ -442,6 +442,7 @@ def test_every_documented_case_has_a_case_function_and_every_case_a_row():
     )
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("row", table_rows(), ids=lambda row: row.case_id)
 def test_documented_message_and_fix_are_what_the_user_sees(row, tmp_path, tiny_model_path, adapters):
     outcome = CASES[row.case_id].run(Workspace(tmp_path, tiny_model_path, adapters))

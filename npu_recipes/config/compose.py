@@ -34,6 +34,9 @@ def recipe_names() -> List[str]:
     return sorted(p.stem for p in paths.recipes_dir().glob("*.yaml"))
 
 
+_registered: List[tuple] = []
+
+
 def register() -> None:
     """Register the schema, the ``${npu_cache:NAME}`` resolver and every shipped recipe with Hydra.
 
@@ -43,6 +46,12 @@ def register() -> None:
     recipe's ``recipe`` key is set to its file name, so ``--cfg job`` shows it too. The shared blocks
     in ``recipes/base/`` are stored as ``recipe/base/NAME``, which a recipe includes with ``- base/NAME``.
     """
+    files = sorted([*paths.recipes_dir().glob("*.yaml"), *(paths.recipes_dir() / BASE_RECIPES).glob("*.yaml")])
+    stamp = tuple((str(path), path.stat().st_mtime_ns) for path in files)
+    if _registered and _registered[0] == stamp:
+        # Registering reads and converts every recipe (a third of a compose): once per process,
+        # again only when a recipe file changed.
+        return
     schema.register()
     OmegaConf.register_new_resolver("npu_cache", lambda name: str(paths.cache_dir() / name), replace=True)
     store = ConfigStore.instance()
@@ -52,6 +61,7 @@ def register() -> None:
         node = OmegaConf.load(path)
         node.recipe = path.stem
         store.store(group=RECIPE_GROUP, name=path.stem, node=node, package="_global_")
+    _registered[:] = [stamp]
 
 
 def group_options() -> Dict[str, List[str]]:

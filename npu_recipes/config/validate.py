@@ -41,6 +41,19 @@ def _check_positive(name: str, value, minimum=0, inclusive=False) -> None:
         raise UserError(f"{name}={value} must be {sign} {minimum}", fix=f"pass {name} with a value {sign} {minimum}")
 
 
+SCHEDULERS_WITHOUT_ARGUMENTS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "greedy",
+)
+"""transformers' ``lr_scheduler_type`` values that ``get_scheduler`` builds from warmup and total steps
+alone (transformers 5.25; tests/test_config.py holds this list to the installed transformers).
+These validate without importing transformers; any other name is checked against transformers itself."""
+
+COMMON_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_npu_fused", "adafactor", "sgd", "adagrad", "rmsprop")
+"""``train.optim`` values that validate without importing transformers (each one of its
+``OptimizerNames``, which tests/test_config.py checks); any other name is checked against transformers itself."""
+
+
 def _scheduler_types() -> List[str]:
     from transformers.trainer_utils import SchedulerType
 
@@ -118,7 +131,6 @@ def _check_text_and_types(config: schema.RecipeConfig) -> None:
     if config.dataset.num_rows is not None:
         _check_positive("dataset.num_rows", config.dataset.num_rows)
     _check_report_to(config.train.report_to)
-    _check_scheduler_arguments(config.train.lr_scheduler_type)
     _check_shard_size(config.merge.max_shard_size)
 
 
@@ -136,10 +148,12 @@ def _check_adapters_value(adapters) -> None:
 
 
 def _check_report_to(report_to: str) -> None:
+    names = [name.strip() for name in report_to.split(",")] if report_to.strip() not in ("", "none", "all") else []
+    if not names:
+        return
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    names = [name.strip() for name in report_to.split(",")] if report_to.strip() not in ("", "none", "all") else []
     installed = get_available_reporting_integrations()
     for name in names:
         if name not in INTEGRATION_TO_CALLBACK:
@@ -151,7 +165,10 @@ def _check_report_to(report_to: str) -> None:
             )
 
 
-def _check_scheduler_arguments(name: str) -> None:
+def _check_scheduler(name: str) -> None:
+    if name in SCHEDULERS_WITHOUT_ARGUMENTS:
+        return
+    _check_choice_from_library("train.lr_scheduler_type", name, _scheduler_types())
     import torch
     from transformers import get_scheduler
 
@@ -234,8 +251,9 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
         )
     if train.max_steps == -1:
         _check_positive("train.num_train_epochs", train.num_train_epochs)
-    _check_choice_from_library("train.lr_scheduler_type", train.lr_scheduler_type, _scheduler_types())
-    _check_choice_from_library("train.optim", train.optim, _optimizer_names())
+    _check_scheduler(train.lr_scheduler_type)
+    if train.optim not in COMMON_OPTIMIZERS:
+        _check_choice_from_library("train.optim", train.optim, _optimizer_names())
     for name in ("adam_beta1", "adam_beta2"):
         value = getattr(train, name)
         if not 0 <= value < 1:

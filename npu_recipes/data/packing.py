@@ -20,7 +20,6 @@ import bisect
 from typing import Any, Dict, List, Sequence, Tuple
 
 
-
 def plan_packs(lengths: Sequence[int], capacity: int) -> List[List[int]]:
     """Group sample indices into packs of at most ``capacity`` tokens (best-fit decreasing).
 

@@ -103,8 +103,21 @@ def _raise_nothing_left(dataset: DatasetConfig, rows: int, counts: Dict[str, int
     raise UserError(f"dataset {dataset.path}: 0 of {rows} rows left for training: {', '.join(reasons)}{held}", fix=fix)
 
 
-def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str, seed: int) -> TokenizedSplits:
-    """Load, split, map to messages and tokenize ``dataset`` for training.
+def load_checked(dataset: DatasetConfig):
+    """The rows of ``dataset`` (:func:`npu_recipes.data.sources.load_rows`) after checking that they
+    have the columns its mapping reads; needs no tokenizer, so bad files fail before a model loads.
+
+    Raises:
+        UserError: bad files, or a mapped column missing.
+    """
+    rows = load_rows(dataset)
+    check_columns(dataset, rows.column_names)
+    return rows
+
+
+def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str, seed: int, rows=None) -> TokenizedSplits:
+    """Load (unless ``rows`` from :func:`load_checked` are given), split, map to messages and tokenize
+    ``dataset`` for training.
 
     Tokenization is cached by HF datasets under a fingerprint of the rows, tokenizer, template and
     length settings, so a second run (or a second rank) reuses it. Rows longer than ``max_length``
@@ -114,8 +127,7 @@ def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str,
     Raises:
         UserError: bad files, missing columns, bad rows, or no rows left after filtering.
     """
-    rows = load_rows(dataset)
-    check_columns(dataset, rows.column_names)
+    rows = load_checked(dataset) if rows is None else rows
     train_rows, val_rows = split_rows(rows, dataset.val_split_ratio, seed)
     train, train_counts = _tokenize_split(train_rows, dataset, tokenizer, max_length, truncation)
     evaluation, val_counts = None, {"kept": 0, "too_long": 0, "no_assistant_tokens": 0, "truncated": 0}

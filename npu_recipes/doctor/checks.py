@@ -17,12 +17,10 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
-
-from npu_recipes.runtime import devices
+from npu_recipes.config.schema import ParallelismConfig
 from npu_recipes.doctor import smi
 from npu_recipes.errors import UserError
-from npu_recipes.config.schema import ParallelismConfig
+from npu_recipes.runtime import devices
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 SET_ENV = f"source {devices.CANN_SET_ENV}"
@@ -100,6 +98,7 @@ def _run_tool(*argv: str) -> Tuple[Optional[str], Optional[str]]:
 
 
 def _check_software(report: Report) -> None:
+    import torch
     report.add("python", OK, platform.python_version())
     report.add("torch", OK, torch.__version__)
     if report.device == "npu":
@@ -150,6 +149,7 @@ def _resolve(report: Report) -> Optional[devices.Device]:
 
 def _check_compute(report: Report, device: devices.Device) -> None:
     """Allocate, multiply and compare with the CPU on every visible device; then a bf16 matmul on the first."""
+    import torch
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator)
     b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, generator=generator)

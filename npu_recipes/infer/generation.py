@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence
 
-import torch
-
-from npu_recipes.infer.loading import LoadedModel
 from npu_recipes.config.schema import InferConfig
+from npu_recipes.infer.loading import LoadedModel
+
+if TYPE_CHECKING:
+    import torch
 
 Messages = List[Dict[str, str]]
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k")
@@ -100,6 +101,7 @@ def generate(loaded: LoadedModel, conversations: Sequence[Messages], config, str
     Returns:
         B :class:`Reply` objects, in the order of ``conversations``.
     """
+    import torch
     tokenizer, model = loaded.tokenizer, loaded.model
     inputs = tokenizer(_render(loaded, conversations), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.inference_mode():

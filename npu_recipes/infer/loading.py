@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from npu_recipes.config.resolved import RESOLVED
 from npu_recipes.config.schema import ModelConfig
@@ -18,6 +16,9 @@ from npu_recipes.infer.adapters import Adapter, check_adapters_fit
 from npu_recipes.model import pretrained
 from npu_recipes.run import manifest
 from npu_recipes.runtime.devices import Device
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Mapping, Optional, Tuple
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 TERA = 1e12
 
@@ -44,7 +46,7 @@ PEAK_TFLOPS: Tuple[Tuple[str, str, float], ...] = (
 )
 """(regular expression on the device name, chip label, dense bf16/fp16 peak in TFLOP/s per chip)."""
 
-_TABLE_DTYPES = (torch.bfloat16, torch.float16)
+_TABLE_DTYPES = ("torch.bfloat16", "torch.float16")
 
 
 def table_peak(device_name: str) -> Optional[Tuple[str, float]]:
@@ -78,7 +80,7 @@ def resolve_peak(configured: Optional[float], device_type: str, device_name: str
         return Peak(float(configured), "mfu.peak_tflops")
     if device_type == "cpu":
         return Peak(None, "no peak for a CPU (set mfu.peak_tflops to measure against one)")
-    if dtype not in _TABLE_DTYPES:
+    if str(dtype) not in _TABLE_DTYPES:
         return Peak(None, f"the peak table covers bf16/fp16 only, this run is {str(dtype).replace('torch.', '')}")
     row = table_peak(device_name)
     if row is None:
@@ -107,6 +109,7 @@ class FlopsModel:
     def from_model(cls, model: torch.nn.Module, config) -> "FlopsModel":
         """Count ``model``'s matmul weights (a module shared by two layers, like tied embeddings, counts for each
         use) and read layers and attention width from its transformers ``config``."""
+        import torch
         frozen = trainable = 0
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
@@ -136,6 +139,7 @@ class FlopsModel:
             ``dense_flops_per_token · T + 12 · layers · d · Σ (p + 1)`` over the real tokens, ``p`` being
             each token's position in its own sequence.
         """
+        import torch
         mask = attention_mask.to(torch.int64)
         positions = mask.cumsum(dim=-1) - 1 if position_ids is None else position_ids.to(torch.int64)
         tokens = mask.sum()
@@ -146,6 +150,7 @@ class FlopsModel:
 
 def batch_flops_from_inputs(model: FlopsModel, inputs: Mapping[str, torch.Tensor]) -> float:
     """:meth:`FlopsModel.batch_flops` for a Trainer batch (``input_ids``, optional ``attention_mask``/``position_ids``)."""
+    import torch
     mask = inputs.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(inputs["input_ids"])

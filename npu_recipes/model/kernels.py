@@ -19,12 +19,13 @@ import importlib
 import importlib.util
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
-import torch
-
-from npu_recipes.runtime.devices import Device
 from npu_recipes.errors import UserError
+from npu_recipes.runtime.devices import Device
+
+if TYPE_CHECKING:
+    import torch
 
 LIGER_KERNEL_CONFIG = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True, "cross_entropy": False}
 """Keyword arguments of Liger's ``apply_liger_kernel_to_<model>`` (passed as ``TrainingArguments.liger_kernel_config``)."""
@@ -118,6 +119,7 @@ def patch_model(model: torch.nn.Module, ops: FusedOps) -> int:
     Raises:
         UserError: the model type has no fused patch, or its MLP activation is not SiLU.
     """
+    import torch
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_type = base.config.model_type
     if model_type not in _PATCHABLE_MODELS:

@@ -9,25 +9,31 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Optional
-
-import torch
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 from npu_recipes import atomic, paths
-from npu_recipes.model import kernels, tiny
-from npu_recipes.runtime.devices import Device
-from npu_recipes.errors import UserError
 from npu_recipes.config.schema import LoraConfig, ModelConfig
+from npu_recipes.errors import UserError
+from npu_recipes.model import kernels
+from npu_recipes.runtime.devices import Device
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
-BUILDERS: Dict[str, Callable[[Path], None]] = {"tiny_qwen2": tiny.build}
+def _build_tiny_qwen2(target: Path) -> None:
+    from npu_recipes.model import tiny
+
+    tiny.build(target)
+
+
+BUILDERS: Dict[str, Callable[[Path], None]] = {"tiny_qwen2": _build_tiny_qwen2}
 """Local model builders by name: ``model.builder=NAME`` creates ``model.name_or_path`` on first use."""
 
 BUILT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 """Files every locally built model has; a cached build missing any of them is rebuilt."""
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -151,8 +157,10 @@ def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
     back to fp16 where bf16 is unsupported, and uses fp32 on the CPU. An explicit
     ``model.torch_dtype`` (e.g. ``float32``, the seed's advice when bf16 gives NaN) always wins.
     """
+    import torch
+
     if model.torch_dtype != "auto":
-        return _DTYPES[model.torch_dtype]
+        return dtype_by_name(model.torch_dtype)
     if device.type == "cpu":
         return torch.float32
     declared = checkpoint_dtype(model, path)
@@ -166,13 +174,17 @@ def checkpoint_dtype(model: ModelConfig, path: str) -> torch.dtype:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
-    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return _DTYPES.get(declared, declared) if isinstance(declared, str) else declared
+    import torch
+
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return getattr(torch, declared) if isinstance(declared, str) else declared
 
 
 def dtype_by_name(name: str) -> torch.dtype:
     """``torch.bfloat16``/``float16``/``float32`` for a ``*.torch_dtype`` value other than ``auto``."""
-    return _DTYPES[name]
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def load_tokenizer(model: ModelConfig, path: str):

@@ -29,8 +29,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-from npu_recipes.plan.targets import Target
 from npu_recipes.errors import UserError
+from npu_recipes.plan.targets import Target
 
 GIB = 1024**3
 
@@ -248,20 +248,24 @@ def _model_shape(model_dir: str, lora_key: Optional[tuple], trust_remote_code: b
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from npu_recipes.model import pretrained
     from npu_recipes.config.schema import LoraConfig
+    from npu_recipes.model import pretrained
 
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read {model_dir}/config.json: {error}", fix="point model.name_or_path at a directory with config.json") from None
     numbers = _architecture_numbers(config)
-    with torch.device("meta"):
+    # Building the skeleton draws from torch's random generator (initialisers run on meta tensors too);
+    # a train stage that plans gradient_checkpointing=auto between seeding and building its model must
+    # get the same initial LoRA weights as one that does not plan, or one that planned earlier in the process.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    if lora_key is not None:
-        r, alpha, dropout, targets, bias = lora_key
-        targets = targets if isinstance(targets, str) else list(targets)
-        model = pretrained.apply_lora(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias=bias))
+        if lora_key is not None:
+            r, alpha, dropout, targets, bias = lora_key
+            targets = targets if isinstance(targets, str) else list(targets)
+            model = pretrained.apply_lora(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                                            bias=bias))
     named = list(model.named_parameters())
     layer_pattern = re.compile(r"(^|\.)layers\.0\.")
     lora_inputs = tuple(

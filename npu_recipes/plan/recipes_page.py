@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from npu_recipes import atomic
-from npu_recipes.plan import catalogue
 from npu_recipes.paths import recipes_dir
+from npu_recipes.plan import catalogue
 
 RECIPES_PAGE = Path("docs") / "recipes.md"
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from npu_recipes import atomic
-from npu_recipes.data import sources
 from npu_recipes.config.resolved import RESOLVED, load_resolved
-from npu_recipes.errors import UserError
 from npu_recipes.config.schema import DatasetConfig
+from npu_recipes.data import sources
+from npu_recipes.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from npu_recipes.runtime.devices import Device
 from npu_recipes.config.schema import ParallelismConfig
+from npu_recipes.runtime.devices import Device
 
 AUTO = "auto"
 

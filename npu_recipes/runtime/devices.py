@@ -16,11 +16,13 @@ import resource
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
-
-import torch
+from importlib import metadata
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Tuple
 
 from npu_recipes.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 GIB = 1024**3
 
@@ -43,6 +45,7 @@ def _npu_import_error() -> UserError | None:
     but fails to load with CANN's environment not sourced (source ``set_env.sh``); it fails with CANN
     sourced (a torch / torch_npu / CANN version mismatch).
     """
+    import torch
     if "torch_npu" in sys.modules:
         return None
     torch_version = torch.__version__.split("+")[0]
@@ -85,10 +88,12 @@ class Device:
     @property
     def module(self):
         """The torch submodule with the memory and device API (``torch.npu``/``torch.cuda``), or None for CPU."""
+        import torch
         return getattr(torch, self.type) if self.type != "cpu" else None
 
     def torch_device(self, local_rank: int = 0) -> torch.device:
         """The ``torch.device`` for a process of local rank ``local_rank`` (``npu:N``, ``cuda:N``, ``cpu``)."""
+        import torch
         return torch.device("cpu") if self.type == "cpu" else torch.device(self.type, local_rank)
 
     @property
@@ -147,6 +152,7 @@ class Device:
 
     def supports_bf16(self) -> bool:
         """True when bf16 tensors compute natively here (910B and Ampere-or-newer; always on CPU)."""
+        import torch
         if self.type == "cuda":
             return torch.cuda.is_bf16_supported()
         return True
@@ -207,6 +213,7 @@ class Device:
         A collective: every rank must call it at the same point. float32, because HCCL has no
         float64 all-gather on every chip; 7 significant digits are plenty for GiB and seconds.
         """
+        import torch
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -221,6 +228,7 @@ def is_out_of_memory(error: BaseException) -> bool:
     """True for an allocator's out-of-memory error: ``torch.OutOfMemoryError`` (CUDA, and NPU with
     recent torch_npu), a ``RuntimeError`` saying "out of memory" (older torch_npu: "NPU out of
     memory. Tried to allocate ..."), or the host's ``MemoryError``."""
+    import torch
     if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
@@ -325,6 +333,19 @@ def resolve_for_processes(requested: str, nproc_per_node: int) -> Device:
     return device
 
 
+def _torch_sees_cuda() -> bool:
+    # A "+cpu" wheel has no CUDA: answering without importing torch keeps a config or data mistake
+    # on a CPU machine a one-second answer.
+    try:
+        if "+cpu" in metadata.version("torch"):
+            return False
+    except metadata.PackageNotFoundError:
+        pass
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def auto_type() -> Tuple[str, str]:
     """The one rule for ``device=auto``: the device type this machine is for, and why.
 
@@ -339,7 +360,7 @@ def auto_type() -> Tuple[str, str]:
     ) if present]
     if npu_signs:
         return "npu", "device=auto: " + ", ".join(npu_signs)
-    if torch.cuda.is_available() or shutil.which("nvidia-smi"):
+    if shutil.which("nvidia-smi") or _torch_sees_cuda():
         return "cuda", "device=auto: nvidia-smi is on PATH or torch sees a CUDA GPU"
     return "cpu", "device=auto: no NPU or CUDA GPU found"
 
@@ -353,6 +374,10 @@ def resolve(requested: str) -> Device:
     """
     if requested == "auto":
         requested = auto_type()[0]
+    if requested == "cpu":
+        return Device("cpu", 1)
+    import torch
+
     if requested == "npu":
         error = _npu_import_error()
         if error is not None:
@@ -370,6 +395,4 @@ def resolve(requested: str) -> Device:
                 fix="install a CUDA build of torch and check nvidia-smi / CUDA_VISIBLE_DEVICES, or choose device=cpu",
             )
         return Device("cuda", torch.cuda.device_count())
-    if requested == "cpu":
-        return Device("cpu", 1)
     raise UserError(f"unknown device {requested!r}", fix="choose device=auto, npu, cuda or cpu")

@@ -71,7 +71,7 @@ class LaunchPlan:
         device: the resolved device (type and visible count on this node).
         world_size: processes over all nodes (``nproc_per_node * nnodes``).
         in_process: True for one process without DeepSpeed: the stage runs in the launching process.
-        torchrun_args: torchrun's arguments, without the worker module and its argument.
+        torchrun_args: torchrun's arguments, without the worker module and its argument (empty when ``in_process``).
     """
 
     device: Device
@@ -165,11 +165,13 @@ def plan_launch(parallelism: ParallelismConfig, device: str, recipe: str) -> Lau
             f"parallelism={parallel.name} uses DeepSpeed, which is not installed in {sys.executable}",
             fix="pip install deepspeed (or npu_recipes[deepspeed]), or choose parallelism=ddp",
         )
+    in_process = runs_in_process(parallel)
     return LaunchPlan(
         device=devices.resolve_for_processes(device, parallel.nproc_per_node),
         world_size=parallel.world_size,
-        in_process=runs_in_process(parallel),
-        torchrun_args=torchrun_arguments(parallel),
+        in_process=in_process,
+        # Asking torchrun which options it has imports torch: not for a run that never starts it.
+        torchrun_args=[] if in_process else torchrun_arguments(parallel),
     )
 
 

@@ -17,9 +17,9 @@ from typing import List, Sequence, Tuple
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, set_seed
 
-from npu_recipes.runtime.devices import Device
 from npu_recipes.infer import generation
 from npu_recipes.infer.loading import LoadedModel
+from npu_recipes.runtime.devices import Device
 from npu_recipes.serving.jobs import Job
 
 REPLACEMENT_CHARACTER = "\ufffd"

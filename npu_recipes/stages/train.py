@@ -20,14 +20,11 @@ from npu_recipes.data import messages, packing, sources, tokenize
 from npu_recipes.errors import UserError, raise_terminated
 from npu_recipes.model import attention, flops, kernels, pretrained
 from npu_recipes.plan import planner
-from npu_recipes.run import checkpoints, heldout, manifest, resume, stopping, summary
+from npu_recipes.run import checkpoints, heldout, manifest, resume, summary
 from npu_recipes.run.rundir import RunDir
 from npu_recipes.runtime import deepspeed_config, devices
 from npu_recipes.stages import Prepared
 from npu_recipes.train.arguments import training_arguments
-from npu_recipes.train.callbacks import CurrentIntervals, JsonlLogger, SaveAndEvaluateAtEnd
-from npu_recipes.train.nan_guard import NanGuard
-from npu_recipes.train.trainer import RecipeTrainer
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +46,8 @@ class TrainStage:
             config, model=dataclasses.replace(config.model, name_or_path=pretrained.resolve_path(config.model)),
             dataset=dataclasses.replace(config.dataset, path=sources.resolve_path(config.dataset)),
         )
-        splits = _tokenized(config, pretrained.load_tokenizer(config.model, config.model.name_or_path))
+        rows = tokenize.load_checked(config.dataset)  # bad files fail here, before the tokenizer loads torch
+        splits = _tokenized(config, pretrained.load_tokenizer(config.model, config.model.name_or_path), rows)
         run_dir, config = resume.open_run_dir(config, fresh_output_dir, splits.counts)
         return Prepared(config, run_dir)
 
@@ -79,9 +77,9 @@ def _terminate_with_a_record() -> None:
     signal.signal(signal.SIGTERM, raise_terminated)
 
 
-def _tokenized(config: RecipeConfig, tokenizer) -> tokenize.TokenizedSplits:
+def _tokenized(config: RecipeConfig, tokenizer, rows=None) -> tokenize.TokenizedSplits:
     train = config.train
-    return tokenize.prepare(config.dataset, tokenizer, train.max_length, train.truncation_strategy, train.seed)
+    return tokenize.prepare(config.dataset, tokenizer, train.max_length, train.truncation_strategy, train.seed, rows)
 
 
 def _plan_here(config: RecipeConfig, device: devices.Device) -> planner.Plan:
@@ -113,6 +111,12 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         transformers' ``TrainOutput`` (``global_step``, ``training_loss``, ``metrics``), or None when
         the checkpoint resumed from is already at ``train.max_steps``.
     """
+    # Imported here, not above: they import transformers' Trainer, which a launcher that stops at bad input never needs.
+    from npu_recipes.run import stopping
+    from npu_recipes.train.callbacks import CurrentIntervals, JsonlLogger, SaveAndEvaluateAtEnd
+    from npu_recipes.train.nan_guard import NanGuard
+    from npu_recipes.train.trainer import RecipeTrainer
+
     placement = devices.process_placement()
     rank_zero = placement.rank == 0
     dtype = pretrained.select_dtype(config.model, config.model.name_or_path, device)

@@ -8,9 +8,9 @@ from typing import Any, Dict, Optional
 from transformers import TrainerCallback
 
 from npu_recipes.model import flops
-from npu_recipes.runtime.devices import Device
 from npu_recipes.run.manifest import finite_or_null
 from npu_recipes.run.rundir import RunDir
+from npu_recipes.runtime.devices import Device
 
 _TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "skipped_steps")
 

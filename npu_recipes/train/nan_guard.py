@@ -17,10 +17,10 @@ from typing import List
 import torch
 from transformers import TrainerCallback
 
-from npu_recipes.run.manifest import finite_or_null
-from npu_recipes.errors import RunStopped
-from npu_recipes.run.rundir import RunDir
 from npu_recipes.config.schema import NanGuardConfig
+from npu_recipes.errors import RunStopped
+from npu_recipes.run.manifest import finite_or_null
+from npu_recipes.run.rundir import RunDir
 
 
 class NanGuard(TrainerCallback):

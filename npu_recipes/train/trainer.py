@@ -25,10 +25,10 @@ from typing import Iterator, Optional
 from safetensors import SafetensorError
 from transformers import Trainer
 
+from npu_recipes.errors import UserError
+from npu_recipes.model import flops
 from npu_recipes.run import checkpoints
 from npu_recipes.runtime import devices
-from npu_recipes.model import flops
-from npu_recipes.errors import UserError
 from npu_recipes.train.nan_guard import NanGuard
 
 
