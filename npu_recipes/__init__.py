@@ -2,7 +2,7 @@
 
 The layers, top down (docs/architecture.md; enforced by ``.importlinter``):
 
-* entry points: :mod:`~npu_recipes.cli` (``python -m npu_recipes``, ``npu-recipes``) and
+* entry points: ``__main__`` and :mod:`~npu_recipes.cli` (``python -m npu_recipes``, ``npu-recipes``) and
   :mod:`~npu_recipes.worker` (one torchrun worker);
 * :mod:`~npu_recipes.runner`: prepares once and runs a stage here or in torchrun workers; the only
   importer of :mod:`~npu_recipes.stages`, one module per command;

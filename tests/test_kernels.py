@@ -8,27 +8,46 @@ import importlib.util
 import pytest
 import torch
 
+from npu_recipes.config import compose
+from npu_recipes.errors import UserError
 from npu_recipes.model import kernels
-from tests.helpers import read_jsonl, run_cli
+from tests.helpers import read_jsonl, run_cli, run_in_process
 
 LIGER_MISSING = importlib.util.find_spec("liger_kernel") is None
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("kernels=npu", "kernels=npu runs torch_npu's fused kernels on an Ascend NPU, but this run's device is cpu"),
-    ("kernels=liger", "needs the liger-kernel package, which is not installed" if LIGER_MISSING
-     else "kernels=liger runs Triton kernels on CUDA GPUs only, but this run's device is cpu"),
-    ("model.attn_implementation=flash_attention_2", "flash_attention_2 needs an NPU or a CUDA GPU, but this run's device is cpu"),
-    ("kernels=fused", "kernels='fused' is not valid"),
-])
-@pytest.mark.cli
-def test_a_kernel_that_cannot_run_here_fails_clearly(tmp_path, override, expected):
+KERNEL_MISTAKES = {
+    "kernels=npu": "kernels=npu runs torch_npu's fused kernels on an Ascend NPU, but this run's device is cpu",
+    "kernels=liger": ("needs the liger-kernel package, which is not installed" if LIGER_MISSING
+                      else "kernels=liger runs Triton kernels on CUDA GPUs only, but this run's device is cpu"),
+    "model.attn_implementation=flash_attention_2": "flash_attention_2 needs an NPU or a CUDA GPU, but this run's device is cpu",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", sorted(KERNEL_MISTAKES))
+def test_a_kernel_that_cannot_run_here_fails_clearly(tmp_path, override):
+    """The train stage refuses, with a fix, before it loads a model; nothing of the run is left."""
     run = tmp_path / "run"
-    result = run_cli(override, "device=cpu", "train.max_steps=1", f"output_dir={run}")
+    with pytest.raises(UserError) as refused:
+        run_in_process(override, "device=cpu", "train.max_steps=1", f"output_dir={run}")
+    assert KERNEL_MISTAKES[override] in refused.value.message and refused.value.fix
+    assert not run.exists()
+
+
+@pytest.mark.cli
+def test_a_kernel_mistake_is_one_error_block_through_the_cli(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("kernels=npu", "device=cpu", "train.max_steps=1", f"output_dir={run}")
     assert result.returncode == 2
-    assert expected in result.stderr and "fix:" in result.stderr
+    assert KERNEL_MISTAKES["kernels=npu"] in result.stderr and "fix:" in result.stderr
     assert result.stderr.count("npu_recipes: error:") == 1 and "Traceback" not in result.stderr
     assert not run.exists()
+
+
+def test_an_unknown_kernel_choice_names_the_valid_ones():
+    with pytest.raises(UserError, match="kernels='fused' is not valid"):
+        compose.compose(["kernels=fused", "device=cpu"])
 
 
 def _reference_ops() -> kernels.FusedOps:

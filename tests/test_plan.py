@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from npu_recipes.config import compose
 from npu_recipes.model.pretrained import shipped_config_dir
 from npu_recipes.plan import planner, report
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_in_process
 
 QWEN2_7B = "Qwen/Qwen2-7B-Instruct"
 QWEN2_5_14B = "Qwen/Qwen2.5-14B-Instruct"
@@ -159,25 +160,32 @@ def test_a_plan_that_does_not_fit_names_the_next_option_that_does(tmp_path, over
     assert followed.fits and followed.estimate.total_gib == pytest.approx(plan.suggestion.total_gib, abs=0.01)
 
 
-@pytest.mark.cli
-def test_suggestion_through_the_cli_and_device_memory_override(tmp_path):
+@pytest.fixture
+def printed_plan(monkeypatch, capsys):
+    """The JSON ``stage=plan`` prints for these overrides, the stage run in this process."""
+
+    def run(*overrides):
+        monkeypatch.setattr(sys, "argv", ["npu_recipes", *overrides])
+        capsys.readouterr()
+        run_in_process(*overrides)
+        return json.loads(capsys.readouterr().out)
+
+    return run
+
+
+def test_suggestion_and_device_memory_override_in_the_printed_plan(tmp_path, printed_plan):
     model = config_only(tmp_path, QWEN2_7B)
-    result = run_cli("+recipe=qwen7b_lora_single", "stage=plan", f"model.name_or_path={model}", "plan.device_memory_gib=16",
-                     "plan.format=json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)
+    report = printed_plan("+recipe=qwen7b_lora_single", "stage=plan", f"model.name_or_path={model}", "plan.device_memory_gib=16",
+                          "plan.format=json")
     assert report["device"]["memory_gib"] == 16 and report["device"]["usable_gib"] == 12.7
     assert report["fits"] is False
     assert report["suggestion"]["overrides"] == ["parallelism=zero3_offload", "parallelism.nproc_per_node=1"]
     assert report["suggestion"]["total_gib"] < 12.7
 
 
-@pytest.mark.cli
-def test_plan_on_cpu_compares_all_processes_with_host_ram(tmp_path, tiny_model_path):
-    result = run_cli("model=tiny_qwen2", "stage=plan", "device=cpu", "parallelism=ddp", "parallelism.nproc_per_node=2",
-                     "plan.format=json", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout)
+def test_plan_on_cpu_compares_all_processes_with_host_ram(tiny_model_path, printed_plan):
+    report = printed_plan("model=tiny_qwen2", "stage=plan", "device=cpu", "parallelism=ddp", "parallelism.nproc_per_node=2",
+                          "plan.format=json")
     assert report["device"]["target"] == "cpu" and report["settings"]["dtype"] == "float32"
     assert report["device"]["demand_gib"] == pytest.approx(2 * report["memory"]["total_gib"], abs=0.002)
     assert report["launch"]["environment"] == {}

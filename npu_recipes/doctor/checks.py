@@ -142,7 +142,7 @@ def _resolve(report: Report) -> Optional[devices.Device]:
     except UserError as error:
         report.add("devices", FAIL, error.message, error.fix)
         return None
-    detail = f"{device.count} x {device.name()}" if device.type != "cpu" else device.name()
+    detail = f"{device.count} x {device.name()}" if device.is_accelerator else device.name()
     report.add("devices", OK, detail)
     return device
 

@@ -161,7 +161,7 @@ def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
 
     if model.torch_dtype != "auto":
         return dtype_by_name(model.torch_dtype)
-    if device.type == "cpu":
+    if not device.is_accelerator:
         return torch.float32
     declared = checkpoint_dtype(model, path)
     if declared == torch.bfloat16 and not device.supports_bf16():

@@ -2,8 +2,8 @@
 
 ``stage=plan`` runs before the hardware is rented, so it cannot ask the device how much memory it
 has; it looks the chosen ``plan.target`` up here instead (``cpu`` is the one exception: the host
-RAM of the machine running the plan). Everything that depends on the device *type* of the machine
-actually running lives in :mod:`npu_recipes.runtime.devices`.
+RAM of the machine running the plan). How a running process uses the device it has lives in
+:mod:`npu_recipes.runtime.devices`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
-"""Everything that differs between Ascend NPUs, CUDA GPUs and the CPU, in one place.
+"""How a process uses its device, for Ascend NPUs, CUDA GPUs and the CPU alike.
 
-Stages ask a :class:`Device` for device strings, memory statistics, bf16 support and
-launcher settings; no other module branches on the device type. The one rule for ``device=auto``
+Stages ask a :class:`Device` for device strings, memory statistics, bf16 support, process groups
+and launcher settings instead of branching on the device type themselves. (What is known *about*
+device types without one at hand lives with its concern: memory per device type for planning in
+:mod:`npu_recipes.plan.targets`, chip peaks in :mod:`npu_recipes.model.flops`, which kernels run
+where in :mod:`npu_recipes.model.kernels`, the vendor tools the doctor asks in
+:mod:`npu_recipes.doctor.checks`.) The one rule for ``device=auto``
 (:func:`auto_type`) and the one reader of the visibility variables (:func:`visibility`) live here,
 used by training, serving and the doctor alike.
 """

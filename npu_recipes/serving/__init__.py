@@ -1,6 +1,7 @@
 """The serve stage's OpenAI-compatible HTTP server (see docs/serving.md).
 
 * :mod:`~npu_recipes.serving.protocol`: pydantic request/response models in OpenAI's wire format;
+* :mod:`~npu_recipes.serving.jobs`: one prompt to complete, its sampling settings and its result channel;
 * :mod:`~npu_recipes.serving.generation`: one left-padded ``generate`` call for a batch of jobs;
 * :mod:`~npu_recipes.serving.batcher`: the queue that groups compatible jobs into batches;
 * :mod:`~npu_recipes.serving.app`: the FastAPI routes, authentication and error replies;

@@ -14,7 +14,7 @@ import sys
 from typing import Optional
 
 from npu_recipes.config.schema import RecipeConfig
-from npu_recipes.plan import planner, report, targets
+from npu_recipes.plan import planner, report
 from npu_recipes.run.rundir import RunDir
 from npu_recipes.stages import Prepared
 
@@ -36,7 +36,7 @@ class PlanStage:
         user_args = [arg for arg in sys.argv[1:] if not arg.startswith(("stage=", "plan.", "-"))] or ["stage=train"]
         plan = planner.make(model=config.model, train_type=config.train_type, lora=config.lora, train=config.train,
                             parallelism=config.parallelism, device=config.device, options=config.plan)
-        launch = report.launch_for(config.parallelism, targets.resolve(config.plan.target, config.device).device_type, user_args)
+        launch = report.launch_for(config.parallelism, plan.target.device_type, user_args)
         if config.plan.format == "json":
             print(json.dumps(report.to_dict(config, plan, launch), indent=2), flush=True)
         else:
