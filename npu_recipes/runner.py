@@ -58,8 +58,9 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
             print(f"npu_recipes: error: {failure}", file=sys.stderr, flush=True)
         if owns_manifest and status == manifest.RUNNING:
             run_dir.update_manifest(status=manifest.FAILED, finished_at=manifest.now(), error=str(failure).split("\n")[0])
-            if failure.exit_code == EXIT_USER_ERROR:
-                run_dir.discard_if_empty_of_results()
+        if owns_manifest and failure.exit_code == EXIT_USER_ERROR:
+            # Bad input in the workers: rank 0 may have removed the records already, not the launcher's.
+            run_dir.discard_if_empty_of_results()
         sys.exit(failure.exit_code)
 
 

@@ -44,3 +44,21 @@ def test_bad_adapter_paths_say_what_to_do(tmp_path, tiny_model_path):
         adapters.parse_adapters(str(tiny_model_path))
     with pytest.raises(UserError, match="holds no adapter files"):
         adapters.parse_adapters(str(tmp_path))
+
+
+def test_adapter_names_that_become_the_same_peft_name_are_refused(lora_run):
+    """``a.b`` and ``a_b`` are both ``a_b`` to PEFT: the second would silently replace the first."""
+    with pytest.raises(UserError, match=r"the names 'a.b', 'a_b' become the same PEFT adapter name 'a_b'"):
+        adapters.parse_adapters({"a.b": f"{lora_run}/checkpoint-2", "a_b": f"{lora_run}/checkpoint-2"})
+
+
+def test_an_unreadable_resolved_yaml_beside_the_adapter_is_one_error(lora_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(lora_run, copy)
+    for text in ("train: [unclosed", "{}"):
+        (copy / "resolved.yaml").write_text(text)
+        parsed = adapters.parse_adapters(f"{copy}/checkpoint-2")
+        with pytest.raises(UserError, match=rf"adapters: {copy}/resolved.yaml, which names the base model .* is unreadable"):
+            adapters.base_model_config(compose.compose(["device=cpu"]).model, parsed)

@@ -108,3 +108,10 @@ def test_nvidia_queries():
     assert [(c.index, c.name, c.memory_used_mb, c.memory_total_mb, c.health) for c in info.chips] == [
         (0, "NVIDIA H200", 1021, 143771, None), (1, "NVIDIA H200", 4, 143771, None)]
     assert [(p.index, p.pid, p.name, p.memory_mb) for p in info.processes] == [(1, 4242, "/usr/bin/python3", 1010)]
+
+
+def test_nvidia_output_without_the_queried_columns_is_refused():
+    with pytest.raises(ValueError, match="expected index,name"):
+        smi.parse_nvidia_smi("0, NVIDIA H200, 00000000:19:00.0, 1021, 143771\n")
+    with pytest.raises(ValueError, match="expected gpu_uuid,pid"):
+        smi.parse_nvidia_smi("", "No running processes found\n")

@@ -165,7 +165,17 @@ def _check_report_to(report_to: str) -> None:
             )
 
 
-def _check_scheduler(name: str) -> None:
+SCHEDULERS_ON_EVALUATION = ("reduce_lr_on_plateau", "greedy")
+"""Schedulers that step on evaluation results: transformers refuses them without an evaluation."""
+
+
+def _check_scheduler(name: str, val_split_ratio: float) -> None:
+    if name in SCHEDULERS_ON_EVALUATION and val_split_ratio <= 0:
+        raise UserError(
+            f"train.lr_scheduler_type={name} changes the learning rate on evaluation results, but "
+            f"dataset.val_split_ratio={val_split_ratio} holds out no rows to evaluate",
+            fix="pass dataset.val_split_ratio=0.01 (or more), or another train.lr_scheduler_type such as cosine",
+        )
     if name in SCHEDULERS_WITHOUT_ARGUMENTS:
         return
     _check_choice_from_library("train.lr_scheduler_type", name, _scheduler_types())
@@ -251,7 +261,7 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
         )
     if train.max_steps == -1:
         _check_positive("train.num_train_epochs", train.num_train_epochs)
-    _check_scheduler(train.lr_scheduler_type)
+    _check_scheduler(train.lr_scheduler_type, config.dataset.val_split_ratio)
     if train.optim not in COMMON_OPTIMIZERS:
         _check_choice_from_library("train.optim", train.optim, _optimizer_names())
     for name in ("adam_beta1", "adam_beta2"):

@@ -316,7 +316,12 @@ def _check_nvidia_smi(report: Report, nproc_per_node: int) -> Optional[int]:
         report.add("nvidia-smi", FAIL, why, "check the NVIDIA driver (`nvidia-smi` must work)")
         return None
     apps, _ = _run_tool("nvidia-smi", f"--query-compute-apps={smi.NVIDIA_APPS_QUERY}", "--format=csv,noheader,nounits")
-    info = smi.parse_nvidia_smi(gpus, apps or "")
+    try:
+        info = smi.parse_nvidia_smi(gpus, apps or "")
+    except ValueError as error:
+        report.add("nvidia-smi", FAIL, f"unreadable `nvidia-smi --query-gpu` output: {error}",
+                   "run `nvidia-smi` by hand and check the driver")
+        return None
     report.tools["nvidia_smi"] = info.to_dict()
     used = _used_indices(nproc_per_node, report, info.chips)
     _check_chips(report, info, used, "nvidia-smi")

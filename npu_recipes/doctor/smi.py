@@ -193,12 +193,22 @@ def _mb(value: str) -> int:
 
 def parse_nvidia_smi(gpus_csv: str, apps_csv: str = "") -> SmiInfo:
     """Parse ``nvidia-smi --query-gpu=index,name,pci.bus_id,memory.used,memory.total,uuid --format=csv,noheader,nounits``
-    and ``--query-compute-apps=gpu_uuid,pid,process_name,used_memory`` (same format) into chips and processes."""
+    and ``--query-compute-apps=gpu_uuid,pid,process_name,used_memory`` (same format) into chips and processes.
+
+    Raises:
+        ValueError: a row without the queried columns (another driver's output, or not nvidia-smi's).
+    """
     info = SmiInfo(version=None)
     index_of_uuid = {}
-    for index, name, bus_id, used, total, uuid in _csv_rows(gpus_csv):
+    for row in _csv_rows(gpus_csv):
+        if len(row) != 6 or not row[0].isdigit():
+            raise ValueError(f"expected {NVIDIA_GPU_QUERY}, got {', '.join(row)!r}")
+        index, name, bus_id, used, total, uuid = row
         info.chips.append(Chip(int(index), 0, name, None, bus_id, _mb(used), _mb(total)))
         index_of_uuid[uuid] = int(index)
-    for uuid, pid, name, used in _csv_rows(apps_csv):
+    for row in _csv_rows(apps_csv):
+        if len(row) != 4 or not row[1].isdigit():
+            raise ValueError(f"expected {NVIDIA_APPS_QUERY}, got {', '.join(row)!r}")
+        uuid, pid, name, used = row
         info.processes.append(Process(index_of_uuid.get(uuid, -1), 0, int(pid), name, _mb(used)))
     return info

@@ -115,7 +115,16 @@ def parse_adapters(value: Any) -> List[Adapter]:
     if isinstance(value, (str, Path)):
         return [_checked_adapter("default", value)]
     if isinstance(value, dict):
-        return [_checked_adapter(str(name), path) for name, path in value.items()]
+        parsed = [_checked_adapter(str(name), path) for name, path in value.items()]
+        clashes = sorted({a.name for a in parsed if sum(b.name == a.name for b in parsed) > 1})
+        if clashes:
+            given = ", ".join(repr(str(name)) for name in value if _safe_name(str(name)) in clashes)
+            raise UserError(
+                f"adapters: the names {given} become the same PEFT adapter name {clashes[0]!r} "
+                "(names keep letters, digits, _ and -; anything else becomes _)",
+                fix="give every adapter a name that differs in its letters, digits, _ or -",
+            )
+        return parsed
     adapters, seen = [], set()
     for raw_path in value:
         name = base = _safe_name(Path(str(raw_path)).name)
@@ -141,7 +150,17 @@ def base_model_config(model: ModelConfig, adapters: List[Adapter]) -> ModelConfi
         raise UserError(f"adapters do not share one base model: {listed}", fix="serve or stack only adapters of the same base model")
     first = adapters[0]
     if first.run_dir is not None:
-        return load_resolved(first.run_dir / RESOLVED).model
+        resolved = first.run_dir / RESOLVED
+        try:
+            return load_resolved(resolved).model
+        except Exception as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(
+                f"adapters: {resolved}, which names the base model {first.path} was trained on, is unreadable "
+                f"({type(error).__name__}: {first_line})",
+                fix="restore the training run's resolved.yaml, or move the checkpoint out of that directory to load it "
+                "on the base its adapter_config.json names",
+            ) from None
     return ModelConfig(
         name_or_path=first.base_model_name_or_path,
         hub=model.hub,

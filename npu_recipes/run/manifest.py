@@ -4,8 +4,9 @@ A training run's manifest is a :class:`RunManifest`; a merged model's is a :clas
 Every write goes through :func:`update` or :func:`write_merged` here: the fields are the
 dataclasses' (a misspelt key is a ``TypeError``, not a new key), inf/NaN become null, and the file
 is replaced atomically. The JSON keys are the field names, documented in the README's run-directory
-table. Keys a reader does not know (a manifest written by a newer version, or edited by hand) are
-kept and written back unchanged.
+table. Top-level keys a reader does not know (a manifest written by a newer version, or edited by
+hand) are kept and written back unchanged; a record that is not what npu_recipes writes is refused
+with one message naming its key, before anything in the run directory changes.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ class RunManifest:
     ``stopped_at_step`` and ``last_checkpoint`` say where it saved); ``error`` is why it failed.
     ``resume_from`` is the checkpoint this launch continues (None: step 0), ``branched_from`` the
     checkpoint a ``resume=PATH`` run started from, ``resumes`` every rerun. ``extra`` holds keys this
-    version does not know, written back as they were.
+    version does not know (at the top level), written back as they were.
     """
 
     recipe: Optional[str] = None
@@ -248,30 +249,59 @@ class MergedModelManifest:
     stage: str = "merge"
 
 
+class _NotARecord(ValueError):
+    """A manifest value that is not what npu_recipes writes there (a hand edit, or another program's)."""
+
+
 def _typed(annotation, value):
-    """``value`` (parsed JSON) as ``annotation`` says: a dataclass record, a list of them, or as it is."""
+    """``value`` (parsed JSON) as ``annotation`` says: a dataclass record, a list of them, or as it is.
+
+    Raises:
+        _NotARecord: a record that is not an object, lacks one of its fields, or a list that is not a list.
+    """
     if value is None:
         return None
     origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Union:
         annotation = next(argument for argument in arguments if argument is not type(None))
         origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise _NotARecord(f"a {type(value).__name__} where an object of {annotation.__name__} belongs")
         hints = typing.get_type_hints(annotation)
-        names = {f.name for f in dataclasses.fields(annotation)}
-        return annotation(**{key: _typed(hints[key], item) for key, item in value.items() if key in names})
-    if origin is list and isinstance(value, list):
+        fields = {f.name for f in dataclasses.fields(annotation) if f.default is dataclasses.MISSING
+                  and f.default_factory is dataclasses.MISSING}
+        missing = sorted(fields - set(value))
+        if missing:
+            raise _NotARecord(f"an object without {', '.join(missing)}")
+        return annotation(**{key: _typed(hints[key], item) for key, item in value.items() if key in hints})
+    if origin is list:
+        if not isinstance(value, list):
+            raise _NotARecord(f"a {type(value).__name__} where a list belongs")
         return [_typed(arguments[0], item) for item in value]
     return value
 
 
-def _from_json(data: Dict[str, Any]) -> RunManifest:
+def _from_json(data: Dict[str, Any], path: Path) -> RunManifest:
+    """The typed manifest of ``data``; a null value stands for the field's default (none, or empty).
+
+    Raises:
+        UserError: a record inside it is not what npu_recipes writes (names the key and the fix).
+    """
     hints = typing.get_type_hints(RunManifest)
-    known = {f.name for f in dataclasses.fields(RunManifest)} - {"extra"}
-    return RunManifest(
-        **{key: _typed(hints[key], value) for key, value in data.items() if key in known},
-        extra={key: value for key, value in data.items() if key not in known},
-    )
+    defaults = RunManifest()
+    fields = {}
+    for key, value in data.items():
+        if key not in hints or key == "extra":
+            continue
+        try:
+            fields[key] = getattr(defaults, key) if value is None else _typed(hints[key], value)
+        except _NotARecord as problem:
+            raise UserError(
+                f"{path}: its {key!r} is {problem}, not what npu_recipes writes there",
+                fix=f"restore manifest.json, or delete its {key!r} key (npu_recipes writes it again), or pass a new output_dir",
+            ) from None
+    return RunManifest(**fields, extra={key: value for key, value in data.items() if key not in hints})
 
 
 def _to_json(record) -> Dict[str, Any]:
@@ -280,17 +310,17 @@ def _to_json(record) -> Dict[str, Any]:
     return finite_or_null({**plain, **extra})
 
 
-def _read_object(path: Path) -> Dict[str, Any]:
+_RUN_MANIFEST_FIX = "restore it, or delete it (the next run in this directory writes a new one), or pass a new output_dir"
+
+
+def _read_object(path: Path, fix: str = _RUN_MANIFEST_FIX) -> Dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, ValueError) as error:
         data = error
     if not isinstance(data, dict):
         reason = f" ({data})" if isinstance(data, Exception) else ""
-        raise UserError(
-            f"{path} is not a JSON object{reason}",
-            fix="restore it, or delete it (the next run in this directory writes a new one), or pass a new output_dir",
-        )
+        raise UserError(f"{path} is not a JSON object{reason}", fix=fix)
     return data
 
 
@@ -301,7 +331,7 @@ def read(directory: Path) -> RunManifest:
         UserError: manifest.json is not a JSON object (it is only ever written whole, so someone edited it).
     """
     path = Path(directory) / MANIFEST
-    return _from_json(_read_object(path)) if path.is_file() else RunManifest()
+    return _from_json(_read_object(path), path) if path.is_file() else RunManifest()
 
 
 def update(directory: Path, **fields: Any) -> RunManifest:
@@ -328,4 +358,11 @@ def training_run_of(model_dir: Path) -> Optional[str]:
         UserError: its manifest.json is not a JSON object.
     """
     path = Path(model_dir) / MANIFEST
-    return _read_object(path).get("training_run") if path.is_file() else None
+    merged_fix = "restore the merged model's manifest.json from its merge (stage=merge writes it), or merge again"
+    recorded = _read_object(path, merged_fix).get("training_run") if path.is_file() else None
+    if recorded is not None and not isinstance(recorded, str):
+        raise UserError(
+            f"{path}: its 'training_run' is a {type(recorded).__name__}, not the path of the training run the merge came from",
+            fix="restore the merged model's manifest.json (or set training_run to that run's directory)",
+        )
+    return recorded

@@ -29,6 +29,7 @@ from npu_recipes.config.resolved import RESOLVED, to_yaml
 from npu_recipes.config.schema import RecipeConfig
 from npu_recipes.errors import UserError
 from npu_recipes.run import checkpoints, lock, manifest
+from npu_recipes.runtime.launch import DEEPSPEED_CONFIG, LOGS
 
 LOGGING = "logging.jsonl"
 LOSS_PLOT = "loss.png"
@@ -112,8 +113,9 @@ class RunDir:
                 except OSError:
                     break
             return
-        for name in (RESOLVED, manifest.MANIFEST, LOGGING, LOSS_PLOT, lock.LOCK):
+        for name in (RESOLVED, manifest.MANIFEST, LOGGING, LOSS_PLOT, DEEPSPEED_CONFIG, lock.LOCK):
             (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / LOGS, ignore_errors=True)
 
 
 def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":

@@ -107,7 +107,7 @@ class MergeStage:
         loaded = loading.load(base, parsed, device, dtype=dtype)
         merged = loaded.model.merge_and_unload(safe_merge=True, adapter_names=[a.name for a in parsed])
         training_run = parsed[0].run_dir
-        log.info("merged %d adapter(s) into %s on %s in %s", len(parsed), base_path, device.type, str(dtype))
+        log.info("merged %d adapter(s) with their base %s on %s in %s", len(parsed), base_path, device.type, str(dtype))
 
         def build(staging: Path) -> None:
             merged.save_pretrained(staging, max_shard_size=shard_size(config.merge.max_shard_size))

@@ -91,6 +91,8 @@ def _gradient_checkpointing(config: RecipeConfig, device: devices.Device, run_di
     """``train.gradient_checkpointing`` decided: a boolean as given, ``auto`` by the planner for this
     device (logged, and recorded in the manifest when ``run_dir`` is given)."""
     if config.train.gradient_checkpointing != planner.AUTO:
+        if run_dir is not None:
+            run_dir.update_manifest(gradient_checkpointing=None)  # a resumed run may have decided under auto before
         return config.train.gradient_checkpointing
     decision = _plan_here(config, device).checkpointing
     planner.log_decision(decision, device.name())
