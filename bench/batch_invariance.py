@@ -16,15 +16,17 @@ choice). JSON goes to bench/results/ with the device and package versions.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# As npu_recipes/__init__.py does: an installed torch_npu must not load (and fail) inside `import torch`.
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 import results_io  # bench/ is on sys.path when a script in it runs
+import torch
 
 from npu_recipes.config import compose
 from npu_recipes.data import demo

@@ -13,4 +13,14 @@ The layers, top down (docs/architecture.md; enforced by ``.importlinter``):
 * leaf modules: :mod:`~npu_recipes.errors`, :mod:`~npu_recipes.paths`, :mod:`~npu_recipes.atomic`.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# torch >= 2.5 imports every installed device backend that registers itself for autoloading
+# (torch_npu does) inside `import torch`. On an Ascend machine whose CANN environment is not
+# sourced that import raises before any check of ours runs, so even device=cpu and the doctor would
+# die with torch's own error. Every entry point imports this package before torch; torch_npu is
+# imported explicitly where an NPU is meant (npu_recipes.runtime.devices), with a message naming
+# the fix when it fails.
+_os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")

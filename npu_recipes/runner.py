@@ -17,7 +17,7 @@ from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, RunStopped, Termina
 from npu_recipes.run import manifest
 from npu_recipes.run.manifest import LaunchRecord
 from npu_recipes.run.rundir import RunDir
-from npu_recipes.runtime import launch
+from npu_recipes.runtime import devices, launch
 
 
 def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
@@ -38,6 +38,7 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
         SystemExit: a worker failed (with that worker's exit status) or a signal stopped the workers
             (128 + the signal's number).
     """
+    devices.set_aside_unloadable_torch_npu(config.device)
     stage = stages.load(config.stage)
     plan = None if stage.in_launcher_only else launch.plan_launch(config.parallelism, config.device, config.recipe)
     config, run_dir = stage.prepare(config, fresh_output_dir)
@@ -66,6 +67,7 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
 
 def run_worker(config: RecipeConfig, run_dir: RunDir, rank: int) -> None:
     """Run ``config.stage`` in torchrun worker ``rank`` (global); rank 0 records a failure in the manifest."""
+    devices.set_aside_unloadable_torch_npu(config.device)
     run_stage(stages.load(config.stage), config, run_dir, records_failure=rank == 0)
 
 

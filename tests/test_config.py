@@ -282,9 +282,9 @@ def test_every_recipe_resolves_as_before_the_shared_seed_block(monkeypatch, name
     """The seed recipes share their training block (recipes/base/seed_sft.yaml) instead of repeating it;
     each still resolves to the config it did when every recipe spelled the block out.
 
-    The golden files were written once, before the change, by composing every recipe with
-    ``output_dir=/runs/golden`` and ``NPU_RECIPES_CACHE=/cache`` and writing ``resolved.to_yaml`` of
-    the result (tests/golden/resolved_recipes/NAME.yaml)."""
+    The golden files (tests/golden/resolved_recipes/NAME.yaml) were first written before that change;
+    ``python -m tests.golden.regenerate_resolved`` rewrites them when a default deliberately changes
+    (``git diff`` then shows exactly what each recipe now resolves to)."""
     monkeypatch.setenv("NPU_RECIPES_CACHE", "/cache")
     config = compose.compose([f"+recipe={name}", "output_dir=/runs/golden"])
     assert resolved.to_yaml(config) == (GOLDEN_RESOLVED / f"{name}.yaml").read_text()

@@ -302,3 +302,43 @@ def test_bad_input_found_by_the_workers_leaves_no_run_directory(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "kernels=npu runs torch_npu's fused kernels on an Ascend NPU" in result.stderr and "Traceback" not in result.stderr
     assert not run.exists()
+
+
+@pytest.fixture(scope="module")
+def one_row_repeated(tmp_path_factory) -> Path:
+    """16 copies of one demo_math row: every micro-batch is the same sample, so a run's weights depend only
+    on how many updates it applied, not on which data each step drew."""
+    row = _demo_lines(tmp_path_factory.mktemp("one-row"), 1)[0]
+    path = tmp_path_factory.mktemp("data") / "one_row.jsonl"
+    path.write_text((row + "\n") * 16)
+    return path
+
+
+@pytest.mark.parametrize("parallelism", ["zero2", "zero3"])
+def test_deepspeed_skips_a_nan_step_entirely(tmp_path, one_row_repeated, parallelism):
+    """Under ZeRO, DeepSpeed steps inside the backward; the NaN guard reads its skip. Two workers, NaN
+    losses injected at steps 2 and 3 of 4, constant learning rate, one repeated sample: the adapter
+    after step 4 equals that of a clean single-process run of 2 steps, so the two skipped steps
+    changed neither weights nor optimizer state (Adam's moments and step count)."""
+    common = (*COMMON, "train_type=lora", "train.learning_rate=1e-2", "lora.r=16", "lora.lora_dropout=0",
+              "train.lr_scheduler_type=constant", f"dataset.path={one_row_repeated}")
+    reference = tmp_path / "reference"
+    run_in_process(*common, "train.max_steps=2", "train.gradient_accumulation_steps=2", f"output_dir={reference}")
+    run = tmp_path / "run"
+    result = run_cli(*common, "train.max_steps=4", "train.save_steps=1", "train.gradient_accumulation_steps=1",
+                     "nan_guard.inject_nan_at_steps=[2,3]", f"parallelism={parallelism}", "parallelism.nproc_per_node=2",
+                     f"parallelism.master_port={free_port()}", f"output_dir={run}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = read_jsonl(run / "logging.jsonl")
+    assert [(r["step"], r["reason"]) for r in records if r["type"] == "skipped_step"] == [(2, "non-finite loss"), (3, "non-finite loss")]
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-4"]
+    assert json.loads((run / "manifest.json").read_text())["final_metrics"]["skipped_steps"] == 2
+    from safetensors.torch import load_file
+
+    expected = load_file(reference / "checkpoint-2" / "adapter_model.safetensors")
+    after = load_file(run / "checkpoint-4" / "adapter_model.safetensors")
+    assert sorted(after) == sorted(expected)
+    for name, tensor in after.items():
+        assert (tensor - expected[name]).abs().max() < 1e-4, name
+    before = load_file(run / "checkpoint-1" / "adapter_model.safetensors")
+    assert max((after[name] - before[name]).abs().max() for name in after) > 1e-3, "step 4 must have trained"

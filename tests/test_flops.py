@@ -73,13 +73,10 @@ def test_lora_counts_4n_frozen_plus_6n_adapters():
 
 def test_batch_flops_count_real_tokens_and_causal_attention():
     model = flops.FlopsModel(frozen_matmul_params=1000, trainable_matmul_params=10, num_layers=2, attention_width=64)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    # 8 real tokens; keys attended: (1+2+3+4+5) + (1+2+3) = 21.
+    # Samples of 5 and 3 real tokens (padded or packed alike): keys attended (1+2+3+4+5) + (1+2+3) = 21.
     expected = (4 * 1000 + 6 * 10) * 8 + 12 * 2 * 64 * 21
-    assert model.batch_flops(mask) == expected
-    # Two sequences of 3 and 2 packed in one row: positions restart, attention stays within each.
-    packed = model.batch_flops(torch.ones(1, 5, dtype=torch.long), torch.tensor([[0, 1, 2, 0, 1]]))
-    assert packed == (4 * 1000 + 6 * 10) * 5 + 12 * 2 * 64 * (1 + 2 + 3 + 1 + 2)
+    assert model.batch_flops([5, 3]) == expected
+    assert model.batch_flops([3, 2]) == (4 * 1000 + 6 * 10) * 5 + 12 * 2 * 64 * (1 + 2 + 3 + 1 + 2)
 
 
 def test_utilisation():

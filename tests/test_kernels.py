@@ -11,6 +11,7 @@ import torch
 from npu_recipes.config import compose
 from npu_recipes.errors import UserError
 from npu_recipes.model import kernels
+from npu_recipes.runtime.devices import Device
 from tests.helpers import read_jsonl, run_cli, run_in_process
 
 LIGER_MISSING = importlib.util.find_spec("liger_kernel") is None
@@ -108,6 +109,26 @@ def test_patch_refuses_other_architectures():
         kernels.patch_model(model, _reference_ops())
 
 
+def test_auto_patches_qwen2_training_on_an_npu_only(tiny_model_path, monkeypatch):
+    """kernels=auto: the fused kernels for a Qwen2 model training on an NPU; nothing on other devices or for
+    other architectures (where kernels=npu would refuse)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.models.qwen2 import modeling_qwen2
+
+    monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", modeling_qwen2.apply_rotary_pos_emb)
+    monkeypatch.setattr(kernels, "npu_ops", _reference_ops)
+    qwen2 = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    kernels.apply("auto", qwen2, "cpu")
+    assert modeling_qwen2.apply_rotary_pos_emb.__module__ != kernels.__name__
+    kernels.apply("auto", qwen2, "npu")
+    assert modeling_qwen2.apply_rotary_pos_emb.__module__ == kernels.__name__
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert not kernels.patchable(llama) and kernels.patchable(qwen2)
+    kernels.apply("auto", llama, "npu")  # left as it is, no error
+    assert compose.compose(["device=cpu"]).kernels == "auto"
+
+
 def test_liger_goes_through_transformers_switch():
     assert kernels.training_arguments("liger") == {"use_liger_kernel": True, "liger_kernel_config": kernels.LIGER_KERNEL_CONFIG}
     assert kernels.training_arguments("none") == {} and kernels.training_arguments("npu") == {}
@@ -133,3 +154,10 @@ def test_npu_fused_kernels_match_unpatched_losses(tmp_path):
 def test_liger_kernels_match_unpatched_losses(tmp_path):
     assert _first_losses(tmp_path, "fused", "device=cuda", "kernels=liger") == pytest.approx(
         _first_losses(tmp_path, "plain", "device=cuda", "kernels=none"), rel=1e-3)
+
+
+def test_flash_attention_3_on_an_npu_is_refused_with_the_choice_that_works():
+    with pytest.raises(UserError, match="flash_attention_3 has no Ascend kernel") as refused:
+        kernels.check("auto", "flash_attention_3", Device("npu", 8))
+    assert "model.attn_implementation=auto" in refused.value.fix
+    kernels.check("auto", "auto", Device("npu", 8))

@@ -193,3 +193,12 @@ def test_only_npu_turns_off_ddp_unused_parameter_search():
     assert Device("npu", 8).ddp_find_unused_parameters is False
     assert Device("cuda", 8).ddp_find_unused_parameters is None and Device("cpu", 1).ddp_find_unused_parameters is None
     assert Device("cpu", 1).worker_environment() == {"DS_ACCELERATOR": "cpu"}
+
+
+def test_npu_workers_get_a_600_s_hccl_connect_timeout_unless_one_is_set(monkeypatch):
+    monkeypatch.delenv("HCCL_CONNECT_TIMEOUT", raising=False)
+    assert Device("npu", 8).worker_environment() == {"DS_ACCELERATOR": "npu", "HCCL_CONNECT_TIMEOUT": "600"}
+    monkeypatch.setenv("HCCL_CONNECT_TIMEOUT", "1800")
+    # The launcher updates its environment with this dict: the user's 1800 stays.
+    assert Device("npu", 8).worker_environment() == {"DS_ACCELERATOR": "npu"}
+    assert Device("cuda", 8).worker_environment() == {"DS_ACCELERATOR": "cuda"}

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from npu_recipes.config import compose
 from npu_recipes.data import messages, packing, sources
-from npu_recipes.model.attention import PER_SAMPLE_SDPA, adapt_model, packed_attention
-from tests.helpers import read_jsonl, run_cli, run_in_process
+from npu_recipes.model.attention import SDPA, adapt_model, choose
+from tests.helpers import read_jsonl, run_in_process
 
 
 @given(
@@ -59,20 +59,26 @@ def gsm8k_samples(gsm8k_dir, tokenizer):
     return samples
 
 
-ATTENTION_PATHS = ("sdpa", "eager", PER_SAMPLE_SDPA)
-"""transformers' block-diagonal mask from position ids (sdpa, eager) and npu_recipes' per-sample SDPA."""
+ATTENTION_PATHS = ("sdpa", "eager", SDPA)
+"""transformers' block-diagonal mask from position ids (sdpa, eager) and npu_recipes' SDPA per packed sample."""
 
 
 def load_model(path, attention):
+    """The tiny model with ``attention``: a transformers implementation, or npu_recipes' as a CPU run chooses it."""
     from transformers import AutoModelForCausalLM
 
-    loaded_as = "sdpa" if attention == PER_SAMPLE_SDPA else attention
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=loaded_as)
+    chosen = choose("auto", "cpu", packing=True) if attention == SDPA else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=chosen.load_as if chosen else attention)
     model.config.use_cache = False
-    if attention == PER_SAMPLE_SDPA:
-        adapt_model(model, "sdpa")
+    if chosen:
+        adapt_model(model, chosen)
     assert model.config._attn_implementation == attention
     return model.eval()
+
+
+def model_inputs(batch):
+    """A collated batch without the host-side sample lengths (which the Trainer strips before the forward)."""
+    return {key: value for key, value in batch.items() if key != packing.SAMPLE_LENGTHS}
 
 
 def token_losses(logits, labels):
@@ -89,17 +95,17 @@ def test_packed_per_token_loss_equals_unpacked(tiny_model_path, tokenizer, gsm8k
     from datasets import Dataset
 
     model = load_model(tiny_model_path, attention)
-    configured = "eager" if attention == "eager" else "sdpa"
+    cu_seq_lens = choose("auto", "cpu", packing=True).cu_seq_lens if attention == SDPA else None
     _, pad_collator, _ = packing.training_inputs(
-        Dataset.from_list(gsm8k_samples), tokenizer, packing=False, max_length=1024,
-        return_flash_attn_kwargs=packed_attention(configured).reads_cu_seq_lens, ignore_index=messages.IGNORE_INDEX,
+        Dataset.from_list(gsm8k_samples), tokenizer, packing=False, max_length=1024, cu_seq_lens=None,
+        ignore_index=messages.IGNORE_INDEX,
     )
     packed, collator, stats = packing.training_inputs(
-        Dataset.from_list(gsm8k_samples), tokenizer, packing=True, max_length=1024,
-        return_flash_attn_kwargs=packed_attention(configured).reads_cu_seq_lens, ignore_index=messages.IGNORE_INDEX,
+        Dataset.from_list(gsm8k_samples), tokenizer, packing=True, max_length=1024, cu_seq_lens=cu_seq_lens,
+        ignore_index=messages.IGNORE_INDEX,
     )
     assert stats["samples"] == 12 and stats["packs"] >= 3
-    padded = pad_collator([dict(s) for s in gsm8k_samples])
+    padded = model_inputs(pad_collator([dict(s) for s in gsm8k_samples]))
     assert (padded["attention_mask"] == 0).any(), "the unpacked batch should contain padding"
     with torch.no_grad():
         unpacked_out = model(**padded)
@@ -110,7 +116,7 @@ def test_packed_per_token_loss_equals_unpacked(tiny_model_path, tokenizer, gsm8k
         for pack in packed:
             batch = collator([pack])
             assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
-            out = model(**batch)
+            out = model(**model_inputs(batch))
             losses = token_losses(out.logits, batch["labels"])
             total, count = total + losses.sum().item(), count + losses.numel()
             # Pair each packed sample's tokens with the same sample's unpacked tokens.
@@ -129,13 +135,14 @@ def test_attention_does_not_leak_across_packed_samples(tiny_model_path, tokenize
     """Replacing the middle sample of a pack (by one of another length) leaves its neighbours' logits
     unchanged; without position ids (plain causal attention over the row) the same change does leak."""
     model = load_model(tiny_model_path, attention)
-    collator = packing.PackedCollator(pad_collator=None)
+    collator = packing.PackedCollator(pad_collator=None, cu_seq_lens=choose("auto", "cpu", packing=True).cu_seq_lens)
     first, middle, last, other = (gsm8k_samples[i] for i in (0, 1, 2, 3))
     assert len(middle["input_ids"]) != len(other["input_ids"])
 
     def logits_of_neighbours(samples, use_position_ids=True):
         batch = collator([{key: [s[key] for s in samples] for key in ("input_ids", "labels")}])
-        kwargs = {"position_ids": batch["position_ids"]} if use_position_ids else {}
+        kwargs = {key: batch[key] for key in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+                  if key in batch} if use_position_ids else {}
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], **kwargs).logits[0]
         n_first, n_last = len(samples[0]["input_ids"]), len(samples[2]["input_ids"])
@@ -157,7 +164,7 @@ def test_collator_flattens_packs_and_pads_plain_samples(tokenizer):
     from transformers import DataCollatorForSeq2Seq
 
     collator = packing.PackedCollator(
-        DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=messages.IGNORE_INDEX), return_flash_attn_kwargs=True
+        DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=messages.IGNORE_INDEX), cu_seq_lens=packing.DEVICE
     )
     packs = [
         {"input_ids": [[5, 6, 7], [8, 9]], "labels": [[-100, 6, 7], [-100, 9]]},
@@ -169,11 +176,18 @@ def test_collator_flattens_packs_and_pads_plain_samples(tokenizer):
     # The first label of every sample is -100, so no token is trained to predict across a boundary.
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, 12, 13]]
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and batch["max_length_q"] == 4
-    assert "attention_mask" not in batch
+    assert "attention_mask" not in batch and batch[packing.SAMPLE_LENGTHS] == [3, 2, 4]
+
+    host = packing.PackedCollator(collator.pad_collator, cu_seq_lens=packing.HOST_LISTS)(packs)
+    assert host["cu_seq_lens_q"] == host["cu_seq_lens_k"] == [0, 3, 5, 9] and host["max_length_q"] == 4
+    assert torch.equal(host["input_ids"], batch["input_ids"]) and torch.equal(host["position_ids"], batch["position_ids"])
 
     plain = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
     assert plain["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert plain["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert plain["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]] and plain[packing.SAMPLE_LENGTHS] == [3, 1]
+    # Nothing padded: no mask, so attention runs causal without reading one from the device.
+    unpadded = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}])
+    assert "attention_mask" not in unpadded and unpadded[packing.SAMPLE_LENGTHS] == [3]
 
 
 @pytest.mark.slow
@@ -201,13 +215,5 @@ def test_packed_training_run_logs_the_same_losses_as_unpacked(tmp_path, gsm8k_di
     manifest = json.loads((tmp_path / "packed" / "manifest.json").read_text())
     assert manifest["packing"]["samples"] == 8 and manifest["packing"]["packs"] == len(packs)
     assert manifest["packing"]["tokens"] == manifest["dataset"]["train_tokens"]
-    assert manifest["packing"]["attention"] == PER_SAMPLE_SDPA
+    assert manifest["packing"]["attention"] == SDPA
     assert json.loads((tmp_path / "unpacked" / "manifest.json").read_text())["packing"] is None
-
-
-@pytest.mark.cli
-def test_packing_with_an_unsupported_attention_implementation_is_refused(tmp_path):
-    result = run_cli("train.packing=true", "model.attn_implementation=flex_attention", f"output_dir={tmp_path}/run")
-    assert result.returncode == 2
-    assert "model.attn_implementation='flex_attention'" in result.stderr and "fix:" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

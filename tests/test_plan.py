@@ -64,7 +64,7 @@ def test_every_seed_recipe_plans_offline_from_config_json_alone(tmp_path, recipe
             "--master-addr=127.0.0.1", "--shutdown-timeout=300", f"--log-dir={os.devnull}", "-m", "npu_recipes.worker",
             "RUN_DIR/resolved.yaml",
         ]
-        assert launch.worker_environment == {"DS_ACCELERATOR": "npu"}
+        assert launch.worker_environment == {"DS_ACCELERATOR": "npu", "HCCL_CONNECT_TIMEOUT": "600"}
     else:
         assert launch.workers is None
 
@@ -111,7 +111,7 @@ def test_plan_prints_settings_launch_and_memory_through_the_cli(tmp_path):
     assert ("python -m torch.distributed.run --nproc-per-node=8 --nnodes=1 --node-rank=0 --master-addr=127.0.0.1 "
             f"--shutdown-timeout=300 --log-dir={os.devnull} -m npu_recipes.worker RUN_DIR/resolved.yaml") in out
     assert f"ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 python -m npu_recipes +recipe=qwen14b_lora_zero3 model.name_or_path={model}\n" in out
-    assert "DS_ACCELERATOR=npu (set by the launcher)" in out
+    assert "DS_ACCELERATOR=npu HCCL_CONNECT_TIMEOUT=600 (set by the launcher)" in out
     for label in ("weights", "gradients", "optimizer states", "activations", "logits and loss", "framework overhead", "total"):
         assert f"\n  {label} " in out
     assert "Ascend 910B3 (ascend_910b3): 64.0 GiB" in out and "verdict         fits" in out
@@ -131,7 +131,7 @@ def test_plan_json_matches_the_in_process_plan(tmp_path):
     assert printed["settings"]["max_length"] == 512 and printed["settings"]["world_size"] == 4
     assert printed["reference"]["max_memory_gb_per_device"] == 22 and printed["reference"]["runtime_hours"] == 8.5
     assert printed["launch"]["environment"] == {"ASCEND_RT_VISIBLE_DEVICES": "0,1,2,3"}
-    assert printed["launch"]["worker_environment"] == {"DS_ACCELERATOR": "npu"}
+    assert printed["launch"]["worker_environment"] == {"DS_ACCELERATOR": "npu", "HCCL_CONNECT_TIMEOUT": "600"}
     assert printed["launch"]["command"][-3:] == ["+recipe=qwen7b_lora_zero3", f"model.name_or_path={model}", "train.max_length=512"]
     components = printed["memory"]["components"]
     assert set(components) == {"weights", "gradients", "optimizer_states", "activations", "logits_and_loss",

@@ -27,8 +27,10 @@ def _trainer(output_dir, model=None, max_steps: int = 1):
     from transformers import TrainingArguments, default_data_collator
 
     from npu_recipes.config.schema import NanGuardConfig
+    from npu_recipes.data.packing import PackedCollator
     from npu_recipes.model.flops import FlopsModel
     from npu_recipes.run.rundir import RunDir
+    from npu_recipes.runtime.devices import Device
     from npu_recipes.train.nan_guard import NanGuard
     from npu_recipes.train.trainer import RecipeTrainer
 
@@ -37,9 +39,9 @@ def _trainer(output_dir, model=None, max_steps: int = 1):
     args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=1, save_strategy="steps",
                              save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no")
     guard = NanGuard(NanGuardConfig(), RunDir(output_dir))
-    return RecipeTrainer(model=model, args=args, data_collator=default_data_collator,
+    return RecipeTrainer(model=model, args=args, data_collator=PackedCollator(default_data_collator),
                          train_dataset=Dataset.from_dict({"input_ids": rows, "labels": rows}),
-                         flops_model=FlopsModel.from_model(model, model.config), nan_guard=guard)
+                         flops_model=FlopsModel.from_model(model, model.config), nan_guard=guard, device=Device("cpu", 1))
 
 
 def test_trainer__save_checkpoint_and__get_output_dir(tmp_path):
@@ -114,3 +116,13 @@ def test_huggingface_hub_parse_size_to_int():
     assert parse_size_to_int("5GB") == 5 * 10**9 and parse_size_to_int("500MB") == 5 * 10**8
     with pytest.raises(ValueError):
         parse_size_to_int("five gigabytes")
+
+
+def test_torch__dispatch_has_kernel_for_dispatch_key():
+    """``torch._C._dispatch_has_kernel_for_dispatch_key(op, key)`` tells whether fused AdamW can run on a
+    device type (Device.runs_fused_adamw): true for the CPU here, false for a key with no kernel."""
+    from npu_recipes.runtime.devices import Device
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_adamw_", "CPU") is True
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_adamw_", "PrivateUse1") is False
+    assert Device("cpu", 1).runs_fused_adamw() is True

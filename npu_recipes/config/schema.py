@@ -32,8 +32,8 @@ DATASET_HUBS = ("local", "huggingface", "modelscope")
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
 TRUNCATION_STRATEGIES = ("drop", "truncate")
 LORA_BIASES = ("none", "all", "lora_only")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-KERNELS = ("none", "npu", "liger")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+KERNELS = ("auto", "none", "npu", "liger")
 DOCTOR_FORMATS = ("table", "json")
 ANSWER_FORMATS = ("gsm8k", "blossom")
 SERVE_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -44,8 +44,6 @@ PLAN_TARGETS = (
 )
 """``plan.target`` choices: ``auto`` and every device type of :data:`npu_recipes.plan.targets.TARGETS`
 (tests/test_plan.py holds the two together)."""
-PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
-"""``model.attn_implementation`` values that keep packed samples apart (see :mod:`npu_recipes.data.packing`)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,9 @@ class ModelConfig:
     """``model/`` group: which base model to load and how.
 
     ``builder`` names a local builder (see :mod:`npu_recipes.model.pretrained`) that creates the model at
-    ``name_or_path`` on first use; hub models leave it unset. ``device_map`` is ``from_pretrained``'s:
+    ``name_or_path`` on first use; hub models leave it unset. ``attn_implementation`` is transformers'
+    name, or ``auto``: chosen per device and for packing by :mod:`npu_recipes.model.attention` (every
+    value keeps packed samples apart). ``device_map`` is ``from_pretrained``'s:
     null lets the Trainer place the model on this process's device; ``auto`` spreads one model over
     every visible device (one process only: it cannot be combined with DDP or DeepSpeed).
     """
@@ -62,7 +62,7 @@ class ModelConfig:
     hub: str = "huggingface"
     torch_dtype: str = "auto"
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
     revision: Optional[str] = None
     builder: Optional[str] = None
     device_map: Optional[str] = None
@@ -114,7 +114,10 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """``train.*``: transformers ``TrainingArguments`` names, defaults equal to ``swift sft``'s.
+    """``train.*``: transformers ``TrainingArguments`` names, defaults equal to ``swift sft``'s but ``optim``:
+    ``adamw_torch_fused`` (transformers' own default since torch 2.8; the same AdamW in one kernel,
+    which the NaN guard can tell to skip a step without reading a device value; ``adamw_torch``
+    where the device has no fused kernel, see :mod:`npu_recipes.train.arguments`).
 
     ``warmup_steps`` is a step count, or a fraction of all steps when below 1 (transformers 5).
     ``max_length`` (tokens per sample) and ``truncation_strategy`` (``drop`` or ``truncate``
@@ -140,7 +143,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"
     gradient_checkpointing: Any = "auto"
     logging_steps: int = 5
     save_steps: int = 100
@@ -328,8 +331,9 @@ class RecipeConfig:
     list, or a name -> path mapping) and ``load_data_args`` are read by merge, infer and serve.
     ``merge``, ``infer`` and ``serve`` hold those stages' options.
     ``reference`` carries a recipe's metadata (the seed document's reported memory and runtime).
-    ``kernels`` picks fused kernels: ``none``, ``npu`` (torch_npu RMSNorm, rotary embedding and
-    SwiGLU for Qwen2) or ``liger`` (Liger kernels on CUDA); see docs/kernels.md.
+    ``kernels`` picks fused kernels: ``auto`` (``npu`` where a Qwen2-family model trains on an NPU,
+    else none), ``none``, ``npu`` (torch_npu RMSNorm, rotary embedding and SwiGLU for Qwen2) or
+    ``liger`` (Liger kernels on CUDA); see docs/kernels.md. They are applied in training only.
     ``plan`` holds the options of ``stage=plan``.
     ``resume`` (train stage): ``auto`` continues the run already in an explicit ``output_dir`` from
     its newest complete checkpoint, ``never`` refuses a non-empty ``output_dir``, and a checkpoint
@@ -354,7 +358,7 @@ class RecipeConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     reference: Dict[str, Any] = field(default_factory=dict)
-    kernels: str = "none"
+    kernels: str = "auto"
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
     mfu: MfuConfig = field(default_factory=MfuConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)

@@ -279,12 +279,6 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
             f"dataset.val_split_ratio={config.dataset.val_split_ratio} must be in [0, 1)",
             fix="pass a fraction such as dataset.val_split_ratio=0.01",
         )
-    if train.packing and config.model.attn_implementation not in schema.PACKING_ATTENTION:
-        raise UserError(
-            f"train.packing=true needs an attention implementation that keeps packed samples apart; "
-            f"model.attn_implementation={config.model.attn_implementation!r} is not one of {', '.join(schema.PACKING_ATTENTION)}",
-            fix="pass model.attn_implementation=sdpa (or flash_attention_2 on CUDA/Ascend), or train.packing=false",
-        )
     _check_positive("lora.r", config.lora.r)
     _check_positive("lora.lora_alpha", config.lora.lora_alpha)
     if not 0 <= config.lora.lora_dropout < 1:

@@ -5,8 +5,8 @@ tokens (:func:`plan_packs`), stores each pack as one dataset row holding its sam
 (:func:`pack_dataset`), and flattens a micro-batch of packs into a single ``[1, tokens]`` row with
 transformers' ``DataCollatorWithFlattening`` (:class:`PackedCollator`). That collator restarts
 ``position_ids`` at 0 for every sample, sets the first label of each sample to -100 (so no token
-is predicted across a boundary), returns no ``attention_mask`` and, for sdpa and flash attention,
-adds cumulative sequence lengths (``cu_seq_lens_q/k``). How attention stays within each sample is
+is predicted across a boundary), returns no ``attention_mask`` and, for the attention implementations that read them, adds
+cumulative sequence lengths (``cu_seq_lens_q/k``), as device tensors or host lists. How attention stays within each sample is
 the model's side (:mod:`npu_recipes.model.attention`); see docs/packing.md.
 
 The loss keeps its meaning: transformers' causal-LM loss sums token cross-entropy over labelled
@@ -17,7 +17,7 @@ tokens over all micro-batches of one optimizer step, with or without packing.
 from __future__ import annotations
 
 import bisect
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 def plan_packs(lengths: Sequence[int], capacity: int) -> List[List[int]]:
@@ -92,32 +92,61 @@ def pack_dataset(dataset, capacity: int):
     return packed, stats
 
 
-class PackedCollator:
-    """Collate packs into one padding-free row; collate plain samples (evaluation) by padding.
+DEVICE, HOST_LISTS, HOST_TENSORS = "device", "host_lists", "host_tensors"
+"""How packed batches carry ``cu_seq_lens_q/k`` (chosen per device by :mod:`npu_recipes.model.attention`):
+int32 tensors the Trainer moves to the device; Python lists, read on the host; or lists the Trainer
+turns into CPU tensors just before the forward, for kernels that read the lengths on the host."""
 
-    A micro-batch of ``per_device_train_batch_size`` packs becomes one row of
-    ``[1, total_tokens]`` ``input_ids``, ``labels`` and ``position_ids`` (int64), built by
-    transformers' ``DataCollatorWithFlattening``; with ``return_flash_attn_kwargs`` it also
-    carries ``cu_seq_lens_q/k`` (int32, ``[samples + 1]``) and ``max_length_q/k`` (int) for the
-    varlen flash-attention kernels. Rows that are single samples (the unpacked evaluation split,
-    so ``eval_loss`` is comparable with and without packing) go to ``pad_collator``.
+SAMPLE_LENGTHS = "sample_lengths"
+"""Batch key of the tokens of each sample in a micro-batch (a list of ints, host-side): what the
+Trainer's FLOPs and token counts read, so they never read a device tensor. Stripped before the
+forward (``npu_recipes.train.trainer.RecipeTrainer.compute_loss``)."""
+
+
+class PackedCollator:
+    """Collate packs into one padding-free row; collate plain samples (evaluation, or unpacked training) by padding.
+
+    A micro-batch of ``per_device_train_batch_size`` packs becomes one row of ``[1, total_tokens]``
+    ``input_ids``, ``labels`` and ``position_ids`` (int64), built by transformers'
+    ``DataCollatorWithFlattening``. ``cu_seq_lens`` says how the row carries its cumulative sequence
+    lengths ``cu_seq_lens_q/k`` (``[samples + 1]``) with ``max_length_q/k`` (int): :data:`DEVICE`,
+    int32 tensors; :data:`HOST_LISTS` or :data:`HOST_TENSORS`, Python lists (never moved to the
+    device); None, not at all. Rows that are single samples go to ``pad_collator``; their
+    ``attention_mask`` is dropped when nothing was padded (every row as long as the longest), so
+    attention runs causal without reading a mask from the device. Every batch also carries
+    :data:`SAMPLE_LENGTHS`.
     """
 
-    def __init__(self, pad_collator, return_flash_attn_kwargs: bool = False):
+    def __init__(self, pad_collator, cu_seq_lens: Optional[str] = None):
         from transformers import DataCollatorWithFlattening
 
         self.pad_collator = pad_collator
-        self.flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=return_flash_attn_kwargs)
+        self.cu_seq_lens = cu_seq_lens
+        self.flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=cu_seq_lens == DEVICE)
 
     def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
         if not _is_pack(features[0]):
-            return self.pad_collator(features)
+            lengths = [len(feature["input_ids"]) for feature in features]
+            batch = self.pad_collator(features)
+            if len(set(lengths)) == 1:
+                batch.pop("attention_mask", None)
+            batch[SAMPLE_LENGTHS] = lengths
+            return batch
         samples = [
             {"input_ids": ids, "labels": labels}
             for feature in features
             for ids, labels in zip(feature["input_ids"], feature["labels"])
         ]
-        return self.flatten(samples)
+        batch = self.flatten(samples)
+        lengths = [len(sample["input_ids"]) for sample in samples]
+        if self.cu_seq_lens in (HOST_LISTS, HOST_TENSORS):
+            cumulative = [0]
+            for length in lengths:
+                cumulative.append(cumulative[-1] + length)
+            batch.update(cu_seq_lens_q=cumulative, cu_seq_lens_k=list(cumulative),
+                         max_length_q=max(lengths), max_length_k=max(lengths))
+        batch[SAMPLE_LENGTHS] = lengths
+        return batch
 
 
 def _is_pack(feature: Dict[str, Any]) -> bool:
@@ -125,24 +154,23 @@ def _is_pack(feature: Dict[str, Any]) -> bool:
     return isinstance(first, (list, tuple)) or getattr(first, "ndim", 0) == 1
 
 
-def training_inputs(train_dataset, tokenizer, *, packing: bool, max_length: int, return_flash_attn_kwargs: bool,
+def training_inputs(train_dataset, tokenizer, *, packing: bool, max_length: int, cu_seq_lens: Optional[str],
                     ignore_index: int):
     """The train stage's data hook: the training dataset and collator for ``train.packing``.
 
     Args:
-        return_flash_attn_kwargs: add ``cu_seq_lens_q/k`` and ``max_length_q/k`` to packed batches
-            (for attention that reads them, :func:`npu_recipes.model.attention.packed_attention`).
+        cu_seq_lens: how packed batches carry cumulative sequence lengths
+            (:attr:`npu_recipes.model.attention.AttentionChoice.cu_seq_lens`).
 
     Returns:
-        ``(train_dataset, data_collator, stats)``; unpacked: the dataset unchanged, a padding
-        ``DataCollatorForSeq2Seq`` (labels padded with ``ignore_index``) and ``None``; packed: the
-        packed dataset, a :class:`PackedCollator` and :func:`pack_dataset`'s stats.
+        ``(train_dataset, data_collator, stats)``: the dataset unchanged (unpacked) or packed, a
+        :class:`PackedCollator` over a padding ``DataCollatorForSeq2Seq`` (labels padded with
+        ``ignore_index``), and :func:`pack_dataset`'s stats (None unpacked).
     """
     from transformers import DataCollatorForSeq2Seq
 
     pad_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=ignore_index)
     if not packing:
-        return train_dataset, pad_collator, None
+        return train_dataset, PackedCollator(pad_collator), None
     packed, stats = pack_dataset(train_dataset, max_length)
-    return packed, PackedCollator(pad_collator, return_flash_attn_kwargs=return_flash_attn_kwargs), stats
-
+    return packed, PackedCollator(pad_collator, cu_seq_lens=cu_seq_lens), stats

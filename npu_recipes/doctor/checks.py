@@ -112,11 +112,10 @@ def _check_software(report: Report) -> None:
         else:
             report.add("torch_npu", OK, f"{npu_version} pairs with torch {torch_base}")
         _check_cann(report)
-        from transformers.utils import is_torch_npu_available
-
-        available = is_torch_npu_available()
-        report.add("is_torch_npu_available", OK if available else FAIL, str(available),
-                   None if available else f"install a matching torch_npu and {SET_ENV}")
+        if npu_version is not None:
+            failure = devices.npu_import_error()
+            report.add("import torch_npu", FAIL if failure else OK, failure.message if failure else "imports",
+                       failure.fix if failure else None)
     elif report.device == "cuda":
         built = torch.version.cuda
         report.add("torch CUDA build", OK if built else FAIL, built or f"torch {torch.__version__} is a CPU-only build",

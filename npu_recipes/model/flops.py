@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
     import torch
@@ -127,34 +127,20 @@ class FlopsModel:
         """``4·N_frozen + 6·N_trainable``: forward and backward matmul FLOPs of one token, attention excluded."""
         return 4 * self.frozen_matmul_params + 6 * self.trainable_matmul_params
 
-    def batch_flops(self, attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> float:
-        """FLOPs of one forward + backward pass over a batch, counting non-padding tokens only.
+    def batch_flops(self, sample_lengths: Sequence[int]) -> float:
+        """FLOPs of one forward + backward pass over a micro-batch of samples of ``sample_lengths`` tokens
+        (padding excluded; packed samples each count as their own sequence).
 
-        Args:
-            attention_mask: (batch, sequence) 1 for real tokens, 0 for padding.
-            position_ids: (batch, sequence) optional; where sequences are packed into one row, each
-                sequence's positions restart at 0, and attention is counted within each sequence.
+        Host-side integers, not the batch's tensors: counting must never read a device value inside a
+        training step (:data:`npu_recipes.data.packing.SAMPLE_LENGTHS`).
 
         Returns:
-            ``dense_flops_per_token · T + 12 · layers · d · Σ (p + 1)`` over the real tokens, ``p`` being
-            each token's position in its own sequence.
+            ``dense_flops_per_token · T + 12 · layers · d · Σ L(L + 1)/2`` with ``T = Σ L``: a token at
+            position ``p`` of its sample attends to ``p + 1`` keys.
         """
-        import torch
-        mask = attention_mask.to(torch.int64)
-        positions = mask.cumsum(dim=-1) - 1 if position_ids is None else position_ids.to(torch.int64)
-        tokens = mask.sum()
-        attended_keys = ((positions + 1) * mask).sum()
-        both = torch.stack([tokens, attended_keys]).tolist()
-        return float(self.dense_flops_per_token * both[0] + 12 * self.num_layers * self.attention_width * both[1])
-
-
-def batch_flops_from_inputs(model: FlopsModel, inputs: Mapping[str, torch.Tensor]) -> float:
-    """:meth:`FlopsModel.batch_flops` for a Trainer batch (``input_ids``, optional ``attention_mask``/``position_ids``)."""
-    import torch
-    mask = inputs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(inputs["input_ids"])
-    return model.batch_flops(mask, inputs.get("position_ids"))
+        tokens = sum(sample_lengths)
+        attended_keys = sum(length * (length + 1) // 2 for length in sample_lengths)
+        return float(self.dense_flops_per_token * tokens + 12 * self.num_layers * self.attention_width * attended_keys)
 
 
 def utilisation(flops: float, seconds: float, peak: Peak, world_size: int) -> Optional[float]:

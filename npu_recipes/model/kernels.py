@@ -1,13 +1,14 @@
-"""Fused kernels (``kernels=none|npu|liger``) and the checks that a chosen kernel or attention can run here.
+"""Fused kernels (``kernels=auto|none|npu|liger``) and the checks that a chosen kernel or attention can run here.
 
+* ``auto`` (the default): ``npu`` where a Qwen2-family model trains on an NPU (:func:`patchable`), else nothing.
 * ``npu``: torch_npu's fused RMSNorm (``npu_rms_norm``), rotary embedding (``npu_rotary_mul``) and
   SwiGLU (``npu_swiglu``) replace Qwen2's Python implementations in the loaded model.
 * ``liger``: the Liger kernels (liger-kernel package, Triton, CUDA only) through transformers' own
   switch ``TrainingArguments(use_liger_kernel=True)``: RoPE, RMSNorm, SwiGLU and the fused linear
   cross-entropy that never materialises the logits.
 
-Attention is chosen by ``model.attn_implementation`` (transformers' choice, ``sdpa`` by default); on
-an NPU, transformers routes ``flash_attention_2`` to torch_npu's ``npu_fusion_attention``.
+Attention is chosen per device by :mod:`npu_recipes.model.attention` (``model.attn_implementation=auto``);
+on an NPU, transformers routes ``flash_attention_2`` to torch_npu's ``npu_fusion_attention``.
 
 A kernel whose package or device is missing raises :class:`UserError` before anything loads; it never
 falls back silently. All torch_npu imports of the package live here and in :mod:`npu_recipes.runtime.devices`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict
@@ -26,6 +28,8 @@ from npu_recipes.runtime.devices import Device
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 LIGER_KERNEL_CONFIG = {"rope": True, "rms_norm": True, "swiglu": True, "fused_linear_cross_entropy": True, "cross_entropy": False}
 """Keyword arguments of Liger's ``apply_liger_kernel_to_<model>`` (passed as ``TrainingArguments.liger_kernel_config``)."""
@@ -43,7 +47,8 @@ def check(kernels: str, attn_implementation: str, device: Device) -> None:
 
     Raises:
         UserError: ``kernels=npu`` off an NPU; ``kernels=liger`` without the liger-kernel package or a
-            CUDA device; ``flash_attention_2`` on a CPU, or on CUDA without the flash-attn package.
+            CUDA device; ``flash_attention_2`` on a CPU, or on CUDA without the flash-attn package;
+            ``flash_attention_3`` on an NPU.
     """
     if kernels == "npu" and device.type != "npu":
         raise UserError(
@@ -61,6 +66,12 @@ def check(kernels: str, attn_implementation: str, device: Device) -> None:
                 f"kernels=liger runs Triton kernels on CUDA GPUs only, but this run's device is {device.type}",
                 fix="choose kernels=none here (kernels=npu on Ascend)",
             )
+    if attn_implementation == "flash_attention_3" and device.type == "npu":
+        raise UserError(
+            "model.attn_implementation=flash_attention_3 has no Ascend kernel (transformers maps only flash_attention_2 "
+            "to torch_npu's npu_fusion_attention)",
+            fix="use model.attn_implementation=auto (flash_attention_2 on an NPU when packing) or flash_attention_2",
+        )
     if attn_implementation == "flash_attention_2":
         if device.type == "cpu":
             raise UserError(
@@ -153,7 +164,24 @@ def patch_model(model: torch.nn.Module, ops: FusedOps) -> int:
     return patched + 1
 
 
-def apply(kernels: str, model: torch.nn.Module) -> None:
-    """Patch ``model`` for ``kernels=npu`` (after :func:`check`); ``none`` and ``liger`` change nothing here."""
-    if kernels == "npu":
-        patch_model(model, npu_ops())
+def patchable(model: torch.nn.Module) -> bool:
+    """True when :func:`patch_model` has fused kernels for ``model`` (PEFT-wrapped or not): a Qwen2-family
+    model type with a SiLU MLP."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config.model_type in _PATCHABLE_MODELS and base.config.hidden_act in ("silu", "swish")
+
+
+def apply(kernels: str, model: torch.nn.Module, device_type: str) -> None:
+    """Patch a model loaded for training on ``device_type`` (after :func:`check`).
+
+    ``npu`` patches it (or raises, for a model without fused kernels); ``auto`` patches where that is
+    known to work, a :func:`patchable` model on an NPU, and leaves anything else as it is; ``none``
+    and ``liger`` (applied by the Trainer) change nothing here. Only training calls this: a generating
+    process never runs these patches (``npu_rotary_mul`` does not take the decode step's shapes).
+
+    Raises:
+        UserError: ``kernels=npu`` on a model :func:`patch_model` has no kernels for.
+    """
+    if kernels == "npu" or (kernels == "auto" and device_type == "npu" and patchable(model)):
+        patched = patch_model(model, npu_ops())
+        log.info("kernels=%s: torch_npu's fused RMSNorm, rotary embedding and SwiGLU in %d places", kernels, patched)

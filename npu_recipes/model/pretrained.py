@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional
 
 from npu_recipes import atomic, paths
 from npu_recipes.config.schema import LoraConfig, ModelConfig
 from npu_recipes.errors import UserError
-from npu_recipes.model import kernels
+from npu_recipes.model import attention, kernels
 from npu_recipes.runtime.devices import Device
 
 if TYPE_CHECKING:
@@ -151,22 +151,38 @@ def fetch_config(model: ModelConfig) -> str:
 
 
 def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
-    """The dtype to load weights in.
+    """The dtype to load weights in (:func:`dtype_choice` without its reason)."""
+    return dtype_choice(model, path, device).dtype
+
+
+class DtypeChoice(NamedTuple):
+    """The weights' dtype and, when it is not what was asked for, why (else None)."""
+
+    dtype: torch.dtype
+    fallback: Optional[str]
+
+
+def dtype_choice(model: ModelConfig, path: str, device: Device) -> DtypeChoice:
+    """The dtype to load weights in, and why when it differs from the checkpoint's.
 
     ``auto`` follows the checkpoint's ``config.json`` (bf16 for Qwen2) on accelerators, falling
-    back to fp16 where bf16 is unsupported, and uses fp32 on the CPU. An explicit
-    ``model.torch_dtype`` (e.g. ``float32``, the seed's advice when bf16 gives NaN) always wins.
+    back to fp16 where the device cannot compute in bf16 (:meth:`Device.supports_bf16`: a 910A, a
+    pre-Ampere GPU; logged, and recorded in the manifest by the train stage), and uses fp32 on the
+    CPU. An explicit ``model.torch_dtype`` (e.g. ``float32``, the seed's advice when bf16 gives NaN)
+    always wins.
     """
     import torch
 
     if model.torch_dtype != "auto":
-        return dtype_by_name(model.torch_dtype)
+        return DtypeChoice(dtype_by_name(model.torch_dtype), None)
     if not device.is_accelerator:
-        return torch.float32
+        return DtypeChoice(torch.float32, None)
     declared = checkpoint_dtype(model, path)
     if declared == torch.bfloat16 and not device.supports_bf16():
-        return torch.float16
-    return declared
+        reason = f"{device.name()} does not support bf16 (the checkpoint's dtype): weights and compute in fp16"
+        log.warning("model.torch_dtype=auto: %s; pass model.torch_dtype=float32 for full precision instead", reason)
+        return DtypeChoice(torch.float16, reason)
+    return DtypeChoice(declared, None)
 
 
 def checkpoint_dtype(model: ModelConfig, path: str) -> torch.dtype:
@@ -208,16 +224,20 @@ def load_tokenizer(model: ModelConfig, path: str):
     return tokenizer
 
 
-def load_model(model: ModelConfig, path: str, dtype: torch.dtype):
+def load_model(model: ModelConfig, path: str, dtype: torch.dtype, attn_implementation: Optional[str] = None):
     """Load ``AutoModelForCausalLM`` weights from ``path`` in ``dtype``: on the CPU (the Trainer moves them), or
-    spread over the visible devices by ``model.device_map`` (e.g. ``auto``) when that is set."""
+    spread over the visible devices by ``model.device_map`` (e.g. ``auto``) when that is set.
+
+    ``attn_implementation`` is transformers' (a training run's :class:`~npu_recipes.model.attention.AttentionChoice`);
+    by default ``model.attn_implementation`` as a generating process uses it (``auto``: ``sdpa``).
+    """
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
-            attn_implementation=model.attn_implementation,
+            attn_implementation=attn_implementation or attention.for_generation(model.attn_implementation),
             trust_remote_code=model.trust_remote_code,
             revision=model.revision,
             device_map=model.device_map,
@@ -253,14 +273,16 @@ def _numel(parameter) -> int:
     return getattr(parameter, "ds_numel", parameter.numel())
 
 
-def load_for_training(model: ModelConfig, path: str, dtype: torch.dtype, lora: Optional[LoraConfig], kernel_choice: str):
-    """Load the base model at ``path`` for training: no KV cache, wrapped with PEFT LoRA when ``lora``
-    is given (``train_type=lora``), with ``kernels`` applied; logs trainable and total parameters."""
-    loaded = load_model(model, path, dtype)
+def load_for_training(model: ModelConfig, path: str, dtype: torch.dtype, lora: Optional[LoraConfig], kernel_choice: str,
+                      attn_implementation: str, device_type: str):
+    """Load the base model at ``path`` for training on ``device_type`` with transformers' ``attn_implementation``:
+    no KV cache, wrapped with PEFT LoRA when ``lora`` is given (``train_type=lora``), with ``kernels``
+    applied (:func:`npu_recipes.model.kernels.apply`); logs trainable and total parameters."""
+    loaded = load_model(model, path, dtype, attn_implementation)
     loaded.config.use_cache = False
     if lora is not None:
         loaded = apply_lora(loaded, lora)
-    kernels.apply(kernel_choice, loaded)
+    kernels.apply(kernel_choice, loaded, device_type)
     trainable = sum(_numel(p) for p in loaded.parameters() if p.requires_grad)
     total = sum(_numel(p) for p in loaded.parameters())
     log.info("%s: %s trainable of %s parameters (%.3f%%)", "lora" if lora is not None else "full", f"{trainable:,}",

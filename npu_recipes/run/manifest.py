@@ -85,7 +85,8 @@ def finite_or_null(value: Any) -> Any:
 @dataclass(frozen=True)
 class DeviceRecord:
     """The devices a run trains on: ``type`` (npu/cuda/cpu), visible ``count``, chip ``name``, weights'
-    ``dtype``, ``world_size`` (processes in all), and the MFU peak (TFLOP/s per device) with its source."""
+    ``dtype``, ``world_size`` (processes in all), and the MFU peak (TFLOP/s per device) with its source;
+    ``dtype_fallback`` says why ``dtype`` is not the checkpoint's (fp16 where bf16 is unsupported), else null."""
 
     type: str
     count: int
@@ -94,6 +95,7 @@ class DeviceRecord:
     world_size: int
     peak_tflops: Optional[float]
     peak_source: str
+    dtype_fallback: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,20 @@ class PackingRecord:
     tokens: int
     fill: float
     attention: str
+
+
+@dataclass(frozen=True)
+class AttentionRecord:
+    """What ``model.attn_implementation`` became on this run's device (see :mod:`npu_recipes.model.attention`):
+    the ``requested`` value, the implementation the model was ``loaded_as`` and the one it was
+    ``trained_as``, how packed batches carry their sequence lengths (``cu_seq_lens``: ``device``,
+    ``host_lists``, ``host_tensors`` or null) and ``why``."""
+
+    requested: str
+    loaded_as: str
+    trained_as: str
+    cu_seq_lens: Optional[str]
+    why: str
 
 
 @dataclass(frozen=True)
@@ -204,6 +220,7 @@ class RunManifest:
     device: Optional[DeviceRecord] = None
     dataset: Optional[DatasetRecord] = None
     packing: Optional[PackingRecord] = None
+    attention: Optional[AttentionRecord] = None
     gradient_checkpointing: Optional[CheckpointingRecord] = None
     launch: Optional[LaunchRecord] = None
     resume_from: Optional[str] = None

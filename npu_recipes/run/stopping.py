@@ -3,8 +3,12 @@
 A scheduler's SIGTERM (or Ctrl-C) only sets a flag here; at the end of the current optimizer step
 the :class:`StopOnSignal` callback asks the Trainer to save and stop, and the train stage then
 exits ``128 + signal`` (143 or 130). In a torchrun job every rank must save at the same step, since
-saving is collective (DeepSpeed writes one shard per rank); the ranks agree with one all-gather of
-the flag per step, and the first step at which any rank saw a signal is where all of them stop.
+saving is collective (DeepSpeed writes one shard per rank). The ranks agree without stalling the
+device: at the end of step ``k`` each rank starts a non-blocking all-reduce (MAX) of its flag, copied
+to pinned host memory behind an event; at the end of step ``k + 1`` it reads that result, which
+every rank then holds, and all of them stop there. So a multi-process run stops one step after the
+signal, and no step's end waits for the device to drain its queue (a blocking all-gather and
+``.item()`` would, every step). A single process stops at the end of the step it is in.
 
 torchrun's agent forwards SIGTERM/SIGINT to every worker and kills those still running after its
 shutdown timeout (``parallelism.shutdown_timeout``), so a save must fit in that time. A second
@@ -35,7 +39,7 @@ class StopOnSignal(TrainerCallback):
     """Turn SIGTERM/SIGINT into "save a checkpoint at the end of this step, then stop training".
 
     Args:
-        device: for agreeing on the flag over ranks (:meth:`Device.gather_over_ranks`).
+        device: where the flag of the agreement over ranks lives (events and pinned memory on accelerators).
         world_size: processes in the job; 1 needs no agreement.
         abort_on_repeat: a second SIGINT raises ``KeyboardInterrupt`` (single process only).
 
@@ -51,6 +55,8 @@ class StopOnSignal(TrainerCallback):
         self.signal_number: Optional[int] = None
         self.stopped_at_step: Optional[int] = None
         self._previous = {}
+        self._in_flight = None
+        self._host_flag = None
 
     def install(self) -> None:
         """Take over SIGTERM and SIGINT (call from the main thread)."""
@@ -70,11 +76,45 @@ class StopOnSignal(TrainerCallback):
         elif self.abort_on_repeat and number == signal.SIGINT:
             raise KeyboardInterrupt
 
+    def _start_agreement(self) -> None:
+        """All-reduce (MAX) this rank's signal number without blocking the host; :meth:`_finish_agreement` reads it."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signal_number or 0], dtype=torch.int32, device=_local_device(self.device))
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if not self.device.is_accelerator:
+            self._in_flight = (work, flag, None)
+            return
+        work.wait()  # orders the device's stream after the collective; the host goes on
+        if self._host_flag is None:
+            self._host_flag = _pinned_like(flag)
+        self._host_flag.copy_(flag, non_blocking=True)
+        event = self.device.module.Event()
+        event.record()
+        self._in_flight = (None, self._host_flag, event)
+
+    def _finish_agreement(self) -> Optional[int]:
+        """The signal any rank had seen when the previous agreement started, or None (waits only for that)."""
+        if self._in_flight is None:
+            return None
+        work, value, event = self._in_flight
+        self._in_flight = None
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        return int(value.tolist()[0]) or None
+
     def _agreed_signal(self) -> Optional[int]:
         if self.world_size == 1:
             return self.signal_number
-        seen = max(self.device.gather_over_ranks(float(self.signal_number or 0)))
-        return int(seen) or None
+        seen = self._finish_agreement()
+        self._start_agreement()
+        return seen
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._finish_agreement()  # every rank started the same collectives; none is left pending
 
     def on_step_end(self, args, state, control, **kwargs):
         number = self._agreed_signal()
@@ -84,6 +124,24 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def _local_device(device: Device):
+    """This process's ``torch.device`` (its local rank's) for a collective's tensor."""
+    from npu_recipes.runtime.devices import process_placement
+
+    return device.torch_device(process_placement().local_rank)
+
+
+def _pinned_like(tensor):
+    """A page-locked host tensor shaped like ``tensor`` (a plain one where pinning is unavailable, which
+    only makes the copy into it synchronous)."""
+    import torch
+
+    try:
+        return torch.empty_like(tensor, device="cpu", pin_memory=True)
+    except RuntimeError:
+        return torch.empty_like(tensor, device="cpu")
 
 
 def interrupted(run_dir: RunDir, stop: StopOnSignal, records: bool) -> Interrupted:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import importlib.util
+import logging
 import os
 import resource
 import shutil
@@ -30,10 +31,14 @@ if TYPE_CHECKING:
 
 GIB = 1024**3
 
+log = logging.getLogger(__name__)
+
 
 CANN_SET_ENV = "/usr/local/Ascend/ascend-toolkit/set_env.sh"
 CANN_VARIABLES = ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME")
 """Variables CANN's set_env.sh exports; either one set means the environment was sourced."""
+HCCL_CONNECT_TIMEOUT_S = 600
+"""Default ``HCCL_CONNECT_TIMEOUT`` for NPU workers, in seconds (CANN's own default is 120)."""
 _VISIBILITY_VARIABLES = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
 _DEVICE_NOUNS = {"npu": "NPU", "cuda": "CUDA GPU", "cpu": "CPU"}
 
@@ -42,7 +47,7 @@ def _cann_sourced() -> bool:
     return any(os.environ.get(name) for name in CANN_VARIABLES)
 
 
-def _npu_import_error() -> UserError | None:
+def npu_import_error() -> UserError | None:
     """Import torch_npu; return a UserError saying exactly what to install or source instead of raising.
 
     Three cases: the package is absent (pip install the torch_npu matching this torch); it is present
@@ -75,6 +80,26 @@ def _npu_import_error() -> UserError | None:
             "it (`pip show torch torch-npu`)",
         )
     return None
+
+
+def set_aside_unloadable_torch_npu(requested: str) -> None:
+    """For a run on ``requested`` (``device=...``) other than an NPU: when torch_npu is installed but cannot
+    be imported (CANN's environment not sourced), make ``import torch_npu`` fail fast in this process.
+
+    transformers' ``is_torch_npu_available()`` imports torch_npu whenever it is installed, from module
+    imports as common as a model's modeling file, so a broken torch_npu would stop a ``device=cpu``
+    run (or a plan) inside transformers. ``sys.modules["torch_npu"] = None`` is Python's own way to
+    make a module unimportable (``importlib.util.find_spec`` then answers None, so transformers sees
+    no torch_npu). Logs one warning naming the failure. No-op for ``npu`` and ``auto`` (which picks
+    the NPU, and its fix, when torch_npu is installed) and where torch_npu is absent or imports.
+    """
+    if requested in ("npu", "auto") or "torch_npu" in sys.modules or importlib.util.find_spec("torch_npu") is None:
+        return
+    failure = npu_import_error()
+    if failure is None:
+        return
+    sys.modules["torch_npu"] = None
+    log.warning("device=%s: ignoring the installed torch_npu in this run (%s)", requested, failure.message)
 
 
 @dataclass(frozen=True)
@@ -136,8 +161,27 @@ class Device:
         return False if self.type == "npu" else None
 
     def worker_environment(self) -> dict[str, str]:
-        """Environment variables every worker process of this device type needs (``DS_ACCELERATOR``)."""
-        return {"DS_ACCELERATOR": self.deepspeed_accelerator}
+        """Environment variables every worker process of this device type needs: ``DS_ACCELERATOR``, and
+        on NPUs ``HCCL_CONNECT_TIMEOUT`` (seconds HCCL waits for every rank to join a communicator)
+        unless already set.
+
+        CANN's default of 120 s is shorter than 8 ranks loading a large model before their first
+        collective can take; ms-swift raises it to the :data:`HCCL_CONNECT_TIMEOUT_S` used here.
+        """
+        environment = {"DS_ACCELERATOR": self.deepspeed_accelerator}
+        if self.type == "npu" and "HCCL_CONNECT_TIMEOUT" not in os.environ:
+            environment["HCCL_CONNECT_TIMEOUT"] = str(HCCL_CONNECT_TIMEOUT_S)
+        return environment
+
+    def runs_fused_adamw(self) -> bool:
+        """True when torch's fused AdamW kernel (``aten::_fused_adamw_``, what ``optim=adamw_torch_fused``
+        runs) is registered for this device type: CPU and CUDA in torch itself; an NPU only where
+        torch_npu registers it for its ``PrivateUse1`` dispatch key. Asked of torch's dispatcher, so an
+        optimizer that would fail at its first step is never chosen."""
+        import torch
+
+        key = {"cpu": "CPU", "cuda": "CUDA", "npu": "PrivateUse1"}[self.type]
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_adamw_", key))
 
     def seed(self, seed: int) -> None:
         """Seed Python, NumPy, torch and this device's generators (transformers' ``set_seed``, which
@@ -155,11 +199,12 @@ class Device:
         return self.module.get_device_name(0)
 
     def supports_bf16(self) -> bool:
-        """True when bf16 tensors compute natively here (910B and Ampere-or-newer; always on CPU)."""
-        import torch
-        if self.type == "cuda":
-            return torch.cuda.is_bf16_supported()
-        return True
+        """True when bf16 tensors compute natively here: asks ``torch.cuda.is_bf16_supported()`` (Ampere
+        or newer) or torch_npu's ``torch.npu.is_bf16_supported()`` (the 910B family; not the 910A), as
+        DeepSpeed's NPU accelerator and LLaMA-Factory do; always True on the CPU."""
+        if self.module is None:
+            return True
+        return bool(self.module.is_bf16_supported())
 
     def total_memory_gib(self) -> float:
         """Memory of one device in GiB (HBM for NPU/GPU, physical RAM for the CPU)."""
@@ -210,6 +255,22 @@ class Device:
             deepspeed.init_distributed(dist_backend=self.distributed_backend, timeout=timeout, auto_mpi_discovery=False)
         else:
             dist.init_process_group(backend=self.distributed_backend, timeout=timeout)
+
+    def sum_over_ranks(self, value: int) -> int:
+        """The sum of ``value`` (an int, e.g. tokens) over every process of the job (``value`` outside one).
+
+        A collective in int64 (exact, unlike the float32 of :meth:`gather_over_ranks`): every rank must
+        call it at the same point. It reads the result on the host, so call it where a step already
+        synchronises (logging, saving), not inside every step.
+        """
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=self.torch_device(process_placement().local_rank))
+        dist.all_reduce(total)
+        return int(total.item())
 
     def gather_over_ranks(self, value: float) -> list[float]:
         """``value`` from every process of the job, in rank order (``[value]`` outside one).
@@ -383,7 +444,7 @@ def resolve(requested: str) -> Device:
     import torch
 
     if requested == "npu":
-        error = _npu_import_error()
+        error = npu_import_error()
         if error is not None:
             raise error
         if not torch.npu.is_available() or torch.npu.device_count() == 0:

@@ -121,19 +121,23 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
 
     placement = devices.process_placement()
     rank_zero = placement.rank == 0
-    dtype = pretrained.select_dtype(config.model, config.model.name_or_path, device)
+    dtype, dtype_fallback = pretrained.dtype_choice(config.model, config.model.name_or_path, device)
     peak = flops.resolve_peak(config.mfu.peak_tflops, device.type, device.name(), dtype)
-    packed_attention = attention.packed_attention(config.model.attn_implementation)
+    chosen = attention.choose(config.model.attn_implementation, device.type, config.train.packing)
+    log.info("attention: %s", chosen.reason)
     train_dataset, collator, packing_stats = packing.training_inputs(
         splits.train.remove_columns(sources.ROW_ID), tokenizer, packing=config.train.packing, max_length=config.train.max_length,
-        return_flash_attn_kwargs=packed_attention.reads_cu_seq_lens, ignore_index=messages.IGNORE_INDEX,
+        cu_seq_lens=chosen.cu_seq_lens, ignore_index=messages.IGNORE_INDEX,
     )
     if rank_zero:
         run_dir.update_manifest(
             device=manifest.DeviceRecord(type=device.type, count=device.count, name=device.name(), dtype=str(dtype).replace("torch.", ""),
-                                         world_size=placement.world_size, peak_tflops=peak.tflops, peak_source=peak.source),
+                                         world_size=placement.world_size, peak_tflops=peak.tflops, peak_source=peak.source,
+                                         dtype_fallback=dtype_fallback),
             dataset=manifest.DatasetRecord(name=config.dataset.name, path=config.dataset.path, fingerprint=splits.fingerprint, **splits.counts),
-            packing=None if packing_stats is None else manifest.PackingRecord(**packing_stats, attention=packed_attention.implementation),
+            packing=None if packing_stats is None else manifest.PackingRecord(**packing_stats, attention=chosen.train_as),
+            attention=manifest.AttentionRecord(requested=config.model.attn_implementation, loaded_as=chosen.load_as,
+                                               trained_as=chosen.train_as, cu_seq_lens=chosen.cu_seq_lens, why=chosen.reason),
         )
         if splits.held_out_rows is not None:
             heldout.write(run_dir.path, splits.held_out_rows)
@@ -142,11 +146,11 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
     args = training_arguments(config.train, config.parallelism, config.kernels, run_dir.path, device, dtype,
                               has_eval=splits.eval is not None, gradient_checkpointing=checkpointing)
     model = pretrained.load_for_training(config.model, config.model.name_or_path, dtype,
-                                         config.lora if config.train_type == "lora" else None, config.kernels)
-    if packing_stats is not None:
-        attention.adapt_model(model, config.model.attn_implementation)
+                                         config.lora if config.train_type == "lora" else None, config.kernels, chosen.load_as,
+                                         device.type)
+    attention.adapt_model(model, chosen)
     device.reset_peak_memory()
-    nan_guard = NanGuard(config.nan_guard, run_dir)
+    nan_guard = NanGuard(config.nan_guard, run_dir, deepspeed=deepspeed_config.uses_deepspeed(config.parallelism))
     stop = stopping.StopOnSignal(device, args.world_size, abort_on_repeat=args.world_size == 1)
     trainer = RecipeTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer,
@@ -154,7 +158,7 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         # The NaN guard cancels checkpoints that earlier callbacks ask for at a skipped step; a stop
         # on a signal comes after it, because that checkpoint is the only record of the steps since the last save.
         callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), CurrentIntervals(), nan_guard, stop],
-        flops_model=flops.FlopsModel.from_model(model, model.config), nan_guard=nan_guard,
+        flops_model=flops.FlopsModel.from_model(model, model.config), nan_guard=nan_guard, device=device, cu_seq_lens=chosen.cu_seq_lens,
     )
     title = f"{config.recipe}: {config.model.name_or_path.split('/')[-1]}"
     resume_from = run_dir.read_manifest().resume_from

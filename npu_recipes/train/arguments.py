@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,13 +12,19 @@ from npu_recipes.runtime import deepspeed_config
 from npu_recipes.runtime.devices import Device
 from npu_recipes.runtime.launch import DEEPSPEED_CONFIG
 
+log = logging.getLogger(__name__)
+
 PASSED_THROUGH = (
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
-    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "seed", "dataloader_num_workers",
 )
-"""``train.*`` keys passed to ``TrainingArguments`` under the same name."""
+"""``train.*`` keys passed to ``TrainingArguments`` under the same name (``optim`` too, after :func:`training_arguments`'s check)."""
+
+FUSED_ADAMW = "adamw_torch_fused"
+"""The default ``train.optim`` (transformers' own default since torch 2.8): one kernel for every
+parameter, and it skips a step on device when told to (the NaN guard's ``found_inf``)."""
 
 
 def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kernel_choice: str, run_dir: Path, device: Device,
@@ -35,12 +42,18 @@ def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kerne
     import torch
     from transformers import TrainingArguments
 
+    optim = train.optim
+    if optim == FUSED_ADAMW and not device.runs_fused_adamw():
+        optim = "adamw_torch"
+        log.info("train.optim=%s: torch has no fused AdamW kernel for %s here; using adamw_torch (the same "
+                 "algorithm, one kernel per tensor)", FUSED_ADAMW, device.type)
     report_to = [] if train.report_to in ("none", "") else [name.strip() for name in train.report_to.split(",")]
     if "tensorboard" in report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
     return TrainingArguments(
         output_dir=str(run_dir),
         **{key: getattr(train, key) for key in PASSED_THROUGH},
+        optim=optim,
         gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps" if has_eval else "no",
@@ -53,7 +66,10 @@ def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kerne
         ddp_timeout=parallelism.ddp_timeout,
         ddp_find_unused_parameters=device.ddp_find_unused_parameters,
         average_tokens_across_devices=True,
-        include_num_input_tokens_seen="non_padding",
+        # Counted from host-side sample lengths by RecipeTrainer: transformers' count reads a device
+        # value per micro-batch, and its NaN/inf loss filter reads two, each a host synchronisation.
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
         prediction_loss_only=True,
         report_to=report_to,
         **kernels.training_arguments(kernel_choice),

@@ -2,11 +2,19 @@
 
 * ``floating_point_ops``: transformers sums it over batches into ``state.total_flos``; here it is the
   model-FLOPs formula of :mod:`npu_recipes.model.flops` (LoRA's frozen weights at 4·N, attention counted)
-  instead of transformers' ``6 × parameters × tokens``.
-* ``compute_loss``: hands each training loss to the :class:`~npu_recipes.train.nan_guard.NanGuard` (and
-  lets it inject a NaN where ``nan_guard.inject_nan_at_steps`` asks for one).
-* ``log``: lets the NaN guard add its count of skipped steps to every training log, before the
-  log reaches ``log_history``, TensorBoard and logging.jsonl.
+  instead of transformers' ``6 × parameters × tokens``, from the host-side sample lengths the collator
+  attached (:data:`~npu_recipes.data.packing.SAMPLE_LENGTHS`), which also count this rank's tokens:
+  nothing in a step reads a device value for bookkeeping (transformers' own token count would, per
+  micro-batch).
+* ``compute_loss``: strips the sample lengths from the model's inputs and gives host-side sequence
+  lengths the form the attention needs (:func:`npu_recipes.model.attention.forward_inputs`); hands each
+  training loss to the :class:`~npu_recipes.train.nan_guard.NanGuard` (and lets it inject a NaN where
+  ``nan_guard.inject_nan_at_steps`` asks for one).
+* ``training_step``: the loss the Trainer accumulates for logging is 0 where it was not finite, decided on
+  the device (transformers' ``logging_nan_inf_filter`` reads every loss on the host, so it is off).
+* ``log``: adds the tokens of every rank since the previous log to ``state.num_input_tokens_seen`` (one
+  int64 all-reduce, where logging synchronises anyway) and lets the NaN guard add its count of skipped
+  steps, before the log reaches ``log_history``, TensorBoard and logging.jsonl.
 * ``_save_checkpoint`` / ``_get_output_dir``: the Trainer's own checkpoint writer runs unchanged
   but inside a staging directory, which global rank 0 renames into place once every rank is done;
   then :func:`npu_recipes.run.checkpoints.rotate` applies ``save_total_limit`` sparing the newest and
@@ -22,11 +30,13 @@ import contextlib
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
 from safetensors import SafetensorError
 from transformers import Trainer
 
+from npu_recipes.data.packing import SAMPLE_LENGTHS
 from npu_recipes.errors import UserError
-from npu_recipes.model import flops
+from npu_recipes.model import attention, flops
 from npu_recipes.run import checkpoints
 from npu_recipes.runtime import devices
 from npu_recipes.train.nan_guard import NanGuard
@@ -50,16 +60,28 @@ def _loading(checkpoint: str, what: str) -> Iterator[None]:
 class RecipeTrainer(Trainer):
     """A ``Trainer`` that counts model FLOPs with ``flops_model`` and reports losses to ``nan_guard``."""
 
-    def __init__(self, *args, flops_model: flops.FlopsModel, nan_guard: NanGuard, **kwargs):
+    def __init__(self, *args, flops_model: flops.FlopsModel, nan_guard: NanGuard, device: devices.Device,
+                 cu_seq_lens: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.flops_model = flops_model
         self.nan_guard = nan_guard
+        self.device = device
+        self.cu_seq_lens = cu_seq_lens
         self._checkpoint_staging: Optional[str] = None
+        self._tokens_not_counted = 0
 
     def floating_point_ops(self, inputs) -> float:
-        return flops.batch_flops_from_inputs(self.flops_model, inputs)
+        lengths = inputs[SAMPLE_LENGTHS]
+        self._tokens_not_counted += sum(lengths)
+        return self.flops_model.batch_flops(lengths)
+
+    def _count_tokens(self) -> None:
+        """Add every rank's tokens since the last count to ``state.num_input_tokens_seen`` (a collective)."""
+        self.state.num_input_tokens_seen += self.device.sum_over_ranks(self._tokens_not_counted)
+        self._tokens_not_counted = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = attention.forward_inputs({k: v for k, v in inputs.items() if k != SAMPLE_LENGTHS}, self.cu_seq_lens)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if not model.training:
             return result
@@ -68,7 +90,14 @@ class RecipeTrainer(Trainer):
         self.nan_guard.observe_loss(loss)
         return (loss, result[1]) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # What the Trainer adds up for logging: 0 for a non-finite loss, decided on the device. (Its own
+        # filter, logging_nan_inf_filter, reads the loss on the host; the NaN guard rescales the log.)
+        return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+
     def log(self, logs, start_time=None):
+        self._count_tokens()
         self.nan_guard.annotate(logs)
         super().log(logs, start_time)
 
@@ -86,6 +115,7 @@ class RecipeTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(super()._get_output_dir(trial))
         step = self.state.global_step
+        self._count_tokens()  # trainer_state.json carries the count a resumed run continues from
         staging = checkpoints.staging_root(run_dir, step)
         self._checkpoint_staging = str(staging)
         try:
