@@ -145,19 +145,14 @@ def measure_peak_tflops(device: devices.Device) -> tuple[float, str]:
     b = torch.randn(size, size, dtype=dtype, device=device.torch_device())
     best = float("inf")
     for _ in range(10):
-        sync(device)
+        device.synchronize()
         start = time.perf_counter()
         for _ in range(5):
             a @ b
-        sync(device)
+        device.synchronize()
         best = min(best, (time.perf_counter() - start) / 5)
     kind = "fp32" if dtype == torch.float32 else "bf16"
     return 2 * size**3 / best / 1e12, f"measured here: best of 10 timings of a {size}x{size} {kind} matmul"
-
-
-def sync(device: devices.Device) -> None:
-    if device.module is not None:
-        device.module.synchronize()
 
 
 class Clock:
@@ -179,7 +174,11 @@ def load_workload(workdir: Path):
 
 
 def plain_side(side: str, args, device: devices.Device, workdir: Path) -> dict:
-    """Sides a and c: transformers Trainer + PEFT as a user would write them, no npu_recipes code."""
+    """Sides a and c: transformers Trainer + PEFT as a user would write them, no npu_recipes code.
+
+    Each saves one checkpoint at its last step, as side b does, so that save is inside every side's
+    ``epoch_s`` (``train_runtime``) and the times compare like with like.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
@@ -187,8 +186,14 @@ def plain_side(side: str, args, device: devices.Device, workdir: Path) -> dict:
         DataCollatorForSeq2Seq,
         DataCollatorWithFlattening,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
     )
+
+    class SaveAtLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = state.global_step >= state.max_steps
+            return control
 
     plan = json.loads((workdir / "plan.json").read_text())
     dataset, _ = load_workload(workdir)
@@ -210,11 +215,11 @@ def plain_side(side: str, args, device: devices.Device, workdir: Path) -> dict:
         gradient_accumulation_steps=accumulation, num_train_epochs=1, learning_rate=1e-4, lr_scheduler_type="cosine",
         weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0, gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=dtype == torch.bfloat16, logging_steps=5,
-        save_strategy="no", report_to=[], use_cpu=device.type == "cpu", seed=42, disable_tqdm=True,
+        save_strategy="steps", save_steps=10**9, report_to=[], use_cpu=device.type == "cpu", seed=42, disable_tqdm=True,
     )
     device.reset_peak_memory()
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-                      processing_class=tokenizer)
+                      processing_class=tokenizer, callbacks=[SaveAtLastStep()])
     output = trainer.train()
     return {**clock.read(), "micro_batch_size": batch, "gradient_accumulation_steps": accumulation, "optimizer_steps": output.global_step,
             "epoch_s": output.metrics["train_runtime"], "loss": output.training_loss,

@@ -314,9 +314,10 @@ def one_row_repeated(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("parallelism", ["zero2", "zero3"])
-def test_deepspeed_skips_a_nan_step_entirely(tmp_path, one_row_repeated, parallelism):
-    """Under ZeRO, DeepSpeed steps inside the backward; the NaN guard reads its skip. Two workers, NaN
+def test_deepspeed_skips_a_nan_step_entirely(tmp_path, one_row_repeated, parallelism="zero3"):
+    """Under ZeRO, DeepSpeed steps inside the backward; the NaN guard reads its skip. ZeRO-3 only: ZeRO-2
+    takes the same path (``step_was_skipped`` after the engine's overflow check) and passed the same test
+    when it was written; one stage keeps the suite inside its time. Two workers, NaN
     losses injected at steps 2 and 3 of 4, constant learning rate, one repeated sample: the adapter
     after step 4 equals that of a clean single-process run of 2 steps, so the two skipped steps
     changed neither weights nor optimizer state (Adam's moments and step count)."""

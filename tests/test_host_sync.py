@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -89,3 +90,50 @@ def test_no_host_read_inside_a_training_step(monkeypatch, tmp_path, packing):
     assert dict(reads.sites["quiet"]) == {}
     # The counter sees reads where they happen: the logging and saving steps read the loss and the NaN guard's verdicts.
     assert sum(reads.sites["synchronising"].values()) > 0
+
+
+class CudaSyncWarnings(TrainerCallback):
+    """Under ``torch.cuda.set_sync_debug_mode("warn")`` on quiet steps, records where each synchronising CUDA call was made."""
+
+    def __init__(self):
+        self.quiet_steps = 0
+        self.sites = collections.Counter()
+        self._showwarning = warnings.showwarning
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            ours = [f for f in traceback.extract_stack()[:-1] if "/npu_recipes/" in f.filename or "/transformers/" in f.filename]
+            self.sites[f"{ours[-1].filename.rsplit('/', 1)[-1]}:{ours[-1].lineno}" if ours else str(message)[:80]] += 1
+        else:
+            self._showwarning(message, category, filename, lineno, file, line)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if 1 <= state.global_step < state.max_steps - 1:
+            self.quiet_steps += 1
+            warnings.showwarning = self._record
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._showwarning
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by bench/device_check.sh)")
+@pytest.mark.parametrize("packing", [False, True], ids=["default", "packing"])
+def test_no_synchronising_cuda_call_inside_a_training_step(monkeypatch, tmp_path, packing):
+    """The same steps on CUDA, where torch itself reports every call that makes the host wait for the device."""
+    counter = CudaSyncWarnings()
+    original_init = trainer_module.RecipeTrainer.__init__
+
+    def with_counter(self, *args, **kwargs):
+        kwargs["callbacks"] = [*kwargs["callbacks"], counter]
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.RecipeTrainer, "__init__", with_counter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        run_in_process("device=cuda", f"train.max_steps={STEPS}", "train.logging_steps=100", "train.save_steps=100",
+                       "train.gradient_accumulation_steps=2", "dataset.max_samples=64", "dataset.val_split_ratio=0",
+                       f"train.packing={str(packing).lower()}", f"output_dir={tmp_path / 'run'}")
+    assert counter.quiet_steps == 3
+    assert dict(counter.sites) == {}

@@ -126,3 +126,24 @@ def test_torch__dispatch_has_kernel_for_dispatch_key():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_adamw_", "CPU") is True
     assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_adamw_", "PrivateUse1") is False
     assert Device("cpu", 1).runs_fused_adamw() is True
+
+
+def test_torch_optimizer__step_supports_amp_scaling():
+    """Fused torch optimizers declare ``_step_supports_amp_scaling`` and read a ``found_inf`` attribute set
+    on them (the protocol ``torch.amp.GradScaler`` uses; the NaN guard sets it, train/nan_guard.py): with
+    ``found_inf`` 1 the step changes neither the weights, Adam's moments nor its step count."""
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    assert optimizer._step_supports_amp_scaling is True
+    weight.grad = torch.full((4,), 0.5)
+    optimizer.step()
+    after_one = (weight.detach().clone(), optimizer.state[weight]["exp_avg"].clone(), float(optimizer.state[weight]["step"]))
+    weight.grad = torch.full((4,), float("nan"))
+    optimizer.found_inf = torch.ones((), dtype=torch.float32)
+    optimizer.step()
+    del optimizer.found_inf
+    assert torch.equal(weight.detach(), after_one[0]) and torch.equal(optimizer.state[weight]["exp_avg"], after_one[1])
+    assert float(optimizer.state[weight]["step"]) == after_one[2] == 1.0
+    weight.grad = torch.full((4,), 0.5)
+    optimizer.step()
+    assert float(optimizer.state[weight]["step"]) == 2.0 and not torch.equal(weight.detach(), after_one[0])

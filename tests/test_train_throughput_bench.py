@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from npu_recipes.model.attention import PER_SAMPLE_SDPA
+from npu_recipes.model.attention import SDPA
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def test_benchmark_runs_every_side_on_the_same_workload_and_writes_json(tmp_path
     assert (a["micro_batch_size"], a["gradient_accumulation_steps"]) == (1, 16)
     # b packs all 16 samples (about 2,800 tokens) into 2048-token packs with per-sample SDPA.
     assert b["packing"]["samples"] == 16 and b["packing"]["tokens"] == workload["tokens"]
-    assert b["packing"]["packs"] == report["plan"]["b_packs"] >= 2 and b["packing"]["attention"] == PER_SAMPLE_SDPA
+    assert b["packing"]["packs"] == report["plan"]["b_packs"] >= 2 and b["packing"]["attention"] == SDPA
     assert c["micro_batch_size"] == report["plan"]["c_batch_size"] >= 2
     for side in (a, b, c):
         assert side["epoch_s"] > 0 and side["tokens_per_s"] == pytest.approx(workload["tokens"] / side["epoch_s"], rel=1e-3)

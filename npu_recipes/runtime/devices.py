@@ -212,6 +212,11 @@ class Device:
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
         return self.module.get_device_properties(0).total_memory / GIB
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (no-op on CPU): timings read after this include the kernels."""
+        if self.module is not None:
+            self.module.synchronize()
+
     def reset_peak_memory(self) -> None:
         """Reset the peak-allocation counter (no-op on CPU, where the peak is the process's max RSS)."""
         if self.module is not None:

@@ -65,6 +65,9 @@ def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kerne
         deepspeed=str(run_dir / DEEPSPEED_CONFIG) if deepspeed_config.uses_deepspeed(parallelism) else None,
         ddp_timeout=parallelism.ddp_timeout,
         ddp_find_unused_parameters=device.ddp_find_unused_parameters,
+        # From pinned memory (dataloader_pin_memory, on by default) a non-blocking copy queues behind the
+        # running kernels; a blocking one waits for them to finish, once per micro-batch.
+        accelerator_config={"non_blocking": device.is_accelerator},
         average_tokens_across_devices=True,
         # Counted from host-side sample lengths by RecipeTrainer: transformers' count reads a device
         # value per micro-batch, and its NaN/inf loss filter reads two, each a host synchronisation.
