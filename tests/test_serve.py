@@ -173,7 +173,9 @@ BAD_REQUESTS = {
     "max_tokens of the wrong type": {**GOOD, "max_tokens": "many"},
     "messages of the wrong type": {**GOOD, "messages": "hi"},
     "temperature out of range": {**GOOD, "temperature": 7},
-    "n above 1": {**GOOD, "n": 3},
+    "n above 16": {**GOOD, "n": 17},
+    "unsupported field": {**GOOD, "audio": {"voice": "alloy"}},
+    "top_logprobs without logprobs": {**GOOD, "top_logprobs": 2},
     "missing model": {"messages": QUESTION},
     "unknown model": {**GOOD, "model": "gpt-5"},
 }

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from npu_recipes.serving.batcher import Batcher
 from npu_recipes.serving.generation import RowText
-from npu_recipes.serving.jobs import Channel, Job, Sampling
+from npu_recipes.serving.decoding import Decoding
+from npu_recipes.serving.jobs import Channel, Job
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_batches_group_equal_models_and_keep_arrival_order():
 
         batcher = Batcher(run_batch, max_batch_size=2, wait_s=0)
         batcher.start()
-        jobs = [Job([1, 2], 1, adapter, Sampling(do_sample=False), (), channel, index)
+        jobs = [Job([1, 2], 1, adapter, Decoding(), (), channel, index)
                 for index, adapter in enumerate(["a", "b", "a", "a", "b"])]
         batcher.submit(jobs[:1])
         await asyncio.to_thread(first_started.wait, 30)
@@ -84,7 +85,7 @@ def test_batches_group_equal_models_and_keep_arrival_order():
     assert (stats.generate_calls, stats.largest_batch, stats.completed) == (3, 2, 5)
 
 
-def test_cancelled_jobs_leave_the_queue_and_seeded_jobs_run_alone():
+def test_cancelled_jobs_leave_the_queue_and_greedy_seeded_and_sampled_jobs_share_a_batch():
     async def scenario():
         channel, calls, first_started, release = Channel(), [], threading.Event(), threading.Event()
 
@@ -97,7 +98,7 @@ def test_cancelled_jobs_leave_the_queue_and_seeded_jobs_run_alone():
 
         batcher = Batcher(run_batch, max_batch_size=8, wait_s=0)
         batcher.start()
-        greedy, seeded = Sampling(do_sample=False), Sampling(do_sample=True, seed=3)
+        greedy, seeded = Decoding(seed=7), Decoding(do_sample=True, temperature=0.5, seed=3)
         jobs = [Job([1], 1, None, greedy, (), channel, 0), Job([1], 1, None, greedy, (), channel, 1),
                 Job([1], 1, None, greedy, (), channel, 2), Job([1], 1, None, seeded, (), channel, 3),
                 Job([1], 1, None, seeded, (), channel, 4)]
@@ -110,5 +111,5 @@ def test_cancelled_jobs_leave_the_queue_and_seeded_jobs_run_alone():
         return calls, batcher.stats
 
     calls, stats = asyncio.run(scenario())
-    assert calls == [[0], [2], [3], [4]]
+    assert calls == [[0], [2, 3, 4]]
     assert (stats.completed, stats.cancelled) == (4, 1)
