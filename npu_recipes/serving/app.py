@@ -187,6 +187,34 @@ async def events(request: Request, channel: Channel, jobs: List[Job]) -> AsyncIt
             job.cancel()
 
 
+class _CountRequests:
+    """Counts POST requests by route and status (``npu_recipes_requests_total``).
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would wrap ``receive`` and hide a
+    client's disconnect from ``Request.is_disconnected``, which stops abandoned generations.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self._app, self._metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self._app(scope, receive, send)
+            return
+        status = []
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            self._metrics.requests.labels(getattr(route, "path", "unmatched"), str(status[0] if status else 500)).inc()
+
+
 def create_app(backend: Backend) -> FastAPI:
     """Build the application; its lifespan starts the engine and closes it at shutdown."""
     from npu_recipes.serving import completions
@@ -209,13 +237,7 @@ def create_app(backend: Backend) -> FastAPI:
         if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        if route is not None and request.method == "POST":
-            backend.metrics.requests.labels(route.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=backend.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
