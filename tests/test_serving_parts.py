@@ -238,3 +238,58 @@ def test_unsupported_fields_and_empty_prompts_are_named():
     assert protocol.CompletionRequest(model="m", prompt=[[3], [4]]).prompts() == [[3], [4]]
     assert protocol.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
                                           functions=[]).unsupported() is None
+    tiers = [protocol.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                                            service_tier=tier).unsupported() for tier in ("default", "flex")]
+    assert tiers[0] is None and tiers[1][0] == "service_tier"
+
+
+@pytest.mark.slow
+def test_continuous_engine_finishes_a_short_job_during_a_long_one_with_the_static_engines_tokens(tiny_model_path):
+    """The point of continuous batching, by event order (no clock): a short job sent while a long one
+    generates finishes first, and its text equals the static batcher's for the same prompt."""
+    from npu_recipes.config.schema import ModelConfig, ServeConfig
+    from npu_recipes.infer import loading
+    from npu_recipes.runtime.devices import Device
+    from npu_recipes.serving import engines
+    from npu_recipes.serving.generation import Generator
+    from npu_recipes.serving.jobs import Delta, Finished
+    from npu_recipes.serving.metrics import Metrics
+
+    device = Device("cpu", 1)
+    loaded = loading.load(ModelConfig(name_or_path=str(tiny_model_path)), [], device)
+    settings = ServeConfig(engine="continuous", max_batch_size=4, max_model_len=256)
+    ids = [loaded.tokenizer(text).input_ids for text in ("Tell me a long story.", "What is 12 + 30?")]
+
+    async def scenario():
+        engine = engines.create(loaded, settings, device, Metrics(settings.max_batch_size))
+        engine.start()
+        long, short = Channel(), Channel()
+        order, texts = [], {"long": "", "short": ""}
+        try:
+            engine.submit([Job(ids[0], 64, None, Decoding(), (), long)])
+            first = await long.get(120)
+            assert isinstance(first, Delta)
+            engine.submit([Job(ids[1], 8, None, Decoding(), (), short)])
+            pending = {"long": long, "short": short}
+            while pending:
+                for name, channel in list(pending.items()):
+                    event = await channel.get(0.05)
+                    if isinstance(event, Delta):
+                        texts[name] += event.text
+                    elif event is not None:
+                        assert isinstance(event, Finished), event
+                        order.append((name, event.finish_reason, event.completion_tokens))
+                        del pending[name]
+        finally:
+            await asyncio.to_thread(engine.close, 60)
+        alone = Channel()
+        await asyncio.to_thread(Generator(loaded, device), [Job(ids[1], 8, None, Decoding(), (), alone)])
+        static_text = ""
+        while not isinstance(event := await alone.get(5), Finished):
+            static_text += event.text
+        return engine.name, order, texts["short"], static_text
+
+    name, order, short_text, static_text = asyncio.run(scenario())
+    assert name == "continuous"
+    assert order == [("short", "length", 8), ("long", "length", 64)]
+    assert short_text == static_text and short_text

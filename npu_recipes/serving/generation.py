@@ -13,7 +13,7 @@ Each row's token is chosen by its own settings in :class:`~npu_recipes.serving.d
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -32,7 +32,9 @@ class RowText:
 
     Text is released only once it can no longer change: trailing U+FFFD characters (a character
     whose remaining UTF-8 bytes come with the next token) are held back, and so are the last
-    ``len(longest stop) - 1`` characters before them (they may begin a stop string).
+    ``len(longest stop) - 1`` characters before them (they may begin a stop string). Each token
+    decodes only the ids since the last complete character (vLLM's prefix/read offsets), so a
+    long row costs the same per token as a short one.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str]):
@@ -40,10 +42,25 @@ class RowText:
         self._stop = tuple(stop)
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._ids: List[int] = []
+        self._prefix = 0
+        self._read = 0
+        self._final = ""
         self._released = 0
 
+    def _decode(self, start: int, end: Optional[int] = None) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True)
+
     def _text(self) -> str:
-        return self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        """All text so far, the incomplete last character included (as U+FFFD)."""
+        # Decoding from the token before the last complete character keeps tokenizers that add a
+        # leading space at the start of a decode (sentencepiece) from adding one here.
+        before, after = self._decode(self._prefix, self._read), self._decode(self._prefix)
+        pending = after[len(before):]
+        if pending and not pending.endswith(REPLACEMENT_CHARACTER):
+            self._final += pending
+            self._prefix, self._read = self._read, len(self._ids)
+            return self._final
+        return self._final + pending
 
     def _release(self, text: str) -> str:
         new = text[self._released:]
@@ -54,7 +71,7 @@ class RowText:
         """Append a token; return (text now safe to send, whether a stop string was reached)."""
         self._ids.append(token_id)
         text = self._text()
-        cuts = [found for found in (text.find(stop) for stop in self._stop) if found >= 0]
+        cuts = [found for found in (text.find(stop, self._released) for stop in self._stop) if found >= 0]
         if cuts:
             return self._release(text[: min(cuts)]), True
         complete = text.rstrip(REPLACEMENT_CHARACTER)

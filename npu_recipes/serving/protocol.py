@@ -43,10 +43,16 @@ UNSUPPORTED: Dict[str, str] = {
     "chat_template_kwargs": "the model's own chat template is always used as it is",
     "continue_final_message": "a final assistant message is not continued",
     "documents": "retrieval documents are not passed to the chat template",
+    "store": "completions are not stored",
+    "service_tier": "there is one processing tier (send \"auto\" or \"default\")",
+    "reasoning_effort": "the served models do not reason in a separate phase",
+    "verbosity": "answer length follows the prompt and max_tokens only",
 }
-"""Fields the server knows and refuses when given with a value other than null/false/empty, and why."""
+"""Fields the server knows and refuses when given with a value other than null/false/empty (or one of
+:data:`_ALSO_NEUTRAL`'s values for that field), and why."""
 
 _NEUTRAL = (None, False, "", [], {})
+_ALSO_NEUTRAL = {"service_tier": ("auto", "default")}
 
 
 class TextPart(BaseModel):
@@ -208,7 +214,7 @@ class GenerationRequest(BaseModel):
         """``(field, why)`` of the first field in :data:`UNSUPPORTED` given with a non-neutral value, else None."""
         extra = self.model_extra or {}
         for name, why in UNSUPPORTED.items():
-            if name in extra and extra[name] not in _NEUTRAL:
+            if name in extra and extra[name] not in _NEUTRAL + _ALSO_NEUTRAL.get(name, ()):
                 return name, why
         return None
 

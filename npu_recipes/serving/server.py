@@ -19,19 +19,23 @@ log = logging.getLogger(__name__)
 
 
 def check_packages() -> None:
-    """Refuse to start without fastapi and uvicorn (the ``serve`` extra).
+    """Refuse to start without the ``serve`` extra: fastapi, uvicorn, prometheus-client and xgrammar.
+
+    xgrammar is only looked up, not imported: its import takes about 2 s and waits for the first
+    constrained request.
 
     Raises:
         UserError: names the package to install.
     """
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as error:
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn", "prometheus_client", "xgrammar")
+               if importlib.util.find_spec(name) is None]
+    if missing:
         raise UserError(
-            f"stage=serve needs fastapi and uvicorn ({error})",
-            fix="pip install 'npu_recipes[serve]' (fastapi, uvicorn, pydantic)",
-        ) from None
+            f"stage=serve needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed",
+            fix="pip install 'npu_recipes[serve]' (fastapi, uvicorn, pydantic, prometheus-client, xgrammar)",
+        )
 
 
 def served_model_name(configured: Optional[str], base_name_or_path: str) -> str:
