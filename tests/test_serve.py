@@ -325,6 +325,12 @@ def test_echo_scores_token_id_prompts_like_a_forward_pass(client, reference):
     assert only.choices[0].text == tokenizer.decode(ids[0]) and only.usage.completion_tokens == 0
     alone, batched = only.choices[0].logprobs.token_logprobs, reply.choices[0].logprobs.token_logprobs[:-1]
     assert alone[0] is None and alone[1:] == pytest.approx(batched[1:], abs=1e-5)
+    whole = next(c for c in reply.choices if c.index == 0)
+    chunks = [c.choices[0] for c in client.completions.create(model=BASE, prompt=ids[0], max_tokens=1, temperature=0,
+                                                               logprobs=1, echo=True, stream=True) if c.choices]
+    streamed = [score for c in chunks if c.logprobs for score in c.logprobs.token_logprobs]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert streamed[0] is None and streamed[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-5)
 
 
 def test_n_choices_with_a_seed_are_reproducible_and_streamed(client):
@@ -353,6 +359,9 @@ def test_penalties_bias_and_min_tokens_change_the_tokens(client, reference):
     assert len(set(plain)) < 8, "the greedy base model repeats itself; the penalties must have something to do"
     assert len(set(tokens(presence_penalty=2.0)[0])) == 8
     assert len(set(tokens(frequency_penalty=2.0)[0])) == 8
+    penalised = chat(client, BASE, max_tokens=8, presence_penalty=2.0).choices[0].message.content
+    chunks = chat(client, BASE, max_tokens=8, presence_penalty=2.0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == penalised
     assert len(tokens(extra_body={"repetition_penalty": 1.3})[0]) == 8
     assert tokens(extra_body={"top_k": 1, "temperature": 1.0})[0] == plain
     tokenizer = reference[1]
@@ -405,6 +414,10 @@ def test_forced_tool_call_has_arguments_that_validate(client):
     calls = [d for c in chunks if c.choices and c.choices[0].delta.tool_calls for d in c.choices[0].delta.tool_calls]
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", arguments)]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    required = chat(client, "late", max_tokens=200, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    (only,) = required.choices[0].message.tool_calls
+    assert only.function.name == "get_weather" and set(json.loads(only.function.arguments)) == {"city", "days"}
+    assert chat(client, "late", max_tokens=4, tools=[WEATHER], tool_choice="none").choices[0].message.tool_calls is None
     history = QUESTION + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'},
