@@ -173,7 +173,9 @@ BAD_REQUESTS = {
     "max_tokens of the wrong type": {**GOOD, "max_tokens": "many"},
     "messages of the wrong type": {**GOOD, "messages": "hi"},
     "temperature out of range": {**GOOD, "temperature": 7},
-    "n above 1": {**GOOD, "n": 3},
+    "n above 16": {**GOOD, "n": 17},
+    "unsupported field": {**GOOD, "audio": {"voice": "alloy"}},
+    "top_logprobs without logprobs": {**GOOD, "top_logprobs": 2},
     "missing model": {"messages": QUESTION},
     "unknown model": {**GOOD, "model": "gpt-5"},
 }
@@ -193,7 +195,8 @@ def test_bad_completions_prompt_gets_400(server):
 
 
 def test_concurrent_greedy_requests_equal_the_same_requests_alone(server, client):
-    """32 at once (three models, chat and raw completions, different lengths) == each alone.
+    """32 at once (three models, chat and raw completions, different lengths, each greedy request
+    with its own ``seed``, as lm-evaluation-harness sends them) == each alone, and they share batches.
 
     Batched rows are left-padded; their logits differ from a solo run by float rounding only
     (at most 7e-7 measured, docs/serving.md), far below the gaps between greedy choices here.
@@ -201,7 +204,7 @@ def test_concurrent_greedy_requests_equal_the_same_requests_alone(server, client
     models = [BASE, "early", "late"]
     requests = []
     for i in range(32):
-        kwargs = {"model": models[i % 3], "max_tokens": 4 + i % 13, "temperature": 0}
+        kwargs = {"model": models[i % 3], "max_tokens": 4 + i % 13, "temperature": 0, "seed": 1234 + i}
         if i % 2:
             kwargs["messages"] = [{"role": "user", "content": f"What is {i} + {i * 7 % 11}?" + " Think." * (i % 5)}]
         else:
@@ -263,3 +266,202 @@ def test_client_that_gives_up_on_a_plain_request_stops_its_generation(server, cl
         connection.getresponse()
     connection.close()
     assert_one_cancelled_early(server, before, max_tokens=2900)
+
+
+# --- log-probabilities, sampling fields, structured output, tools, metrics (issue 15) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    """The base model in this process, fp32, for plain forward passes: ``logprobs(ids)`` is (len(ids), vocab),
+    row i the distribution of the token after ``ids[: i + 1]``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+
+    def logprobs(ids):
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids])).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    return logprobs, tokenizer
+
+
+def test_chat_logprobs_equal_a_forward_pass_streamed_or_not(client, reference):
+    forward, tokenizer = reference
+    reply = chat(client, BASE, max_tokens=6, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(entry.top_logprobs) == 3 for entry in content)
+    ids = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_dict=True)["input_ids"]
+    for entry in content:
+        row = forward(ids)[-1]
+        ids = ids + [int(row.argmax())]
+        assert entry.token == tokenizer.decode(ids[-1:])
+        assert abs(entry.logprob - float(row[ids[-1]])) < 1e-5
+        expected = row.topk(3)
+        assert [abs(t.logprob - v) < 1e-5 for t, v in zip(entry.top_logprobs, expected.values.tolist())] == [True] * 3
+        assert entry.top_logprobs[0].logprob == max(t.logprob for t in entry.top_logprobs) >= entry.logprob
+    streamed = list(chat(client, BASE, max_tokens=6, logprobs=True, top_logprobs=3, stream=True))
+    tokens = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 6)) for e in tokens] == [(e.token, round(e.logprob, 6)) for e in content]
+
+
+def test_echo_scores_token_id_prompts_like_a_forward_pass(client, reference):
+    """lm-evaluation-harness' log-likelihood request: token ids, echo, logprobs 1, max_tokens 1 (and 0)."""
+    forward, tokenizer = reference
+    ids = [tokenizer.encode(text) for text in ("Kofi had 40 apples", "3 + 4 = 7")]
+    reply = client.completions.create(model=BASE, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1)
+    for choice, prompt in zip(sorted(reply.choices, key=lambda c: c.index), ids):
+        scores = choice.logprobs.token_logprobs
+        assert scores[0] is None and choice.logprobs.top_logprobs[0] is None and len(scores) == len(prompt) + 1
+        table = forward(prompt)
+        assert max(abs(scores[i + 1] - float(table[i, prompt[i + 1]])) for i in range(len(prompt) - 1)) < 1e-5
+        assert abs(scores[-1] - float(table[-1].max())) < 1e-5
+        assert choice.text.startswith(tokenizer.decode(prompt))
+        assert all(max(top.values()) >= score for top, score in zip(choice.logprobs.top_logprobs[1:], scores[1:]))
+    only = client.completions.create(model=BASE, prompt=ids[0], max_tokens=0, logprobs=0, echo=True)
+    assert only.choices[0].text == tokenizer.decode(ids[0]) and only.usage.completion_tokens == 0
+    alone, batched = only.choices[0].logprobs.token_logprobs, reply.choices[0].logprobs.token_logprobs[:-1]
+    assert alone[0] is None and alone[1:] == pytest.approx(batched[1:], abs=1e-5)
+    whole = next(c for c in reply.choices if c.index == 0)
+    chunks = [c.choices[0] for c in client.completions.create(model=BASE, prompt=ids[0], max_tokens=1, temperature=0,
+                                                               logprobs=1, echo=True, stream=True) if c.choices]
+    streamed = [score for c in chunks if c.logprobs for score in c.logprobs.token_logprobs]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert streamed[0] is None and streamed[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-5)
+
+
+def test_n_choices_with_a_seed_are_reproducible_and_streamed(client):
+    def texts(**kwargs):
+        reply = client.completions.create(model="late", prompt="Hana buys", max_tokens=6, n=3, temperature=1.5, seed=11, **kwargs)
+        return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    first = texts()
+    assert len(first) == 3 and len(set(first)) > 1
+    assert texts() == first
+    streamed = client.completions.create(model="late", prompt="Hana buys", max_tokens=6, n=3, temperature=1.5, seed=11,
+                                         stream=True)
+    joined = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            joined[choice.index] += choice.text
+    assert joined == first
+
+
+def test_penalties_bias_and_min_tokens_change_the_tokens(client, reference):
+    def tokens(**kwargs):
+        reply = chat(client, BASE, max_tokens=8, logprobs=True, **kwargs)
+        return [e.token for e in reply.choices[0].logprobs.content], reply
+
+    plain, _ = tokens()
+    assert len(set(plain)) < 8, "the greedy base model repeats itself; the penalties must have something to do"
+    assert len(set(tokens(presence_penalty=2.0)[0])) == 8
+    assert len(set(tokens(frequency_penalty=2.0)[0])) == 8
+    penalised = chat(client, BASE, max_tokens=8, presence_penalty=2.0).choices[0].message.content
+    chunks = chat(client, BASE, max_tokens=8, presence_penalty=2.0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == penalised
+    assert len(tokens(extra_body={"repetition_penalty": 1.3})[0]) == 8
+    assert tokens(extra_body={"top_k": 1, "temperature": 1.0})[0] == plain
+    tokenizer = reference[1]
+    favourite = tokenizer.encode(" apples")[0]
+    assert tokens(logit_bias={str(favourite): 100})[0] == [tokenizer.decode([favourite])] * 8
+    ends = {str(tokenizer.eos_token_id): 100}
+    stops = chat(client, BASE, max_tokens=20, logit_bias=ends)
+    assert (stops.choices[0].finish_reason, stops.usage.completion_tokens, stops.choices[0].message.content) == ("stop", 1, "")
+    longer = chat(client, BASE, max_tokens=20, logit_bias=ends, extra_body={"min_tokens": 5})
+    assert (longer.choices[0].finish_reason, longer.usage.completion_tokens) == ("stop", 6)
+
+
+def test_structured_output_parses_into_a_pydantic_model(client):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        value: int = Field(ge=0, le=99)
+        unit: Literal["apples", "pears"]
+        note: str = Field(max_length=6)
+
+    parsed = client.chat.completions.parse(model="late", messages=QUESTION, response_format=Answer, max_tokens=60,
+                                           temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Answer)
+    schema = {"type": "json_schema", "json_schema": {"name": "Answer", "schema": Answer.model_json_schema()}}
+    chunks = list(chat(client, BASE, max_tokens=60, response_format=schema, stream=True))
+    Answer.model_validate_json("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lima"]},
+                                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+
+
+def test_forced_tool_call_has_arguments_that_validate(client):
+    import json
+
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    reply = chat(client, "late", max_tokens=200, tools=[WEATHER], tool_choice=forced)
+    choice = reply.choices[0]
+    assert (choice.finish_reason, choice.message.content) == ("tool_calls", None), reply
+    (call,) = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and arguments["city"] in ("Paris", "Lima") and 1 <= arguments["days"] <= 7
+    chunks = list(chat(client, "late", max_tokens=200, tools=[WEATHER], tool_choice=forced, stream=True))
+    calls = [d for c in chunks if c.choices and c.choices[0].delta.tool_calls for d in c.choices[0].delta.tool_calls]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    required = chat(client, "late", max_tokens=200, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False)
+    (only,) = required.choices[0].message.tool_calls
+    assert only.function.name == "get_weather" and set(json.loads(only.function.arguments)) == {"city", "days"}
+    assert chat(client, "late", max_tokens=4, tools=[WEATHER], tool_choice="none").choices[0].message.tool_calls is None
+    history = QUESTION + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'},
+        {"role": "developer", "content": "Answer briefly."},
+    ]
+    assert chat(client, "late", messages=history, max_tokens=4, tools=[WEATHER]).usage.completion_tokens >= 1
+
+
+def test_empty_prompts_and_unknown_token_ids_are_400s(server):
+    for body in ({"prompt": ""}, {"prompt": "", "stream": True}, {"prompt": ["2 + 2", ""]}, {"prompt": []},
+                 {"prompt": [[1, 2], []]}, {"prompt": [5, 10**6]}):
+        status, reply = post(server, "/v1/completions", {"model": BASE, "max_tokens": 2, **body})
+        assert status == 400 and reply["error"]["param"].startswith("prompt"), (body, reply)
+    status, reply = post(server, "/v1/chat/completions", {**GOOD, "logit_bias": {"hello": 5}})
+    assert status == 400 and reply["error"]["param"] == "logit_bias"
+
+
+def test_tokenize_detokenize_and_metrics(server, reference):
+    import urllib.request
+
+    _, tokenizer = reference
+    status, tokens = post(server, "/tokenize", {"model": BASE, "prompt": "Kofi had 40 apples"})
+    assert status == 200 and tokens["tokens"] == tokenizer.encode("Kofi had 40 apples") and tokens["count"] == len(tokens["tokens"])
+    status, text = post(server, "/detokenize", {"model": BASE, "tokens": tokens["tokens"]})
+    assert (status, text["prompt"]) == (200, "Kofi had 40 apples")
+    with urllib.request.urlopen(server.base_url + "/metrics", timeout=30) as reply:
+        body = reply.read().decode()
+    assert 'npu_recipes_requests_total{route="/v1/chat/completions",status="200"}' in body
+    for name in ("npu_recipes_prompt_tokens_total", "npu_recipes_generation_tokens_total",
+                 "npu_recipes_time_to_first_token_seconds_count", "npu_recipes_num_requests_waiting",
+                 "npu_recipes_batch_occupancy"):
+        assert name in body
+    assert server.health()["engine"] == "static"
+
+
+def test_adapters_on_another_base_are_refused_unless_allowed(checkpoints, tiny_model_path):
+    from npu_recipes.config.schema import ModelConfig
+    from npu_recipes.errors import UserError
+    from npu_recipes.infer.adapters import parse_adapters
+    from npu_recipes.serving.server import check_base_model
+
+    adapters = parse_adapters({"late": str(checkpoints["late"])})
+    check_base_model(ModelConfig(name_or_path=str(tiny_model_path)), adapters, allow_base_mismatch=False)
+    other = ModelConfig(name_or_path="Qwen/Qwen2-7B-Instruct")
+    with pytest.raises(UserError, match="was trained on .* but model.name_or_path=Qwen/Qwen2-7B-Instruct"):
+        check_base_model(other, adapters, allow_base_mismatch=False)
+    check_base_model(other, adapters, allow_base_mismatch=True)

@@ -37,6 +37,7 @@ KERNELS = ("auto", "none", "npu", "liger")
 DOCTOR_FORMATS = ("table", "json")
 ANSWER_FORMATS = ("gsm8k", "blossom")
 SERVE_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+SERVE_ENGINES = ("auto", "static", "continuous")
 PLAN_FORMATS = ("text", "json")
 PLAN_TARGETS = (
     "auto", "ascend_910b1", "ascend_910b2", "ascend_910b3", "ascend_910b4",
@@ -293,6 +294,10 @@ class ServeConfig:
     ``max_model_len`` (tokens, prompt plus completion) defaults to the model's
     ``max_position_embeddings``. ``timeout_graceful_shutdown`` (seconds, None: wait for every
     in-flight request) and ``log_level`` are uvicorn's settings of the same names.
+    ``allow_base_mismatch`` lets adapters be served on a base model other than the one they were
+    trained on. ``engine``: ``static`` (the server's batcher, one ``generate`` call per batch),
+    ``continuous`` (transformers' continuous batching, where it supports the model and adapters),
+    ``auto`` (the faster on the device, see docs/serving.md).
     """
 
     host: str = "127.0.0.1"
@@ -306,6 +311,8 @@ class ServeConfig:
     max_model_len: Optional[int] = None
     timeout_graceful_shutdown: Optional[int] = None
     log_level: str = "info"
+    allow_base_mismatch: bool = False
+    engine: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -382,6 +389,7 @@ CHOICES: Dict[str, tuple] = {
     "doctor.format": DOCTOR_FORMATS,
     "merge.torch_dtype": TORCH_DTYPES,
     "serve.log_level": SERVE_LOG_LEVELS,
+    "serve.engine": SERVE_ENGINES,
     "plan.format": PLAN_FORMATS,
     "plan.target": PLAN_TARGETS,
 }

@@ -1,10 +1,11 @@
-"""The FastAPI application: OpenAI's routes over the batcher, bearer-key checks, OpenAI-style errors.
+"""The FastAPI application: OpenAI's routes over the engine, bearer-key checks, OpenAI-style errors.
 
-Routes: ``GET /health`` (never needs a key), ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /v1/chat/completions``, ``POST /v1/completions``. Every error reply, including FastAPI's
-own validation errors and unknown routes, has OpenAI's ``{"error": {...}}`` body. Client mistakes
-are 400 (401 for a missing or wrong key, 404 for an unknown model), so a bad request never
-costs more than its own reply.
+Routes: ``GET /health`` and ``GET /metrics`` (never need a key), ``GET /v1/models``,
+``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``
+(:mod:`~npu_recipes.serving.completions`), and vLLM's ``POST /tokenize`` and ``POST /detokenize``.
+Every error reply, including FastAPI's own validation errors and unknown routes, has OpenAI's
+``{"error": {...}}`` body. Client mistakes are 400 (401 for a missing or wrong key, 404 for an
+unknown model), so a bad request never costs more than its own reply.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import asyncio
 import logging
 import secrets
 import time
-import uuid
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Dict, List, Optional, Union
 
@@ -22,15 +22,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.sse import EventSourceResponse, format_sse_event
-from jinja2.exceptions import TemplateError
+from fastapi.sse import format_sse_event
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from npu_recipes.config.schema import ServeConfig
 from npu_recipes.serving import protocol
-from npu_recipes.serving.batcher import Batcher
-from npu_recipes.serving.jobs import Channel, Delta, Event, Failed, Finished, Job, Sampling
+from npu_recipes.serving.jobs import Channel, Delta, Event, Job, PromptScored
+from npu_recipes.serving.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +60,26 @@ class ApiError(Exception):
 class Backend:
     """What the routes need besides the request.
 
-    ``base_id`` is the base model's id; ``adapter_ids`` are the PEFT adapter names, each its own
-    model id. ``max_model_len`` is the context in tokens (prompt plus completion). ``info``
-    (device, dtype, package versions) is reported by ``/health``.
+    ``engine`` queues jobs and completes them (the static batcher or the continuous-batching
+    engine: ``submit``, ``start``, ``close``, ``stats``, ``name``). ``base_id`` is the base model's
+    id; ``adapter_ids`` are the PEFT adapter names, each its own model id. ``max_model_len`` is the
+    context in tokens (prompt plus completion). ``vocab_size`` is the model's logits width;
+    ``model_defaults`` its ``GenerationConfig``; ``grammars`` a
+    :class:`~npu_recipes.serving.grammar.Grammars`; ``template_has_tools`` whether the chat
+    template renders ``tools``. ``info`` (device, dtype, package versions) is reported by ``/health``.
     """
 
     tokenizer: object
-    batcher: Batcher
+    engine: object
     base_id: str
     adapter_ids: List[str]
     max_model_len: int
     serve: ServeConfig
+    vocab_size: int
+    model_defaults: object
+    grammars: object
+    metrics: Metrics
+    template_has_tools: bool = False
     info: Dict[str, object] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -90,8 +98,20 @@ class Backend:
                        code="model_not_found")
 
     def cards(self) -> List[protocol.ModelCard]:
-        base = protocol.ModelCard(id=self.base_id, created=self.created)
-        return [base] + [protocol.ModelCard(id=name, created=self.created, parent=self.base_id) for name in self.adapter_ids]
+        base = protocol.ModelCard(id=self.base_id, created=self.created, max_model_len=self.max_model_len)
+        return [base] + [protocol.ModelCard(id=name, created=self.created, parent=self.base_id,
+                                            max_model_len=self.max_model_len) for name in self.adapter_ids]
+
+    def submit(self, jobs: List[Job]) -> None:
+        """Queue ``jobs`` on the engine.
+
+        Raises:
+            ApiError: 503 while the server shuts down.
+        """
+        try:
+            self.engine.submit(jobs)
+        except RuntimeError as error:
+            raise ApiError(503, str(error), type="server_error") from None
 
     def completion_budget(self, prompt_tokens: int, requested: Optional[int], prompt_param: str) -> int:
         """``max_tokens`` for a prompt of ``prompt_tokens`` tokens.
@@ -113,6 +133,8 @@ class Backend:
                            code="context_length_exceeded")
         if requested is None:
             return min(self.serve.default_max_tokens, room)
+        if requested == 0:
+            return 0
         if requested > room:
             raise ApiError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                                 f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
@@ -121,7 +143,8 @@ class Backend:
         return requested
 
 
-def _sse(payload: Union[BaseModel, str]) -> bytes:
+def sse(payload: Union[BaseModel, str]) -> bytes:
+    """One server-sent event carrying ``payload`` (a model as JSON, or a string such as ``[DONE]``)."""
     return format_sse_event(data_str=payload if isinstance(payload, str) else payload.model_dump_json())
 
 
@@ -138,7 +161,7 @@ def _validation_message(errors) -> tuple:
     return "Invalid request: " + "; ".join(parts), param
 
 
-async def _events(request: Request, channel: Channel, jobs: List[Job]) -> AsyncIterator[Event]:
+async def events(request: Request, channel: Channel, jobs: List[Job]) -> AsyncIterator[Event]:
     """Yield the jobs' events until each has finished or failed; stop early if the client leaves.
 
     Closing this iterator (the client went away, the response was cancelled) cancels every job,
@@ -156,7 +179,7 @@ async def _events(request: Request, channel: Channel, jobs: List[Job]) -> AsyncI
                 next_check = clock() + DISCONNECT_POLL_S
             if event is None:
                 continue
-            if not isinstance(event, Delta):
+            if not isinstance(event, (Delta, PromptScored)):
                 open_jobs -= 1
             yield event
     finally:
@@ -164,14 +187,43 @@ async def _events(request: Request, channel: Channel, jobs: List[Job]) -> AsyncI
             job.cancel()
 
 
+class _CountRequests:
+    """Counts POST requests by route and status (``npu_recipes_requests_total``).
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would wrap ``receive`` and hide a
+    client's disconnect from ``Request.is_disconnected``, which stops abandoned generations.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self._app, self._metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self._app(scope, receive, send)
+            return
+        status = []
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self._app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            self._metrics.requests.labels(getattr(route, "path", "unmatched"), str(status[0] if status else 500)).inc()
+
+
 def create_app(backend: Backend) -> FastAPI:
-    """Build the application; its lifespan starts the batcher's worker and closes it at shutdown."""
+    """Build the application; its lifespan starts the engine and closes it at shutdown."""
+    from npu_recipes.serving import completions
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        backend.batcher.start()
+        backend.engine.start()
         yield
-        await asyncio.to_thread(backend.batcher.close)
+        await asyncio.to_thread(backend.engine.close)
 
     app = FastAPI(title="npu_recipes serve", lifespan=lifespan)
     bearer = HTTPBearer(auto_error=False)
@@ -184,6 +236,8 @@ def create_app(backend: Backend) -> FastAPI:
             raise ApiError(401, "Missing API key: send the header `Authorization: Bearer <key>`.", code="invalid_api_key")
         if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    app.add_middleware(_CountRequests, metrics=backend.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
@@ -205,10 +259,15 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": [backend.base_id, *backend.adapter_ids], **backend.info,
-                "batches": backend.batcher.stats.as_dict()}
+        return {"status": "ok", "engine": backend.engine.name, "models": [backend.base_id, *backend.adapter_ids],
+                **backend.info, "batches": backend.engine.stats.as_dict()}
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(backend.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    keyed = [Depends(require_key)]
+    api = APIRouter(prefix="/v1", dependencies=keyed)
 
     @api.get("/models", response_model=protocol.ModelList)
     async def list_models() -> protocol.ModelList:
@@ -219,117 +278,39 @@ def create_app(backend: Backend) -> FastAPI:
         backend.adapter_for(model_id)
         return next(card for card in backend.cards() if card.id == model_id)
 
-    def submit(body: protocol.GenerationRequest, prompts: List[List[int]], prompt_param: str) -> tuple:
-        adapter = backend.adapter_for(body.model)
-        budgets = [backend.completion_budget(len(ids), body.requested_max_tokens(), prompt_param) for ids in prompts]
-        sampling = Sampling.from_request(body.temperature, body.top_p, body.seed)
-        channel = Channel()
-        jobs = [Job(ids, budget, adapter, sampling, body.stop_strings(), channel, index)
-                for index, (ids, budget) in enumerate(zip(prompts, budgets))]
-        try:
-            backend.batcher.submit(jobs)
-        except RuntimeError as error:
-            raise ApiError(503, str(error), type="server_error") from None
-        return channel, jobs
-
-    async def collect(request: Request, channel: Channel, jobs: List[Job]) -> Optional[tuple]:
-        """Texts and Finished events of every job, or None when the client left first."""
-        texts, finished = [""] * len(jobs), [None] * len(jobs)
-        async with aclosing(_events(request, channel, jobs)) as events:
-            async for event in events:
-                if isinstance(event, Failed):
-                    raise ApiError(500, event.message, type="server_error")
-                if isinstance(event, Delta):
-                    texts[event.index] += event.text
-                else:
-                    finished[event.index] = event
-        return None if None in finished else (texts, finished)
-
-    def usage(finished: List[Finished]) -> protocol.Usage:
-        prompt = sum(event.prompt_tokens for event in finished)
-        completion = sum(event.completion_tokens for event in finished)
-        return protocol.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-    async def sse_stream(request: Request, channel: Channel, jobs: List[Job], include_usage: bool, on_delta, on_finish,
-                         on_usage, first: Optional[bytes] = None) -> AsyncIterator[bytes]:
-        """Server-sent events: ``first``, one event per Delta/Finished, a usage event, ``[DONE]``.
-
-        A generation failure becomes an ``{"error": ...}`` event (the openai client raises it) and ends the stream.
-        """
-        if first is not None:
-            yield first
-        finished = []
-        async with aclosing(_events(request, channel, jobs)) as events:
-            async for event in events:
-                if isinstance(event, Failed):
-                    yield _sse(ApiError(500, event.message, type="server_error").body())
-                    return
-                if isinstance(event, Delta):
-                    yield on_delta(event)
-                else:
-                    finished.append(event)
-                    yield on_finish(event)
-        if include_usage and len(finished) == len(jobs):
-            yield on_usage(usage(finished))
-        yield _sse("[DONE]")
-
     @api.post("/chat/completions", response_model=None)
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
-        tokenizer = backend.tokenizer
-        try:
-            text = tokenizer.apply_chat_template([m.as_template_input() for m in body.messages], tokenize=False,
-                                                 add_generation_prompt=True)
-        except TemplateError as error:
-            raise ApiError(400, f"The model's chat template rejected the messages: {error}", param="messages") from None
-        channel, jobs = submit(body, [tokenizer(text, add_special_tokens=False)["input_ids"]], "messages")
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(choices, usage_=None) -> bytes:
-            return _sse(protocol.ChatCompletionChunk(id=reply_id, created=created, model=body.model, choices=choices,
-                                                     usage=usage_))
-
-        if body.stream:
-            first = protocol.ChatChunkChoice(index=0, delta=protocol.ChatDelta(role="assistant", content=""))
-            return EventSourceResponse(sse_stream(
-                request, channel, jobs, body.include_usage(),
-                first=chunk([first]),
-                on_delta=lambda event: chunk([protocol.ChatChunkChoice(index=event.index, delta=protocol.ChatDelta(content=event.text))]),
-                on_finish=lambda event: chunk([protocol.ChatChunkChoice(index=event.index, delta=protocol.ChatDelta(),
-                                                                        finish_reason=event.finish_reason)]),
-                on_usage=lambda usage_: chunk([], usage_),
-            ))
-        result = await collect(request, channel, jobs)
-        if result is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        texts, finished = result
-        choices = [protocol.ChatChoice(index=i, message=protocol.AssistantMessage(content=texts[i]),
-                                       finish_reason=finished[i].finish_reason) for i in range(len(jobs))]
-        return protocol.ChatCompletion(id=reply_id, created=created, model=body.model, choices=choices, usage=usage(finished))
+        return await completions.chat(backend, body, request)
 
     @api.post("/completions", response_model=None)
-    async def completions(body: protocol.CompletionRequest, request: Request):
-        prompts = [backend.tokenizer(prompt)["input_ids"] for prompt in body.prompts()]
-        channel, jobs = submit(body, prompts, "prompt")
-        reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    async def text_completions(body: protocol.CompletionRequest, request: Request):
+        return await completions.complete(backend, body, request)
 
-        def reply(choices, usage_=None) -> protocol.Completion:
-            return protocol.Completion(id=reply_id, created=created, model=body.model, choices=choices, usage=usage_)
+    vllm = APIRouter(dependencies=keyed)
 
-        if body.stream:
-            return EventSourceResponse(sse_stream(
-                request, channel, jobs, body.include_usage(),
-                on_delta=lambda event: _sse(reply([protocol.CompletionChoice(index=event.index, text=event.text)])),
-                on_finish=lambda event: _sse(reply([protocol.CompletionChoice(index=event.index, text="",
-                                                                               finish_reason=event.finish_reason)])),
-                on_usage=lambda usage_: _sse(reply([], usage_)),
-            ))
-        result = await collect(request, channel, jobs)
-        if result is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        texts, finished = result
-        choices = [protocol.CompletionChoice(index=i, text=texts[i], finish_reason=finished[i].finish_reason)
-                   for i in range(len(jobs))]
-        return reply(choices, usage(finished))
+    @vllm.post("/tokenize", response_model=protocol.TokenizeResponse)
+    async def tokenize(body: protocol.TokenizeRequest) -> protocol.TokenizeResponse:
+        if body.model is not None:
+            backend.adapter_for(body.model)
+        tokenizer = backend.tokenizer
+        if body.messages is not None:
+            text = completions.render(backend, body.messages, None, add_generation_prompt=body.add_generation_prompt)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return protocol.TokenizeResponse(count=len(ids), max_model_len=backend.max_model_len, tokens=ids, token_strs=strs)
+
+    @vllm.post("/detokenize", response_model=protocol.DetokenizeResponse)
+    async def detokenize(body: protocol.DetokenizeRequest) -> protocol.DetokenizeResponse:
+        if body.model is not None:
+            backend.adapter_for(body.model)
+        bad = [token for token in body.tokens if token >= backend.vocab_size]
+        if bad:
+            raise ApiError(400, f"tokens holds token id {bad[0]}, outside this model's vocabulary "
+                                f"(0 to {backend.vocab_size - 1})", param="tokens")
+        return protocol.DetokenizeResponse(prompt=backend.tokenizer.decode(body.tokens))
 
     app.include_router(api)
+    app.include_router(vllm)
     return app

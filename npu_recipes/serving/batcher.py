@@ -2,10 +2,10 @@
 
 One worker thread owns the model, so adapters are switched between batches, never during one.
 It takes the oldest waiting job and every other waiting job with the same
-:attr:`~npu_recipes.serving.jobs.Job.batch_key` (model and sampling settings), up to
-``max_batch_size``; when fewer are waiting it waits up to ``wait_s`` for more to arrive. Jobs with
-other keys keep their place in line. This is static batching: a batch runs to completion before
-the next starts (transformers ``generate`` has no way to add rows to a running call).
+:attr:`~npu_recipes.serving.jobs.Job.batch_key` (the adapter), up to ``max_batch_size``; when fewer
+are waiting it waits up to ``wait_s`` for more to arrive. Jobs with other keys keep their place in
+line. This is static batching: a batch runs to completion before the next starts (transformers
+``generate`` has no way to add rows to a running call).
 """
 
 from __future__ import annotations
@@ -45,10 +45,15 @@ class Batcher:
             fails every job of the batch that has no outcome yet, and the worker carries on.
         max_batch_size: most jobs per call of ``run_batch``.
         wait_s: how long (seconds) an idle worker waits for a batch to fill before starting it.
+        metrics: a :class:`~npu_recipes.serving.metrics.Metrics` told of queue length, batches and tokens.
     """
 
-    def __init__(self, run_batch: Callable[[List[Job]], None], max_batch_size: int, wait_s: float):
+    name = "static"
+    """The engine's name in ``/health``."""
+
+    def __init__(self, run_batch: Callable[[List[Job]], None], max_batch_size: int, wait_s: float, metrics=None):
         self._run_batch = run_batch
+        self._metrics = metrics
         self._max_batch_size = max_batch_size
         self._wait_s = wait_s
         self._pending: List[Job] = []
@@ -72,6 +77,8 @@ class Batcher:
             if self._closing:
                 raise RuntimeError("the server is shutting down")
             self._pending.extend(jobs)
+            if self._metrics is not None:
+                self._metrics.waiting.set(len(self._pending))
             self._condition.notify()
 
     def close(self, timeout_s: Optional[float] = None) -> None:
@@ -108,6 +115,8 @@ class Batcher:
                 self._drop_cancelled()
             for job in batch:
                 self._pending.remove(job)
+            if self._metrics is not None:
+                self._metrics.batch_started(len(batch), len(self._pending))
             return batch
 
     def _work(self) -> None:
@@ -134,3 +143,6 @@ class Batcher:
                 else:
                     self.stats.completed += 1
                 self.stats.completion_tokens += job.completion_tokens
+            if self._metrics is not None:
+                self._metrics.generation_tokens.inc(sum(job.completion_tokens for job in batch))
+                self._metrics.batch_ended()

@@ -1,7 +1,7 @@
 """One prompt to complete, its decoding settings, and the events that carry its text back.
 
-A :class:`Job` is created by a request handler on the server's event loop, completed by the
-generation thread, and reports through its :class:`Channel` (thread-safe, into an asyncio
+A :class:`Job` is one choice of one prompt: created by a request handler on the server's event
+loop, completed by the generation thread, and reports through its :class:`Channel` (thread-safe, into an asyncio
 queue). Cancelling is a ``threading.Event`` the generation thread checks after every token.
 """
 
@@ -9,39 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings; jobs share a ``generate`` call only when these and the model are equal.
-
-    ``do_sample`` None keeps the model's ``generation_config`` (as do ``temperature``/``top_p``
-    None). ``seed`` seeds torch's generators before the batch starts.
-    """
-
-    do_sample: Optional[bool] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    seed: Optional[int] = None
-
-    @classmethod
-    def from_request(cls, temperature: Optional[float], top_p: Optional[float], seed: Optional[int]) -> "Sampling":
-        """OpenAI semantics: ``temperature`` 0 is greedy; any other given value (or ``top_p``) samples."""
-        if temperature == 0:
-            return cls(do_sample=False, seed=seed)
-        if temperature is None and top_p is None:
-            return cls(seed=seed)
-        return cls(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
+from npu_recipes.serving.decoding import Decoding, TokenChoice
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of choice ``index``."""
+    """New text of choice ``index``, and the tokens generated since the last Delta (with their
+    log-probabilities; empty unless the request asked for them)."""
 
     index: int
     text: str
+    logprobs: Tuple[TokenChoice, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptScored:
+    """Log-probabilities of choice ``index``'s prompt tokens after the first (``echo`` with ``logprobs``)."""
+
+    index: int
+    logprobs: Tuple[TokenChoice, ...]
 
 
 @dataclass(frozen=True)
@@ -62,7 +52,7 @@ class Failed:
     message: str
 
 
-Event = Union[Delta, Finished, Failed]
+Event = Union[Delta, PromptScored, Finished, Failed]
 
 
 class Channel:
@@ -88,11 +78,15 @@ class Channel:
 
 
 class Job:
-    """One prompt (token ids) to complete with at most ``max_tokens`` new tokens.
+    """One prompt (token ids) to complete with at most ``max_tokens`` new tokens (0: score the prompt only).
 
     ``adapter`` is the PEFT adapter name, or None for the base model with adapters disabled.
-    ``stop`` holds strings that end the completion. ``index`` is the choice index reported in
-    events. ``outcome`` becomes ``stop``/``length`` (finished), ``cancelled`` or ``failed``.
+    ``decoding`` holds the choice's own settings (:class:`~npu_recipes.serving.decoding.Decoding`);
+    ``grammar`` makes its constrained-decoding matcher (None: unconstrained). ``stop`` holds
+    strings that end the completion. ``prompt_logprobs`` None: the prompt is not scored; N: its
+    tokens' log-probabilities with N alternatives each are sent first (``echo``). ``index`` is
+    the choice index reported in events. ``outcome`` becomes ``stop``/``length`` (finished),
+    ``cancelled`` or ``failed``.
     """
 
     def __init__(
@@ -100,41 +94,48 @@ class Job:
         prompt_ids: list,
         max_tokens: int,
         adapter: Optional[str],
-        sampling: Sampling,
+        decoding: Decoding,
         stop: Tuple[str, ...],
         channel: Channel,
         index: int = 0,
+        grammar: Optional[Callable[[], object]] = None,
+        prompt_logprobs: Optional[int] = None,
     ):
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
         self.adapter = adapter
-        self.sampling = sampling
+        self.decoding = decoding
         self.stop = stop
         self.channel = channel
         self.index = index
+        self.grammar = grammar
+        self.prompt_logprobs = prompt_logprobs
         self.cancelled = threading.Event()
         self.outcome: Optional[str] = None
         self.completion_tokens = 0
+        self.queued_at = time.monotonic()
+        self.first_token_at: Optional[float] = None
 
     @property
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys may share a ``generate`` call.
-
-        A seeded job gets a key of its own: a seed then reproduces the same tokens whatever else
-        is queued, because the random stream is not shared with other rows.
-        """
-        if self.sampling.seed is not None:
-            return ("seeded", id(self))
-        return (self.adapter, self.sampling)
+    def batch_key(self) -> Optional[str]:
+        """Jobs with equal keys may share a ``generate`` call: the adapter, since every row decodes by
+        its own settings (:mod:`npu_recipes.serving.decoding`), greedy or sampled, seeded or not."""
+        return self.adapter
 
     @property
     def done(self) -> bool:
         return self.outcome is not None
 
-    def emit(self, text: str) -> None:
-        """Send new text (nothing when empty)."""
-        if text:
-            self.channel.put(Delta(self.index, text))
+    def emit(self, text: str, logprobs: Tuple[TokenChoice, ...] = ()) -> None:
+        """Send new text and the new tokens' log-probabilities (nothing when both are empty)."""
+        if text or logprobs:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            self.channel.put(Delta(self.index, text, logprobs))
+
+    def scored(self, logprobs: Tuple[TokenChoice, ...]) -> None:
+        """Send the prompt's log-probabilities."""
+        self.channel.put(PromptScored(self.index, logprobs))
 
     def finish(self, finish_reason: str) -> None:
         """Mark complete and send :class:`Finished`."""

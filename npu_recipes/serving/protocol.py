@@ -1,19 +1,58 @@
-"""Pydantic models of the OpenAI API subset the server speaks (chat completions, completions, models).
+"""Pydantic models of the OpenAI API the server speaks (chat completions, completions, models) and
+vLLM's ``/tokenize`` and ``/detokenize``.
 
 Field names and shapes follow OpenAI's API reference, so the official ``openai`` client parses
-every reply. Request fields the server cannot honour are declared with the only value it
-accepts (``n: 1``, penalties ``0``, no ``tools``/``logprobs``/``echo``), so asking for more is a
-400 that names the field rather than a silently different answer; fields unknown to this module
-are ignored, as OpenAI-compatible servers commonly do, so newer clients keep working.
+every reply; vLLM's sampling extensions (``top_k``, ``min_p``, ``repetition_penalty``,
+``min_tokens``) are accepted under vLLM's names. A field the server knows but cannot honour is a
+400 naming it (:data:`UNSUPPORTED`, checked by :meth:`GenerationRequest.unsupported`), never a
+silently different answer; a field unknown to this module is ignored, as OpenAI-compatible servers
+commonly do, so newer clients keep working. docs/serving.md has the table of every field.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+MAX_TOP_LOGPROBS = 20
+"""Most ``top_logprobs`` (chat) / ``logprobs`` (completions) per token, OpenAI's chat limit (vLLM's default too)."""
+
+UNSUPPORTED: Dict[str, str] = {
+    "audio": "this server generates text only",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "this server has no web search",
+    "functions": "the deprecated `functions` field is not accepted; send `tools` instead",
+    "function_call": "the deprecated `function_call` field is not accepted; send `tool_choice` instead",
+    "suffix": "insertion (a `suffix` after the completion) is not implemented",
+    "use_beam_search": "beam search is not implemented",
+    "length_penalty": "beam search is not implemented",
+    "prompt_logprobs": "send `echo` with `logprobs` (completions) for the prompt's log-probabilities",
+    "guided_json": "send `response_format` with `json_schema` instead",
+    "guided_regex": "regular-expression constrained decoding is not implemented",
+    "guided_choice": "choice-constrained decoding is not implemented",
+    "guided_grammar": "grammar-constrained decoding other than JSON is not implemented",
+    "structured_outputs": "send `response_format` instead",
+    "ignore_eos": "the end-of-turn token always ends a completion here",
+    "stop_token_ids": "send `stop` strings instead",
+    "include_stop_str_in_output": "stop strings are never included in the output here",
+    "skip_special_tokens": "special tokens are always left out of the text here",
+    "chat_template": "the model's own chat template is always used",
+    "chat_template_kwargs": "the model's own chat template is always used as it is",
+    "continue_final_message": "a final assistant message is not continued",
+    "documents": "retrieval documents are not passed to the chat template",
+    "store": "completions are not stored",
+    "service_tier": "there is one processing tier (send \"auto\" or \"default\")",
+    "reasoning_effort": "the served models do not reason in a separate phase",
+    "verbosity": "answer length follows the prompt and max_tokens only",
+}
+"""Fields the server knows and refuses when given with a value other than null/false/empty (or one of
+:data:`_ALSO_NEUTRAL`'s values for that field), and why."""
+
+_NEUTRAL = (None, False, "", [], {})
+_ALSO_NEUTRAL = {"service_tier": ("auto", "default")}
 
 
 class TextPart(BaseModel):
@@ -23,17 +62,69 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    """One conversation turn; ``content`` is a string or a list of text parts (joined without separator)."""
+class FunctionCall(BaseModel):
+    """A called function: its name and its arguments as a JSON text (OpenAI's wire format)."""
 
-    role: Literal["system", "user", "assistant"]
-    content: Union[str, List[TextPart]]
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One conversation turn.
+
+    ``content`` is a string or a list of text parts (joined without separator); an assistant turn
+    may have ``content`` null when it carries ``tool_calls``; a ``tool`` turn answers the call
+    ``tool_call_id``. ``developer`` is OpenAI's newer name for ``system`` and is rendered as one.
+    """
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, List[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _content_present(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only for an assistant message with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+    def text(self) -> str:
+        """The content as one string ("" for null)."""
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
     def as_template_input(self) -> dict:
-        """The ``{"role", "content"}`` dict a tokenizer's chat template expects."""
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": self.role, "content": text}
+        """The message as a transformers chat template expects it (Qwen2's template reads
+        ``tool_calls[].function`` with ``arguments`` as a mapping, and ``role: tool`` turns)."""
+        message: Dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"type": "function", "id": call.id,
+                                      "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                                     for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+def _arguments(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class StreamOptions(BaseModel):
@@ -42,28 +133,90 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+TokenBias = Annotated[float, Field(ge=-100, le=100)]
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by chat completions and completions.
 
-    ``temperature`` 0 means greedy decoding; unset ``temperature``/``top_p`` take the model's
-    ``generation_config`` values. ``seed`` makes sampling reproducible (a seeded request is never
-    batched with others). ``stop`` holds up to 4 strings that end the completion (not included).
+    ``temperature`` 0 means greedy decoding; unset ``temperature``/``top_p``/``top_k`` take the
+    model's ``generation_config`` values. ``seed`` makes sampling reproducible, each choice drawing
+    from its own generator. ``stop`` holds any number of strings that end the completion (not
+    included). Penalties follow OpenAI's definitions (``presence_penalty``/``frequency_penalty``
+    over the completion's tokens) and vLLM's (``repetition_penalty`` over prompt and completion,
+    as transformers applies it).
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str
-    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_tokens: Optional[int] = Field(default=None, ge=0)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    stop: Union[str, Annotated[List[str], Field(max_length=4)], None] = None
+    top_k: Optional[int] = Field(default=None, ge=-1)
+    min_p: Optional[float] = Field(default=None, ge=0, le=1)
+    stop: Union[str, List[str], None] = None
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    n: Literal[1] = 1
-    presence_penalty: Literal[0] = 0
-    frequency_penalty: Literal[0] = 0
+    n: int = Field(default=1, ge=1, le=16)
+    presence_penalty: float = Field(default=0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0, le=2)
+    logit_bias: Optional[Dict[str, TokenBias]] = None
+    min_tokens: int = Field(default=0, ge=0)
+
+    def unsupported(self) -> Optional[tuple]:
+        """``(field, why)`` of the first field in :data:`UNSUPPORTED` given with a non-neutral value, else None."""
+        extra = self.model_extra or {}
+        for name, why in UNSUPPORTED.items():
+            if name in extra and extra[name] not in _NEUTRAL + _ALSO_NEUTRAL.get(name, ()):
+                return name, why
+        return None
 
     def stop_strings(self) -> tuple:
         """``stop`` as a tuple of non-empty strings."""
@@ -74,14 +227,36 @@ class GenerationRequest(BaseModel):
         """Whether a streamed answer ends with a usage chunk."""
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def top_k_value(self) -> Optional[int]:
+        """``top_k`` with vLLM's "-1 and 0 mean no limit" folded into None."""
+        return None if self.top_k is None or self.top_k <= 0 else self.top_k
+
 
 class ChatCompletionRequest(GenerationRequest):
     """``POST /v1/chat/completions`` body. ``max_completion_tokens`` (OpenAI's newer name) wins over ``max_tokens``."""
 
     messages: List[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
-    logprobs: Optional[Literal[False]] = None
-    tools: None = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[List[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
+    modalities: Optional[List[Literal["text"]]] = None
+
+    @model_validator(mode="after")
+    def _chat_rules(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.max_tokens == 0:
+            raise ValueError("max_tokens must be at least 1")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                tool.function.name for tool in self.tools or []}:
+            raise ValueError(f"tool_choice names the function {self.tool_choice.function.name!r}, which is not in tools")
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        return self
 
     def requested_max_tokens(self) -> Optional[int]:
         """The completion budget the client asked for, or None."""
@@ -89,21 +264,92 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    """``POST /v1/completions`` body: ``prompt`` is one string or a list of strings (one choice each)."""
+    """``POST /v1/completions`` body.
 
-    prompt: Union[str, List[str]]
-    logprobs: Optional[Literal[0]] = None
-    echo: Literal[False] = False
-    best_of: Optional[Literal[1]] = None
-    suffix: None = None
+    ``prompt`` is a non-empty string, a list of them (one choice each), a list of token ids, or a
+    list of token-id lists (:meth:`prompt_problem` says what is wrong with one that is not).
+    ``echo`` puts the prompt in front of the text (and, with ``logprobs``, the prompt tokens'
+    log-probabilities in front of the completion's; the first prompt token has none).
+    ``max_tokens`` 0 is allowed with ``echo`` only (score the prompt, generate nothing).
+    ``best_of`` is accepted when it equals ``n``.
+    """
 
-    def prompts(self) -> List[str]:
-        """``prompt`` as a list."""
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _completion_rules(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is allowed only with echo (scoring the prompt)")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of={self.best_of} differs from n={self.n}; best_of > n is not implemented")
+        return self
+
+    def prompts(self) -> List[Union[str, List[int]]]:
+        """``prompt`` as a list of prompts, each a string or a list of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    def prompt_problem(self, vocab_size: int) -> Optional[tuple]:
+        """``(param, message)`` for an empty prompt, an empty list or string in it, or a token id
+        outside ``[0, vocab_size)``; None when every prompt can be completed."""
+        if isinstance(self.prompt, list) and not self.prompt:
+            return "prompt", "prompt is an empty list; send at least one prompt"
+        for index, prompt in enumerate(self.prompts()):
+            param = "prompt" if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else f"prompt.{index}"
+            if len(prompt) == 0:
+                return param, f"{param} is empty; send at least one character or token id"
+            if not isinstance(prompt, str):
+                bad = [token for token in prompt if not 0 <= token < vocab_size]
+                if bad:
+                    return param, f"{param} holds token id {bad[0]}, outside this model's vocabulary (0 to {vocab_size - 1})"
+        return None
 
     def requested_max_tokens(self) -> Optional[int]:
         """The completion budget the client asked for, or None."""
         return self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a ``prompt``, or ``messages`` rendered by the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[List[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: List[int]
+    token_strs: Optional[List[str]] = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    tokens: List[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class Usage(BaseModel):
@@ -114,16 +360,36 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[List[int]] = None
+    top_logprobs: List[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[List[TokenLogprob]] = None
+    refusal: Optional[List[TokenLogprob]] = None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[List[ToolCall]] = None
+    refusal: Optional[str] = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletion(BaseModel):
@@ -135,16 +401,29 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[FunctionCallDelta] = None
+
+
 class ChatDelta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[ToolCallDelta]] = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: Optional[FinishReason] = None
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -156,11 +435,21 @@ class ChatCompletionChunk(BaseModel):
     usage: Optional[Usage] = None
 
 
+class CompletionLogprobs(BaseModel):
+    """Legacy completions log-probabilities: per token its text, log-probability (None for the
+    first prompt token under ``echo``), its ``top_logprobs`` alternatives, and its character offset."""
+
+    tokens: List[str] = Field(default_factory=list)
+    token_logprobs: List[Optional[float]] = Field(default_factory=list)
+    top_logprobs: List[Optional[Dict[str, float]]] = Field(default_factory=list)
+    text_offset: List[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Optional[FinishReason] = None
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class Completion(BaseModel):
@@ -182,6 +471,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "npu_recipes"
     parent: Optional[str] = None
+    max_model_len: Optional[int] = None
 
 
 class ModelList(BaseModel):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
-from npu_recipes.config.schema import ServeConfig
+from npu_recipes.config.schema import ModelConfig, ServeConfig
 from npu_recipes.errors import UserError
+from npu_recipes.infer.adapters import Adapter, base_model_config
 from npu_recipes.infer.loading import LoadedModel
 from npu_recipes.run import manifest
 from npu_recipes.runtime.devices import Device
@@ -18,24 +19,61 @@ log = logging.getLogger(__name__)
 
 
 def check_packages() -> None:
-    """Refuse to start without fastapi and uvicorn (the ``serve`` extra).
+    """Refuse to start without the ``serve`` extra: fastapi, uvicorn, prometheus-client and xgrammar.
+
+    xgrammar is only looked up, not imported: its import takes about 2 s and waits for the first
+    constrained request.
 
     Raises:
         UserError: names the package to install.
     """
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as error:
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn", "prometheus_client", "xgrammar")
+               if importlib.util.find_spec(name) is None]
+    if missing:
         raise UserError(
-            f"stage=serve needs fastapi and uvicorn ({error})",
-            fix="pip install 'npu_recipes[serve]' (fastapi, uvicorn, pydantic)",
-        ) from None
+            f"stage=serve needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed",
+            fix="pip install 'npu_recipes[serve]' (fastapi, uvicorn, pydantic, prometheus-client, xgrammar)",
+        )
 
 
 def served_model_name(configured: Optional[str], base_name_or_path: str) -> str:
     """The base model's id: ``serve.served_model_name`` (``configured``), else the last component of its path or hub id."""
     return configured or Path(base_name_or_path.rstrip("/")).name
+
+
+def _names_of(name_or_path: str) -> set:
+    path = Path(str(name_or_path)).expanduser()
+    return {str(name_or_path), str(path.resolve())} if path.exists() else {str(name_or_path)}
+
+
+def check_base_model(base: ModelConfig, adapters: List[Adapter], allow_base_mismatch: bool) -> None:
+    """Refuse to serve adapters on a base model other than the one they were trained on.
+
+    An adapter's base is known two ways: ``base_model_name_or_path`` in its adapter_config.json
+    (the path PEFT saw) and ``model.name_or_path`` in its training run's resolved.yaml (as the
+    user named it); ``base`` (the model about to load) matches when either names it, local paths
+    compared after resolving. A LoRA of another size never fits (``check_adapters_fit``); this
+    catches a base of the same shape but other weights, which would serve silently different text.
+
+    Raises:
+        UserError: a mismatch while ``serve.allow_base_mismatch`` is false; names both models.
+    """
+    if allow_base_mismatch or not adapters:
+        return
+    loading = _names_of(base.name_or_path)
+    for adapter in adapters:
+        trained = _names_of(adapter.base_model_name_or_path)
+        if adapter.run_dir is not None:
+            trained |= _names_of(base_model_config(base, [adapter]).name_or_path)
+        if not loading & trained:
+            raise UserError(
+                f"adapter {adapter.path} was trained on {adapter.base_model_name_or_path}, "
+                f"but model.name_or_path={base.name_or_path} would be served under it",
+                fix="leave model.name_or_path out to serve the adapter on its own base, or pass "
+                    "serve.allow_base_mismatch=true to serve it on this model on purpose",
+            )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -70,9 +108,34 @@ def serve(loaded: LoadedModel, settings: ServeConfig, device: Device, sock: sock
     """
     import uvicorn
 
-    from npu_recipes.serving.app import Backend, create_app
-    from npu_recipes.serving.batcher import Batcher
-    from npu_recipes.serving.generation import Generator
+    from npu_recipes.serving.app import create_app
+
+    backend = build_backend(loaded, settings, device)
+    uvicorn_config = uvicorn.Config(
+        create_app(backend), host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+    )
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    models = ", ".join([backend.base_id, *backend.adapter_ids])
+    print(f"{READY_MESSAGE} http://{host}:{port} (models: {models}; engine: {backend.engine.name})", flush=True)
+    try:
+        uvicorn.Server(uvicorn_config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        log.info("stopped")
+
+
+
+def build_backend(loaded: LoadedModel, settings: ServeConfig, device: Device):
+    """The routes' :class:`~npu_recipes.serving.app.Backend`: model ids, engine, grammars, metrics.
+
+    Raises:
+        UserError: an adapter is named like the base model.
+    """
+    from npu_recipes.serving import engines, tools
+    from npu_recipes.serving.app import Backend
+    from npu_recipes.serving.grammar import Grammars
+    from npu_recipes.serving.metrics import Metrics
 
     base_id = served_model_name(settings.served_model_name, loaded.base.name_or_path)
     adapter_ids = [adapter.name for adapter in loaded.adapters]
@@ -82,14 +145,20 @@ def serve(loaded: LoadedModel, settings: ServeConfig, device: Device, sock: sock
             fix="rename the adapter in adapters={name: path} or set serve.served_model_name",
         )
     max_model_len = settings.max_model_len or loaded.model.config.max_position_embeddings
-    generator = Generator(loaded, device)
-    backend = Backend(
+    metrics = Metrics(settings.max_batch_size)
+    engine = engines.create(loaded, settings, device, metrics)
+    return Backend(
         tokenizer=loaded.tokenizer,
-        batcher=Batcher(generator, settings.max_batch_size, settings.batch_wait_ms / 1000),
+        engine=engine,
         base_id=base_id,
         adapter_ids=adapter_ids,
         max_model_len=max_model_len,
         serve=settings,
+        vocab_size=loaded.model.config.vocab_size,
+        model_defaults=loaded.model.generation_config,
+        grammars=Grammars(loaded.tokenizer, loaded.model.config.vocab_size, engine.eos),
+        metrics=metrics,
+        template_has_tools=tools.template_uses_tools(loaded.tokenizer),
         info={
             "device": device.name(),
             "dtype": str(loaded.model.dtype).replace("torch.", ""),
@@ -97,15 +166,3 @@ def serve(loaded: LoadedModel, settings: ServeConfig, device: Device, sock: sock
             "versions": manifest.package_versions(),
         },
     )
-    uvicorn_config = uvicorn.Config(
-        create_app(backend), host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
-    )
-    host, port = sock.getsockname()[:2]
-    host = f"[{host}]" if ":" in host else host
-    print(f"{READY_MESSAGE} http://{host}:{port} (models: {', '.join([base_id, *adapter_ids])})", flush=True)
-    try:
-        uvicorn.Server(uvicorn_config).run(sockets=[sock])
-    except KeyboardInterrupt:
-        log.info("stopped")
-

@@ -33,14 +33,17 @@ class ServeStage:
         The port is bound first, so a busy one fails in a second rather than after the model loaded.
 
         Raises:
-            UserError: fastapi/uvicorn missing, the port unavailable, an adapter named like the base
+            UserError: fastapi/uvicorn missing, the port unavailable, adapters on a base other than
+                their own (without ``serve.allow_base_mismatch``), an adapter named like the base
                 model, or anything :func:`npu_recipes.infer.loading.load` refuses.
         """
         server.check_packages()
         sock = server.bind(config.serve.host, config.serve.port)
         device = devices.resolve(config.device)
         parsed = adapters.parse_adapters(config.adapters)
-        loaded = loading.load(adapters.base_model_config(config.model, parsed), parsed, device)
+        base = adapters.base_model_config(config.model, parsed)
+        server.check_base_model(base, parsed, config.serve.allow_base_mismatch)
+        loaded = loading.load(base, parsed, device)
         server.serve(loaded, config.serve, device, sock)
 
 
