@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from npu_recipes.config.schema import ParallelismConfig, TrainConfig
+from npu_recipes.errors import UserError
 from npu_recipes.model import kernels
 from npu_recipes.runtime import deepspeed_config
 from npu_recipes.runtime.devices import Device
@@ -15,9 +16,12 @@ PASSED_THROUGH = (
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim",
-    "logging_steps", "save_steps", "eval_steps", "save_total_limit", "seed", "dataloader_num_workers",
+    "logging_steps", "save_steps", "eval_steps", "seed", "dataloader_num_workers", "save_only_model",
+    "metric_for_best_model", "greater_is_better",
 )
-"""``train.*`` keys passed to ``TrainingArguments`` under the same name."""
+"""``train.*`` keys passed to ``TrainingArguments`` under the same name. ``save_total_limit`` is not:
+:class:`~npu_recipes.train.trainer.RecipeTrainer` applies it (sparing the newest checkpoint, which
+transformers deletes at the end with a limit of 1 when the best is another)."""
 
 
 def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kernel_choice: str, run_dir: Path, device: Device,
@@ -35,6 +39,12 @@ def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kerne
     import torch
     from transformers import TrainingArguments
 
+    if train.load_best_model_at_end and not has_eval:
+        raise UserError(
+            "train.load_best_model_at_end=true needs evaluations, but the length filter dropped every held-out row "
+            f"(train.max_length={train.max_length})",
+            fix="raise dataset.val_split_ratio or train.max_length, or pass train.load_best_model_at_end=false",
+        )
     report_to = [] if train.report_to in ("none", "") else [name.strip() for name in train.report_to.split(",")]
     if "tensorboard" in report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
@@ -44,6 +54,7 @@ def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kerne
         gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps" if has_eval else "no",
+        load_best_model_at_end=train.load_best_model_at_end,
         save_strategy="steps",
         logging_first_step=True,
         bf16=dtype == torch.bfloat16,
