@@ -73,6 +73,23 @@ def test_best_step_is_the_saved_step_with_the_lowest_eval_loss():
     assert checkpoints.best_step(history, [2, 4]) == 4
     assert checkpoints.best_step(history, [2, 3, 4]) == 3
     assert checkpoints.best_step([{"loss": 1.0, "step": 1}], [1]) is None
+    assert checkpoints.best_step(history, [2, 3, 4], greater=True) == 2
+    assert checkpoints.best_evaluation(history, "loss") == (3, 1.5), "transformers' short name of eval_loss"
+
+
+@pytest.mark.parametrize("world_size,deepspeed,present,missing", [
+    (1, False, ["optimizer.pt", "scheduler.pt", "rng_state.pth"], []),
+    (1, False, [], ["optimizer.pt", "scheduler.pt", "rng_state.pth"]),
+    (2, False, ["optimizer.pt", "scheduler.pt", "rng_state_0.pth"], ["rng_state_1.pth"]),
+    (2, True, ["scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "global_step5/"], []),
+    (2, True, ["optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"], ["global_step5/ (DeepSpeed's optimizer states)"]),
+])
+def test_an_exact_resume_needs_optimizer_scheduler_and_rng_state_of_every_rank(tmp_path, world_size, deepspeed, present, missing):
+    """The files transformers' Trainer writes for each, and skips without a word when absent on resume."""
+    checkpoint = _checkpoint(tmp_path, 5)
+    for name in present:
+        (checkpoint / name).mkdir() if name.endswith("/") else (checkpoint / name).write_bytes(b"state")
+    assert checkpoints.missing_resume_state(checkpoint, world_size, deepspeed) == missing
 
 
 COMMON = ("model=tiny_qwen2", "dataset=demo_math", "dataset.max_samples=200", "device=cpu", "model.torch_dtype=float32",

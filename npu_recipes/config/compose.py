@@ -18,7 +18,6 @@ from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf._utils import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
 from npu_recipes import paths
@@ -125,7 +124,7 @@ def load_recipe(name: str) -> DictConfig:
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"recipe file {path} is unreadable ({error})", fix="save it as UTF-8 text, or delete it") from None
     try:
-        tree = yaml.compose(text, Loader=get_yaml_loader())
+        tree = yaml.compose(text, Loader=yaml.SafeLoader)
         node = OmegaConf.create(text)
     except yaml.YAMLError as error:
         raise UserError(f"{path} line {_yaml_error_line(error)}: not valid YAML ({_yaml_problem(error)})",
@@ -214,14 +213,14 @@ def _check_recipe_keys(path: Path, node: DictConfig, lines: Dict[str, int]) -> N
     for dotted in _leaf_keys(body):
         line = lines.get(dotted, 1)
         _check_key(dotted, where=(path, line))
-        if _is_section(dotted) and not isinstance(OmegaConf.select(body, dotted), DictConfig):
+        if _is_section(dotted) and not isinstance(OmegaConf.select(body, dotted, throw_on_resolution_failure=False), DictConfig):
             raise UserError(f"{path} line {line}: {dotted} is a section of keys ({dotted}.KEY: VALUE), not a value",
                             fix=_recipe_fix(path, dotted))
     try:
         OmegaConf.merge(schema.structured(), body)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or ""
-        value = OmegaConf.select(body, key, default=None) if key else None
+        value = OmegaConf.select(body, key, default=None, throw_on_resolution_failure=False) if key else None
         shown = f"{key}={OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value!r}: " if key else ""
         raise UserError(f"{path} line {lines.get(key, 1)}: {shown}{str(error).splitlines()[0]}",
                         fix=_recipe_fix(path, f"the value of {key or 'that key'}")) from None
@@ -230,10 +229,9 @@ def _check_recipe_keys(path: Path, node: DictConfig, lines: Dict[str, int]) -> N
 def _leaf_keys(node: DictConfig, prefix: str = "") -> List[str]:
     """Every dotted key of ``node`` down to the values (mappings inside schema sections are walked into)."""
     keys = []
-    for key in node:
+    for key, value in node.items_ex(resolve=False):
         dotted = f"{prefix}{key}"
         keys.append(dotted)
-        value = node._get_node(key)
         if isinstance(value, DictConfig) and _is_section(dotted):
             keys.extend(_leaf_keys(value, dotted + "."))
     return keys

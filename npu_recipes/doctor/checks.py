@@ -246,39 +246,39 @@ def _used_indices(nproc_per_node: int, report: Report, chips: List[smi.Chip]) ->
 
 def _check_memory_in_use(report: Report, info: smi.SmiInfo, used: List[int], tool: str, warn_fraction: float,
                          planned_peak: Optional[PlannedPeak]) -> None:
-    """Memory already in use on the cards the run would use: above ``warn_fraction`` of a card warns;
-    less free than the planned peak per device fails (``tool``'s MB are MiB, so 1024 make a GiB)."""
+    """Memory already in use on the cards the run would use: more than ``warn_fraction`` of a card
+    warns ("memory in use"); less free than the run's planned peak per device fails ("planned peak").
+    ``tool``'s MB are MiB (npu-smi shows 65536 for a 64 GB card), so 1024 make a GiB."""
     chips = [chip for chip in info.chips if chip.index in used and chip.memory_total_mb > 0]
     if not chips:
         report.add("memory in use", SKIP, f"{tool} lists no memory for the devices this run would use")
         return
-    demand, why = None, None
-    if planned_peak is not None:
-        try:
-            demand = planned_peak(report.device, chips[0].memory_total_mb / 1024)
-        except UserError as error:
-            why = error.message
-    tightest = min(chips, key=lambda chip: chip.memory_total_mb - chip.memory_used_mb)
-    free_gib = (tightest.memory_total_mb - tightest.memory_used_mb) / 1024
-    listed = ", ".join(f"{chip.index}: {chip.memory_used_mb / chip.memory_total_mb:.0%}" for chip in chips)
-    busy = [chip for chip in chips if chip.memory_used_mb > warn_fraction * chip.memory_total_mb]
     hide = devices.visibility(report.device).variable or "the visibility variable"
-    if demand is not None and demand > free_gib:
-        report.add("memory in use", FAIL,
-                   f"the run's planned peak, {demand:.1f} GiB per device, no longer fits card {tightest.index}: "
-                   f"{tightest.memory_used_mb}/{tightest.memory_total_mb} MB in use, {free_gib:.1f} GiB free",
-                   f"free card {tightest.index} (`{tool}` lists what holds it), or choose other cards with {hide}")
-    elif busy:
-        report.add("memory in use", WARN,
-                   f"already in use before the run, above doctor.memory_used_warn={warn_fraction:g}: "
-                   + ", ".join(f"card {chip.index} {chip.memory_used_mb}/{chip.memory_total_mb} MB "
-                               f"({chip.memory_used_mb / chip.memory_total_mb:.0%})" for chip in busy)
-                   + ("" if demand is None else f"; the planned peak, {demand:.1f} GiB per device, still fits"),
+    busy = [chip for chip in chips if chip.memory_used_mb > warn_fraction * chip.memory_total_mb]
+    shares = ", ".join(f"card {chip.index} {chip.memory_used_mb}/{chip.memory_total_mb} MB ({chip.memory_used_mb / chip.memory_total_mb:.0%})"
+                       for chip in (busy or chips))
+    if busy:
+        report.add("memory in use", WARN, f"in use before the run, above doctor.memory_used_warn={warn_fraction:g}: {shares}",
                    f"free those cards (`{tool}` lists what holds them), or choose other cards with {hide}")
     else:
-        planned = f"; planned peak {demand:.1f} GiB per device, {free_gib:.1f} GiB free" if demand is not None else (
-            f"; peak not planned: {why}" if why else "")
-        report.add("memory in use", OK, f"in use on the cards this run would use: {listed}{planned}")
+        report.add("memory in use", OK, shares)
+    if planned_peak is None:
+        return
+    try:
+        demand = planned_peak(report.device, chips[0].memory_total_mb / 1024)
+    except UserError as error:
+        report.add("planned peak", SKIP, f"not planned: {error.message}")
+        return
+    tightest = min(chips, key=lambda chip: chip.memory_total_mb - chip.memory_used_mb)
+    free_gib = (tightest.memory_total_mb - tightest.memory_used_mb) / 1024
+    fits = demand <= free_gib
+    report.add("planned peak", OK if fits else FAIL,
+               f"{demand:.1f} GiB per device (stage=plan's estimate) "
+               + (f"fits the {free_gib:.1f} GiB free on card {tightest.index}" if fits else
+                  f"no longer fits card {tightest.index}: {tightest.memory_used_mb}/{tightest.memory_total_mb} MB in use, "
+                  f"{free_gib:.1f} GiB free"),
+               None if fits else f"free card {tightest.index} (`{tool}` lists what holds it), choose other cards with {hide}, "
+               "or a setting that needs less (same command plus stage=plan)")
 
 
 def _check_chips(report: Report, info: smi.SmiInfo, used: List[int], tool: str) -> None:

@@ -168,8 +168,9 @@ def parse_adapters(value: Any) -> List[Adapter]:
 
 
 def _explicit_fields(explicit: Collection[str]) -> List[str]:
-    """``ModelConfig`` fields the command line set (``model.KEY``, or all of them with ``model=OPTION``)."""
-    return [f.name for f in dataclasses.fields(ModelConfig) if "model" in explicit or f"model.{f.name}" in explicit]
+    """``ModelConfig`` fields set one by one on the command line (``model.KEY=VALUE``; a ``model=OPTION``
+    group choice names a model to train, not the base of an adapter)."""
+    return [f.name for f in dataclasses.fields(ModelConfig) if f"model.{f.name}" in explicit]
 
 
 def base_model_config(model: ModelConfig, adapters: List[Adapter], explicit: Collection[str] = ()) -> ModelConfig:

@@ -307,7 +307,8 @@ def check_before_data(config: RecipeConfig, fresh_output_dir: bool) -> None:
     """Run the checks of :func:`open_run_dir` that need no data, so that a run that cannot start or
     continue is refused before its dataset is tokenized: the checkpoint ``resume`` names, the run
     already in ``output_dir`` (in use, other settings, completed, its checkpoint's contents) or an
-    ``output_dir`` that cannot be created. Holds the run's lock when it continues a run; creates nothing.
+    ``output_dir`` that cannot be created. Holds the run's lock when it continues a run; writes nothing
+    (a write probe in the output location is removed at once).
 
     Raises:
         UserError, NothingToDo: as :func:`open_run_dir` would.

@@ -192,7 +192,8 @@ def _file_above(path: Path) -> Optional[Path]:
 def check_creatable(path: Path, fresh_output_dir: bool) -> None:
     """Refuse, before anything is loaded, an ``output_dir`` that :func:`create` could not make: an
     existing file, a path below a file, a directory another run uses or (explicit ``output_dir``)
-    one that is not empty, or a place this process may not write. Creates nothing.
+    one that is not empty, or a place this process may not write (probed with a temporary directory,
+    removed at once: :func:`npu_recipes.atomic.check_writable`).
 
     Raises:
         UserError: as above, naming the path.
@@ -209,9 +210,10 @@ def check_creatable(path: Path, fresh_output_dir: bool) -> None:
             raise in_use(path)
         if any(path.iterdir()):
             raise _not_empty(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot create output_dir {path}: Permission denied", fix="pass a writable output_dir=DIR")
+    try:
+        atomic.check_writable(path)
+    except OSError as error:
+        raise UserError(f"cannot create output_dir {path}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
 
 
 def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":

@@ -117,7 +117,8 @@ class RecipeTrainer(Trainer):
     def _best(self, run_dir: Path, step: int) -> Optional[manifest.BestCheckpointRecord]:
         """The best checkpoint among those saved in ``run_dir`` and ``step`` (being saved), by
         ``metric_for_best_model``; None before any of them was evaluated."""
-        metric, greater = self.args.metric_for_best_model, self.args.greater_is_better
+        metric = self.args.metric_for_best_model or "eval_loss"
+        greater = checkpoints.greater_is_better(metric, self.args.greater_is_better)
         saved = [checkpoints.step_of(path) for path in checkpoints.complete(run_dir)] + [step]
         best = checkpoints.best_evaluation(self.state.log_history, metric, greater, saved)
         overall = checkpoints.best_evaluation(self.state.log_history, metric, greater)
