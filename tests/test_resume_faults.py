@@ -206,8 +206,8 @@ def test_a_checkpoint_without_optimizer_state_continues_only_from_its_weights_on
     the rerun is refused (the troubleshooting row), and with resume_weights_only=true it continues
     from the weights, the manifest records it, and the learning rate continues its cosine schedule
     instead of jumping back to its peak. The continued run saves with train.save_only_model=true."""
-    from transformers import get_scheduler
     import torch
+    from transformers import get_scheduler
 
     run = _copy(base, tmp_path)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
