@@ -455,6 +455,11 @@ def _(ws: Workspace) -> Outcome:
     return ws.train("dataset.val_split_ratio=0.99")
 
 
+@case("load-best-model-without-evaluation")
+def _(ws: Workspace) -> Outcome:
+    return ws.train("train.load_best_model_at_end=true")
+
+
 @case("value-of-wrong-type")
 def _(ws: Workspace) -> Outcome:
     return ws.train("train.max_length=long")
