@@ -48,10 +48,10 @@ def main() -> None:
     if len(sys.argv) == 1:
         sys.argv.append("+recipe=demo")
     setup_logging()
-    compose.register()
     args = get_args_parser().parse_args(sys.argv[1:])
     try:
         compose.check_overrides(args.overrides, multirun=args.multirun)
+        compose.register(compose.selected_recipes(args.overrides))
         if not (args.multirun or args.config_name or args.config_path or args.config_dir):
             compose.compose_dictconfig(args.overrides)
         _compose_and_run()

@@ -6,6 +6,8 @@ Faults (each simulates what the machine would do, at the library call where it w
   and RNG states) fails with ENOSPC, as on a disk that filled up while that checkpoint was written.
 * ``out-of-memory-at-step=N``: the N-th training micro-step raises ``torch.OutOfMemoryError``
   with the CUDA allocator's wording, as a device with too little memory would.
+* ``sigterm-in-slow-step=N``: the N-th training micro-step sends this process SIGTERM, then takes
+  ten minutes (a step over a huge pack, or a hung collective): the stop must not wait for it.
 """
 
 from __future__ import annotations
@@ -45,7 +47,28 @@ def _out_of_memory_at_step(step: int) -> None:
     Trainer.training_step = training_step
 
 
-FAULTS = {"no-space-at-checkpoint": _no_space_at_checkpoint, "out-of-memory-at-step": _out_of_memory_at_step}
+def _sigterm_in_slow_step(step: int) -> None:
+    import os
+    import signal
+    import time
+
+    from transformers import Trainer
+
+    real_step = Trainer.training_step
+    calls = {"count": 0}
+
+    def training_step(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(600)
+        return real_step(self, *args, **kwargs)
+
+    Trainer.training_step = training_step
+
+
+FAULTS = {"no-space-at-checkpoint": _no_space_at_checkpoint, "out-of-memory-at-step": _out_of_memory_at_step,
+          "sigterm-in-slow-step": _sigterm_in_slow_step}
 
 
 def main() -> None:

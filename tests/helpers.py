@@ -46,10 +46,11 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_for_generation(config, device):
     """The model ``config`` names (``model.*`` or its ``adapters``' base, plus the adapters), loaded
     for generation on ``device`` as the infer and serve stages load it."""
+    from npu_recipes.config import compose
     from npu_recipes.infer import adapters, loading
 
     parsed = adapters.parse_adapters(config.adapters)
-    return loading.load(adapters.base_model_config(config.model, parsed), parsed, device)
+    return loading.load(adapters.base_model_config(config.model, parsed, compose.command_line_keys()), parsed, device)
 
 
 def run_in_process(*overrides: str) -> None:

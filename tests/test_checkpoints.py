@@ -73,6 +73,23 @@ def test_best_step_is_the_saved_step_with_the_lowest_eval_loss():
     assert checkpoints.best_step(history, [2, 4]) == 4
     assert checkpoints.best_step(history, [2, 3, 4]) == 3
     assert checkpoints.best_step([{"loss": 1.0, "step": 1}], [1]) is None
+    assert checkpoints.best_step(history, [2, 3, 4], greater=True) == 2
+    assert checkpoints.best_evaluation(history, "loss") == (3, 1.5), "transformers' short name of eval_loss"
+
+
+@pytest.mark.parametrize("world_size,deepspeed,present,missing", [
+    (1, False, ["optimizer.pt", "scheduler.pt", "rng_state.pth"], []),
+    (1, False, [], ["optimizer.pt", "scheduler.pt", "rng_state.pth"]),
+    (2, False, ["optimizer.pt", "scheduler.pt", "rng_state_0.pth"], ["rng_state_1.pth"]),
+    (2, True, ["scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "global_step5/"], []),
+    (2, True, ["optimizer.pt", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth"], ["global_step5/ (DeepSpeed's optimizer states)"]),
+])
+def test_an_exact_resume_needs_optimizer_scheduler_and_rng_state_of_every_rank(tmp_path, world_size, deepspeed, present, missing):
+    """The files transformers' Trainer writes for each, and skips without a word when absent on resume."""
+    checkpoint = _checkpoint(tmp_path, 5)
+    for name in present:
+        (checkpoint / name).mkdir() if name.endswith("/") else (checkpoint / name).write_bytes(b"state")
+    assert checkpoints.missing_resume_state(checkpoint, world_size, deepspeed) == missing
 
 
 COMMON = ("model=tiny_qwen2", "dataset=demo_math", "dataset.max_samples=200", "device=cpu", "model.torch_dtype=float32",
@@ -82,16 +99,27 @@ COMMON = ("model=tiny_qwen2", "dataset=demo_math", "dataset.max_samples=200", "d
 @pytest.mark.slow
 def test_save_total_limit_one_keeps_the_best_and_the_newest(tmp_path):
     """A constant learning rate of 0.5 makes the tiny model's eval loss jump around, so the best
-    evaluation is not the last one; with save_total_limit=1 both checkpoints stay."""
+    evaluation is not the last one; with save_total_limit=1 both checkpoints stay. Evaluations at
+    every step and saves at every other one: the best is the best saved step, named by the manifest
+    and trainer_state.json, and loaded at the end; the best evaluation overall is recorded too."""
     run = tmp_path / "run"
     run_in_process(*COMMON, "dataset.val_split_ratio=0.05", "train_type=full", "train.learning_rate=0.5",
-                   "train.lr_scheduler_type=constant", "train.max_steps=12", "train.save_steps=2", "train.eval_steps=2",
-                   "train.save_total_limit=1", f"output_dir={run}")
+                   "train.lr_scheduler_type=constant", "train.max_steps=12", "train.save_steps=2", "train.eval_steps=1",
+                   "train.save_total_limit=1", "train.load_best_model_at_end=true", f"output_dir={run}")
     evals = {r["step"]: r["eval_loss"] for r in read_jsonl(run / "logging.jsonl") if r["type"] == "eval"}
-    assert sorted(evals) == [2, 4, 6, 8, 10, 12]
-    best = min(evals, key=evals.get)
+    assert sorted(evals) == list(range(1, 13))
+    saved = {step: loss for step, loss in evals.items() if step % 2 == 0}
+    best = min(saved, key=saved.get)
     assert best != 12, f"the best evaluation must be an earlier one for this test to mean anything: {evals}"
     assert [checkpoints.step_of(p) for p in checkpoints.complete(run)] == [best, 12]
+    recorded = json.loads((run / "manifest.json").read_text())["best_checkpoint"]
+    overall = min(evals, key=evals.get)
+    assert recorded == {"metric": "eval_loss", "greater_is_better": False, "checkpoint": str(run / f"checkpoint-{best}"),
+                        "step": best, "value": saved[best], "best_evaluated_step": overall, "best_evaluated_value": evals[overall],
+                        "loaded_at_end": True}
+    state = json.loads((run / "checkpoint-12" / checkpoints.TRAINER_STATE).read_text())
+    assert (state["best_model_checkpoint"], state["best_global_step"], state["best_metric"]) == (
+        str(run / f"checkpoint-{best}"), best, saved[best])
 
 
 @pytest.mark.slow

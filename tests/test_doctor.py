@@ -138,7 +138,9 @@ def test_cuda_path_reads_nvidia_smi(tmp_path, doctor):
     assert report["device"] == "cuda"
     assert checks["nvidia-smi chips"]["detail"] == "2 x NVIDIA H200"
     assert checks["interconnect"]["status"] == "ok" and "NV18" in checks["interconnect"]["detail"]
-    assert checks["interconnect"]["detail"].endswith("CPU affinity GPU1: 0-55,112-167, GPU0: 0-55,112-167")
+    assert checks["interconnect"]["detail"] == "links among all: NV18, SYS"
+    assert checks["CPU affinity"] == {"name": "CPU affinity", "status": "ok", "detail": "NUMA Affinity: GPU1 0, GPU0 0 (one node)",
+                                      "fix": None}
     assert checks["visible devices"]["status"] == "ok"
     assert checks["visible devices"]["detail"] == "CUDA_VISIBLE_DEVICES=1,0; parallelism.nproc_per_node=2"
     uuids = doctor("device=cuda", "parallelism.nproc_per_node=3", "doctor.format=json",

@@ -39,6 +39,15 @@ def test_plan_packs_rejects_a_sample_longer_than_a_pack():
         packing.plan_packs([3, 9], capacity=8)
 
 
+def test_longest_row_is_the_longest_sample_or_the_fullest_pack():
+    from datasets import Dataset
+
+    samples = Dataset.from_dict({"input_ids": [[1] * 5, [1] * 9, [1] * 2], "labels": [[1] * 5, [1] * 9, [1] * 2]})
+    assert packing.longest_row(samples) == 9
+    packed, _ = packing.pack_dataset(samples, capacity=12)
+    assert packing.longest_row(packed) == 11, "packs [9, 2] and [5]"
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_path):
     from transformers import AutoTokenizer

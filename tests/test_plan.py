@@ -221,3 +221,42 @@ def test_unknown_target_lists_the_device_types():
 def test_suggested_parallelisms_set_what_their_group_option_sets(name):
     parallel = compose.compose([f"parallelism={name}"]).parallelism
     assert (parallel.zero_stage, parallel.offload_optimizer_device, parallel.offload_param_device) == planner.PARALLELISM_SETTINGS[name]
+
+
+@pytest.mark.parametrize("rope,context,source", [
+    (None, 32768, "max_position_embeddings=32768 in its config.json"),
+    ({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072,
+     "32768 positions x rope_scaling factor 4 (yarn) in its config.json"),
+    ({"rope_type": "linear", "factor": 2.0}, 65536, "32768 positions x rope_scaling factor 2 (linear) in its config.json"),
+    ({"rope_type": "default", "rope_theta": 1e6}, 32768, "max_position_embeddings=32768 in its config.json"),
+])
+def test_the_context_is_max_position_embeddings_or_its_rope_scaled_length(tmp_path, rope, context, source):
+    from npu_recipes.errors import UserError
+    from npu_recipes.model import pretrained
+
+    model_dir = config_only(tmp_path, QWEN2_5_14B)
+    if rope is not None:
+        config = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**config, "rope_scaling": rope}))
+    assert pretrained.context_length(str(model_dir)) == (context, source)
+    pretrained.check_max_length(context, str(model_dir), QWEN2_5_14B)
+    with pytest.raises(UserError, match=rf"train.max_length={context + 1} exceeds the context of {QWEN2_5_14B}: {context} tokens"):
+        pretrained.check_max_length(context + 1, str(model_dir), QWEN2_5_14B)
+
+
+def test_the_plan_refuses_max_length_past_the_context_and_the_train_stage_plans_the_longest_row(tmp_path, tiny_model_path):
+    """The issue's 1e8 tokens: refused with both numbers; and a run's planner sizes activations by the
+    longest row its data has (here 100 tokens), not by train.max_length (4096)."""
+    from npu_recipes.errors import UserError
+    from npu_recipes.runtime import devices
+    from npu_recipes.stages import train
+
+    with pytest.raises(UserError, match=r"train.max_length=100000000 exceeds the context of .*tiny_qwen2-v1: 4096 tokens "
+                                        r"\(max_position_embeddings=4096 in its config.json\)"):
+        _make(tmp_path, ["device=cpu", "train.max_length=100000000"])
+    config = compose.compose(["device=cpu", "train.max_length=4096", "train.per_device_train_batch_size=8"])
+    planned = train._plan_here(config, devices.Device("cpu", 1), longest=100)
+    expected = _make(tmp_path, ["device=cpu", "train.max_length=100", "train.per_device_train_batch_size=8"])
+    assert planned.setting.max_length == 100
+    assert planned.estimate.total_bytes == expected.estimate.total_bytes < _make(tmp_path, [
+        "device=cpu", "train.max_length=4096", "train.per_device_train_batch_size=8"]).estimate.total_bytes

@@ -46,12 +46,15 @@ def _trainer(output_dir, model=None, max_steps: int = 1):
 
 def test_trainer__save_checkpoint_and__get_output_dir(tmp_path):
     """``Trainer._save_checkpoint(model, trial)`` writes ``checkpoint-<step>`` under ``_get_output_dir(trial)``:
-    RecipeTrainer points that at a staging directory and renames the finished checkpoint into place."""
+    RecipeTrainer points that at a staging directory and renames the finished checkpoint into place.
+    It also sets ``state.best_model_checkpoint`` from ``state.best_global_step`` inside that directory,
+    which RecipeTrainer clears before the call and names itself afterwards."""
     from transformers import Trainer
 
     assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
     assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
     assert "_get_output_dir(" in inspect.getsource(Trainer._save_checkpoint)
+    assert "self.state.best_global_step" in inspect.getsource(Trainer._save_checkpoint)
     trainer = _trainer(tmp_path)
     trainer.train()
     checkpoint = tmp_path / "checkpoint-1"
@@ -88,6 +91,10 @@ def test_trainer__load_optimizer_and_scheduler(tmp_path):
     trainer.create_optimizer_and_scheduler(num_training_steps=1)
     with pytest.raises(UserError, match=rf"cannot resume from {checkpoint}: its optimizer and scheduler states do not fit"):
         trainer._load_optimizer_and_scheduler(str(checkpoint))
+    # resume_weights_only: called after the trainer state is restored, it steps the fresh schedule to that step.
+    trainer.weights_only_resume, trainer.state.global_step = True, 3
+    trainer._load_optimizer_and_scheduler(str(checkpoint))
+    assert trainer.lr_scheduler.last_epoch == 3
 
 
 def test_hydra__internal_utils_get_args_parser():

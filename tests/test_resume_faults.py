@@ -201,6 +201,39 @@ def test_a_branch_reruns_in_place_also_before_its_first_save(base, tmp_path, cap
 
 
 @pytest.mark.slow
+def test_a_checkpoint_without_optimizer_state_continues_only_from_its_weights_on_purpose(base, tmp_path, caplog):
+    """checkpoint-4 lost its optimizer, scheduler and RNG state (as a save_only_model save leaves it):
+    the rerun is refused (the troubleshooting row), and with resume_weights_only=true it continues
+    from the weights, the manifest records it, and the learning rate continues its cosine schedule
+    instead of jumping back to its peak. The continued run saves with train.save_only_model=true."""
+    import torch
+    from transformers import get_scheduler
+
+    run = _copy(base, tmp_path)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (run / "checkpoint-4" / name).unlink()
+    with pytest.raises(UserError, match=r"cannot resume exactly from .*checkpoint-4: it lacks optimizer.pt, scheduler.pt, rng_state.pth"):
+        resume.check_before_data(_config(*ARGS, "train.max_steps=6", f"output_dir={run}"), False)
+    logged = _train(caplog, *ARGS, "train.max_steps=6", "train.save_steps=2", "resume_weights_only=true", "train.save_only_model=true",
+                    f"output_dir={run}")
+    assert "resuming the run in" in logged and "(its weights alone: resume_weights_only=true)" in logged
+    manifest = _manifest(run)
+    assert manifest["resume_weights_only"] is True and manifest["resumes"][-1]["weights_only"] is True
+    assert manifest["resume_from"] == str(run / "checkpoint-4") and manifest["status"] == "completed"
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=0, num_training_steps=6)
+    after = [schedule.get_last_lr()[0]]  # the rate after 0, 1, ... scheduler steps; step N trains at after[N - 1]
+    for _ in range(6):
+        optimizer.step()
+        schedule.step()
+        after.append(schedule.get_last_lr()[0])
+    rates = {r["step"]: r["learning_rate"] for r in read_jsonl(run / "logging.jsonl") if r["type"] == "train"}
+    assert [rates[5], rates[6]] == pytest.approx([after[4], after[5]], rel=1e-6), "not after[0], the peak again"
+    assert _saved(run) == [2, 4, 6]
+    assert checkpoints.missing_resume_state(run / "checkpoint-6", 1, False) == ["optimizer.pt", "scheduler.pt", "rng_state.pth"]
+
+
+@pytest.mark.slow
 def test_the_lock_not_the_pid_decides_whether_a_run_is_in_use(base, tmp_path):
     run = _copy(base, tmp_path)
     # A process holding the run's lock, as a live launcher or a worker still saving would.

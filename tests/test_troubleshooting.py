@@ -15,14 +15,15 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from tests.helpers import REPO, run_cli, run_faulty_cli, run_in_process
+from tests.helpers import NPU_SMI_FIXTURES, REPO, run_cli, run_faulty_cli, run_in_process
 
 DOC = REPO / "docs" / "troubleshooting.md"
 GOOD_ROW = {"input": "What is 2 + 2?", "output": "2 + 2 = 4", "answer": "4"}
@@ -42,16 +43,18 @@ class Outcome:
 class Case:
     run: Callable[["Workspace"], Outcome]
     exit_status: int = 2
+    doctor_check: Optional[str] = None
 
 
 CASES: Dict[str, Case] = {}
 
 
-def case(case_id: str, exit_status: int = 2):
-    """Register the function that reproduces the table row ``case_id``."""
+def case(case_id: str, exit_status: int = 2, doctor_check: Optional[str] = None):
+    """Register the function that reproduces the table row ``case_id`` (a finding of the doctor's
+    check ``doctor_check``, when given)."""
 
     def register(function):
-        CASES[case_id] = Case(function, exit_status)
+        CASES[case_id] = Case(function, exit_status, doctor_check)
         return function
 
     return register
@@ -64,6 +67,8 @@ class Workspace:
     path: Path
     tiny_model: Path
     adapters: Dict[str, Path]
+    shared: Path
+    """A directory the module's cases share (a trained run made once, the doctor's output)."""
 
     def rows(self, rows, name: str = "rows.jsonl") -> Path:
         """Write ``rows`` (dicts as JSON objects, strings as they are) one per line."""
@@ -83,6 +88,17 @@ class Workspace:
         target = self.path / "merged"
         return Outcome(run_cli("device=cpu", "stage=merge", f"adapters={adapters}", f"merge.output_dir={target}", *args), [target])
 
+    def with_recipe(self, text: str, *args: str) -> subprocess.CompletedProcess:
+        """The CLI of a copy of npu_recipes whose recipes/ also holds ``zz_broken.yaml`` with ``text``,
+        run with ``+recipe=zz_broken`` (or ``args``). The copy keeps the broken file away from tests
+        that read every recipe of the checkout at the same time."""
+        project = self.path / "project"
+        if not project.is_dir():
+            for name in ("npu_recipes", "conf", "recipes"):
+                shutil.copytree(REPO / name, project / name)
+        (project / "recipes" / "zz_broken.yaml").write_text(text)
+        return run_cli(*(args or ("+recipe=zz_broken", "device=cpu")), cwd=project, env={"PYTHONPATH": str(project)})
+
 
 def unwritable_dir(workspace: Workspace) -> Path:
     """A directory in which this process can create nothing: a read-only (0o500) directory, or for
@@ -100,7 +116,7 @@ def unwritable_dir(workspace: Workspace) -> Path:
 
 @case("malformed-jsonl")
 def _(ws: Workspace) -> Outcome:
-    return ws.train_on(ws.rows([GOOD_ROW, GOOD_ROW, '{"input": "q", "output": ', GOOD_ROW]))
+    return ws.train_on(ws.rows([GOOD_ROW, GOOD_ROW, '{"input": "q', GOOD_ROW]))
 
 
 @case("malformed-json-array")
@@ -155,6 +171,15 @@ def _(ws: Workspace) -> Outcome:
 @case("column-of-mixed-types")
 def _(ws: Workspace) -> Outcome:
     return ws.train_on(ws.rows([GOOD_ROW, GOOD_ROW, {**GOOD_ROW, "answer": 4}]))
+
+
+@case("dataset-files-with-different-columns")
+def _(ws: Workspace) -> Outcome:
+    directory = ws.path / "data"
+    directory.mkdir()
+    ws.rows([GOOD_ROW, GOOD_ROW], "data/a.jsonl")
+    ws.rows([{"question": "What is 1 + 1?", "output": "1 + 1 = 2", "answer": "2"}], "data/b.jsonl")
+    return ws.train_on(directory)
 
 
 @case("malformed-conversation")
@@ -245,6 +270,18 @@ def _(ws: Workspace) -> Outcome:
     return ws.merge(f"[{ws.adapters['tiny']},{ws.adapters['wide']}]")
 
 
+@case("adapters-best-without-evaluation")
+def _(ws: Workspace) -> Outcome:
+    from npu_recipes.config import compose, resolved
+
+    run = ws.path / "lora-run"
+    shutil.copytree(ws.adapters["tiny"], run / "checkpoint-1")
+    (run / "checkpoint-1" / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+    (run / "resolved.yaml").write_text(resolved.to_yaml(compose.compose(["device=cpu"])))
+    (run / "manifest.json").write_text(json.dumps({"status": "completed"}))
+    return ws.merge(str(run / "best"))
+
+
 # --- output directories -------------------------------------------------------------------------
 
 
@@ -269,6 +306,26 @@ def _(ws: Workspace) -> Outcome:
     return Outcome(ws.train().result)
 
 
+@case("output-dir-below-a-file")
+def _(ws: Workspace) -> Outcome:
+    (ws.path / "runs").write_text("a file where a directory was meant")
+    return Outcome(run_cli("device=cpu", f"output_dir={ws.path / 'runs' / 'run'}"))
+
+
+@case("output-dir-taken-at-the-same-moment")
+def _(ws: Workspace) -> Outcome:
+    from npu_recipes.run import lock
+
+    # The moment after another run created the directory and took its lock, before it wrote
+    # anything else: this test's own process stands for that run.
+    (ws.path / "run").mkdir()
+    lock.claim(ws.path / "run")
+    try:
+        return Outcome(ws.train().result)
+    finally:
+        lock.release(ws.path / "run")
+
+
 @case("merge-target-unwritable")
 def _(ws: Workspace) -> Outcome:
     target = unwritable_dir(ws) / "npu-recipes-merged"
@@ -290,10 +347,13 @@ RESUMABLE = ("device=cpu", "train.max_steps=1", "train.save_steps=1", "train.lea
 
 
 def finished_run(ws: Workspace) -> Path:
-    """A one-step training run (made in this process: it is the setting, not the case) whose directory
-    the case then reuses through the CLI (it must survive the case)."""
+    """A copy of a one-step training run (made once per module in this process: it is the setting,
+    not the case) whose directory the case then reuses through the CLI (it must survive the case)."""
+    template = ws.shared / "finished-run"
+    if not template.is_dir():
+        run_in_process(*RESUMABLE, f"output_dir={template}")
     run = ws.path / "run"
-    run_in_process(*RESUMABLE, f"output_dir={run}")
+    shutil.copytree(template, run)
     return run
 
 
@@ -313,6 +373,14 @@ def _(ws: Workspace) -> Outcome:
 def _(ws: Workspace) -> Outcome:
     (ws.path / "checkpoint-7").mkdir()
     return ws.train(f"resume={ws.path / 'checkpoint-7'}")
+
+
+@case("resume-without-optimizer-state")
+def _(ws: Workspace) -> Outcome:
+    run = finished_run(ws)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (run / "checkpoint-1" / name).unlink()
+    return Outcome(run_cli("device=cpu", "train.max_steps=2", "train.save_steps=1", "train.learning_rate=1e-4", f"output_dir={run}"))
 
 
 @case("output-dir-in-use")
@@ -340,6 +408,19 @@ def _(ws: Workspace) -> Outcome:
                               f"output_dir={ws.path / 'run'}"))
 
 
+@case("stop-in-a-long-step", exit_status=143)
+def _(ws: Workspace) -> Outcome:
+    # The third step sends SIGTERM and then takes ten minutes: the run must stop after the one-second bound.
+    return Outcome(run_faulty_cli("sigterm-in-slow-step=3", "device=cpu", "dataset.max_samples=40", "train.max_steps=4",
+                                  "train.save_steps=1", "train.gradient_accumulation_steps=1", "parallelism.stop_timeout=1",
+                                  f"output_dir={ws.path / 'run'}", timeout=120))
+
+
+@case("max-length-over-context")
+def _(ws: Workspace) -> Outcome:
+    return ws.train("train.max_length=100000000")
+
+
 @case("device-out-of-memory")
 def _(ws: Workspace) -> Outcome:
     run = ws.path / "run"
@@ -364,6 +445,21 @@ def _(ws: Workspace) -> Outcome:
     return ws.train("train.learning_rate=-1e-4")
 
 
+@case("value-not-finite")
+def _(ws: Workspace) -> Outcome:
+    return ws.train("train.learning_rate=inf")
+
+
+@case("val-split-ratio-too-large")
+def _(ws: Workspace) -> Outcome:
+    return ws.train("dataset.val_split_ratio=0.99")
+
+
+@case("load-best-model-without-evaluation")
+def _(ws: Workspace) -> Outcome:
+    return ws.train("train.load_best_model_at_end=true")
+
+
 @case("value-of-wrong-type")
 def _(ws: Workspace) -> Outcome:
     return ws.train("train.max_length=long")
@@ -372,6 +468,87 @@ def _(ws: Workspace) -> Outcome:
 @case("several-values-without-multirun")
 def _(ws: Workspace) -> Outcome:
     return ws.train("train.learning_rate=1e-4,2e-4")
+
+
+# --- recipe files ---------------------------------------------------------------------------------
+
+
+def broken_recipe(ws: Workspace, text: str) -> Outcome:
+    """The broken recipe selected; first, with it in place, commands that do not use it still work."""
+    for other in (("+recipe=demo", "--cfg", "job"), ("stage=doctor", "--cfg", "job")):
+        unaffected = ws.with_recipe(text, *other)
+        assert unaffected.returncode == 0, unaffected.stderr[-3000:]
+    return Outcome(ws.with_recipe(text))
+
+
+@case("recipe-not-yaml")
+def _(ws: Workspace) -> Outcome:
+    return broken_recipe(ws, "# @package _global_\ntrain:\n  learning_rate: [1\n")
+
+
+@case("recipe-not-a-mapping")
+def _(ws: Workspace) -> Outcome:
+    return Outcome(ws.with_recipe("- train.learning_rate: 1\n- train.max_steps: 2\n"))
+
+
+@case("recipe-unknown-key")
+def _(ws: Workspace) -> Outcome:
+    return Outcome(ws.with_recipe("# @package _global_\ntrain:\n  learnin_rate: 1.0e-4\n"))
+
+
+@case("recipe-unknown-option")
+def _(ws: Workspace) -> Outcome:
+    return Outcome(ws.with_recipe("# @package _global_\ndefaults:\n  - override /model: tiny_qwen\n"))
+
+
+@case("recipe-value-of-wrong-type")
+def _(ws: Workspace) -> Outcome:
+    return Outcome(ws.with_recipe("# @package _global_\ntrain:\n  max_length: long\n"))
+
+
+# --- doctor findings ------------------------------------------------------------------------------
+
+DOCTOR_CARDS = {0: 65500, 1: 20000}
+"""Memory in use (MB) the fake npu-smi reports for cards 0 and 1 of the 8 x 910B3 fixture."""
+
+
+def doctor_findings(ws: Workspace) -> Outcome:
+    """``stage=doctor`` for a run of the tiny model on 4 cards of the fixture machine, with a fake
+    npu-smi; run once for every doctor row of the module (the rows are findings of one report)."""
+    done = ws.shared / "doctor.json"
+    if not done.is_file():
+        info = (NPU_SMI_FIXTURES / "info_8x910B3.txt").read_text()
+        for card, used in DOCTOR_CARDS.items():
+            info = info.replace(f"| 0000:{['C1', 'C2'][card]}:00.0  | 0           0    / 0          {3318 if card == 0 else 3314} / 65536",
+                                f"| 0000:{['C1', 'C2'][card]}:00.0  | 0           0    / 0          {used} / 65536")
+        assert all(f"{used} / 65536" in info for used in DOCTOR_CARDS.values())
+        bin_dir = ws.shared / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "info.txt").write_text(info)
+        tool = bin_dir / "npu-smi"
+        tool.write_text(f'#!/bin/sh\nif [ "$*" = "info -t topo" ]; then cat "{NPU_SMI_FIXTURES / "topo_8x910B3_hccs.txt"}"; '
+                        f'else cat "{bin_dir / "info.txt"}"; fi\n')
+        tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+        env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        result = run_cli("stage=doctor", "parallelism.nproc_per_node=4", cwd=ws.path, env=env)
+        done.write_text(json.dumps({"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}))
+    saved = json.loads(done.read_text())
+    return Outcome(subprocess.CompletedProcess([], saved["returncode"], saved["stdout"], saved["stderr"]))
+
+
+@case("doctor-memory-in-use", exit_status=1, doctor_check="memory in use")
+def _(ws: Workspace) -> Outcome:
+    return doctor_findings(ws)
+
+
+@case("doctor-planned-peak-does-not-fit", exit_status=1, doctor_check="planned peak")
+def _(ws: Workspace) -> Outcome:
+    return doctor_findings(ws)
+
+
+@case("doctor-mixed-numa-affinity", exit_status=1, doctor_check="CPU affinity")
+def _(ws: Workspace) -> Outcome:
+    return doctor_findings(ws)
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -442,10 +619,29 @@ def test_every_documented_case_has_a_case_function_and_every_case_a_row():
     )
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared")
+
+
+def _doctor_finding(check: str, result: subprocess.CompletedProcess) -> tuple:
+    """The doctor table's detail and fix for ``check`` (its row ``check  WARN|FAIL  detail``, and ``STATUS check: fix``)."""
+    row = next(line for line in result.stdout.splitlines() if re.match(rf"{re.escape(check)}\s+(WARN|FAIL)\s", line))
+    fix = next(line for line in result.stdout.splitlines() if re.match(rf"  (WARN|FAIL) {re.escape(check)}: ", line))
+    return re.split(r"\s+(?:WARN|FAIL)\s+", row, maxsplit=1)[1], fix.split(": ", 1)[1]
+
+
 @pytest.mark.cli
 @pytest.mark.parametrize("row", table_rows(), ids=lambda row: row.case_id)
-def test_documented_message_and_fix_are_what_the_user_sees(row, tmp_path, tiny_model_path, adapters):
-    outcome = CASES[row.case_id].run(Workspace(tmp_path, tiny_model_path, adapters))
+def test_documented_message_and_fix_are_what_the_user_sees(row, tmp_path, tiny_model_path, adapters, shared):
+    documented = CASES[row.case_id]
+    outcome = documented.run(Workspace(tmp_path, tiny_model_path, adapters, shared))
+    if documented.doctor_check:
+        assert outcome.result.returncode == documented.exit_status and "Traceback" not in outcome.result.stderr, outcome.result.stderr[-3000:]
+        detail, fix = _doctor_finding(documented.doctor_check, outcome.result)
+        assert pattern(row.message).fullmatch(detail), f"documented: {row.message}\nprinted:    {detail}"
+        assert pattern(row.fix).fullmatch(fix), f"documented fix: {row.fix}\nprinted fix:    {fix}"
+        return
     stderr = outcome.result.stderr
     assert outcome.result.returncode == CASES[row.case_id].exit_status, stderr[-3000:]
     assert stderr.count("npu_recipes: error:") == 1, stderr[-3000:]

@@ -129,6 +129,12 @@ class TrainConfig:
     ``gradient_checkpointing`` is ``true``, ``false`` or ``auto``: off when the memory planner's
     estimate without it fits the device with a 15% margin, on otherwise (decided in each training
     process for the device it has, logged and recorded in the manifest; see docs/memory.md).
+    ``save_only_model`` saves weights and trainer state but no optimizer, scheduler or RNG state
+    (smaller checkpoints that resume only with ``resume_weights_only=true``).
+    ``metric_for_best_model`` (``eval_loss``, the one metric the evaluation reports) and
+    ``greater_is_better`` (None: false for a loss, as transformers decides) pick the best saved
+    checkpoint, which ``save_total_limit`` spares and the manifest names; ``load_best_model_at_end``
+    loads its weights when training ends (transformers' meaning).
     """
 
     learning_rate: float = 1e-4
@@ -156,6 +162,10 @@ class TrainConfig:
     max_length: int = 2048
     truncation_strategy: str = "drop"
     packing: bool = False
+    save_only_model: bool = False
+    metric_for_best_model: str = "eval_loss"
+    greater_is_better: Optional[bool] = None
+    load_best_model_at_end: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,9 @@ class ParallelismConfig:
     process group (HCCL, NCCL or gloo), e.g. ranks waiting at a barrier for a slow one.
     ``shutdown_timeout`` (seconds, torchrun's ``--shutdown-timeout``) is how long workers stopped
     by SIGTERM/SIGINT may take to save their checkpoint before torchrun kills them.
+    ``stop_timeout`` (seconds) is how long the training step under way when SIGTERM/SIGINT arrives
+    may take to end; a step that takes longer is abandoned and the run stops without saving it
+    (see :mod:`npu_recipes.run.stopping`).
     """
 
     name: str = "single"
@@ -241,6 +254,7 @@ class ParallelismConfig:
     offload_param_device: str = "none"
     ddp_timeout: int = 1800
     shutdown_timeout: int = 300
+    stop_timeout: int = 120
 
     @property
     def world_size(self) -> int:
@@ -275,9 +289,15 @@ class MfuConfig:
 
 @dataclass(frozen=True)
 class DoctorConfig:
-    """``doctor.*``: options of ``stage=doctor``; ``format`` is ``table`` (readable) or ``json``."""
+    """``doctor.*``: options of ``stage=doctor``; ``format`` is ``table`` (readable) or ``json``.
+
+    ``memory_used_warn`` (a fraction) warns when a card the run would use already has more than that
+    share of its memory in use (0.1: 10%); the check fails when the planned peak no longer fits in
+    what is free.
+    """
 
     format: str = "table"
+    memory_used_warn: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -345,6 +365,8 @@ class RecipeConfig:
     ``resume`` (train stage): ``auto`` continues the run already in an explicit ``output_dir`` from
     its newest complete checkpoint, ``never`` refuses a non-empty ``output_dir``, and a checkpoint
     path starts a new run from that checkpoint (see :mod:`npu_recipes.run.resume`).
+    ``resume_weights_only=true`` continues from a checkpoint's weights and trainer state alone, with
+    a fresh optimizer (a checkpoint lacking optimizer, scheduler or RNG state is refused without it).
     """
 
     recipe: str = "adhoc"
@@ -356,6 +378,7 @@ class RecipeConfig:
     adapters: Any = None
     load_data_args: bool = False
     resume: str = "auto"
+    resume_weights_only: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

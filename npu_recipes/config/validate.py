@@ -36,8 +36,10 @@ def _check_choice(dotted: str, value: str) -> None:
 
 
 def _check_positive(name: str, value, minimum=0, inclusive=False) -> None:
-    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
-        sign = ">=" if inclusive else ">"
+    sign = ">=" if inclusive else ">"
+    if not math.isfinite(value):
+        raise UserError(f"{name}={value} is not a finite number", fix=f"pass {name} with a finite value {sign} {minimum}")
+    if value < minimum or (value == minimum and not inclusive):
         raise UserError(f"{name}={value} must be {sign} {minimum}", fix=f"pass {name} with a value {sign} {minimum}")
 
 
@@ -101,6 +103,46 @@ def _check_templates(dataset: schema.DatasetConfig) -> None:
                 fix="write columns as {column} (conversions !s/!r and text format specs such as {column:>10} work); "
                 "double literal braces as {{ and }}",
             ) from None
+
+
+MAX_VAL_SPLIT_RATIO = 0.5
+"""Largest ``dataset.val_split_ratio``: holding out more rows than are trained on is taken for a mistake
+(0.99 for 0.01), which would otherwise train on a handful of rows without a word."""
+
+EVAL_METRICS = ("eval_loss", "loss")
+"""``train.metric_for_best_model`` values: the evaluation computes the loss only (``prediction_loss_only``);
+``loss`` is transformers' short name for ``eval_loss``."""
+
+
+def _check_best_model(train: schema.TrainConfig, val_split_ratio: float, parallelism: schema.ParallelismConfig) -> None:
+    """``train.metric_for_best_model`` and ``load_best_model_at_end`` as transformers' Trainer accepts them."""
+    if train.metric_for_best_model not in EVAL_METRICS:
+        raise UserError(
+            f"train.metric_for_best_model={train.metric_for_best_model!r} is not a metric the evaluation reports "
+            "(it computes eval_loss on the validation split, nothing else)",
+            fix="pass train.metric_for_best_model=eval_loss",
+        )
+    if not train.load_best_model_at_end:
+        return
+    if val_split_ratio <= 0:
+        raise UserError(
+            "train.load_best_model_at_end=true needs evaluations to find the best checkpoint, but "
+            f"dataset.val_split_ratio={val_split_ratio} holds out no rows to evaluate",
+            fix="pass dataset.val_split_ratio=0.01 (or more), or train.load_best_model_at_end=false",
+        )
+    if train.save_steps % train.eval_steps:
+        raise UserError(
+            f"train.load_best_model_at_end=true needs every saved step evaluated, but train.save_steps={train.save_steps} "
+            f"is not a multiple of train.eval_steps={train.eval_steps}",
+            fix=f"pass train.save_steps={train.eval_steps * max(1, round(train.save_steps / train.eval_steps))} "
+            f"(a multiple of train.eval_steps={train.eval_steps}), or change train.eval_steps",
+        )
+    if train.save_only_model and parallelism.zero_stage is not None:
+        raise UserError(
+            "train.load_best_model_at_end=true cannot load a train.save_only_model=true checkpoint under DeepSpeed "
+            f"(parallelism={parallelism.name}): transformers refuses the combination",
+            fix="drop train.save_only_model, or train.load_best_model_at_end",
+        )
 
 
 SEED_MAX = 2**32 - 1
@@ -274,11 +316,15 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     _check_text_and_types(config)
     if not str(config.dataset.path).strip():
         raise UserError("dataset.path is empty", fix="pass dataset.path=FILE or a hub id")
-    if not 0 <= config.dataset.val_split_ratio < 1:
+    ratio = config.dataset.val_split_ratio
+    if not 0 <= ratio < 1:
+        raise UserError(f"dataset.val_split_ratio={ratio} must be in [0, 1)", fix="pass a fraction such as dataset.val_split_ratio=0.01")
+    if ratio > MAX_VAL_SPLIT_RATIO:
         raise UserError(
-            f"dataset.val_split_ratio={config.dataset.val_split_ratio} must be in [0, 1)",
-            fix="pass a fraction such as dataset.val_split_ratio=0.01",
+            f"dataset.val_split_ratio={ratio} holds out {ratio:.0%} of the rows for validation and trains on the other {1 - ratio:.0%}",
+            fix=f"pass the share of rows to hold out for validation, at most {MAX_VAL_SPLIT_RATIO}: e.g. dataset.val_split_ratio=0.01",
         )
+    _check_best_model(train, ratio, config.parallelism)
     _check_positive("lora.r", config.lora.r)
     _check_positive("lora.lora_alpha", config.lora.lora_alpha)
     if not 0 <= config.lora.lora_dropout < 1:
@@ -295,6 +341,9 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     _validate_serve(config.serve)
     if config.plan.device_memory_gib is not None:
         _check_positive("plan.device_memory_gib", config.plan.device_memory_gib)
+    if not 0 < config.doctor.memory_used_warn < 1:
+        raise UserError(f"doctor.memory_used_warn={config.doctor.memory_used_warn} must be a fraction in (0, 1)",
+                        fix="pass e.g. doctor.memory_used_warn=0.1 (warn above 10% used)")
     return config
 
 
@@ -325,6 +374,19 @@ def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool
     _check_positive("parallelism.nnodes", parallel.nnodes)
     _check_positive("parallelism.ddp_timeout", parallel.ddp_timeout)
     _check_positive("parallelism.shutdown_timeout", parallel.shutdown_timeout)
+    _check_positive("parallelism.stop_timeout", parallel.stop_timeout)
+    if parallel.stop_timeout >= parallel.shutdown_timeout:
+        raise UserError(
+            f"parallelism.stop_timeout={parallel.stop_timeout} s must be below parallelism.shutdown_timeout={parallel.shutdown_timeout} s: "
+            "after a stop signal the step must end, and the checkpoint be saved, before torchrun kills the workers",
+            fix=f"pass parallelism.stop_timeout below {parallel.shutdown_timeout}, or raise parallelism.shutdown_timeout",
+        )
+    if config.resume_weights_only and parallel.zero_stage is not None:
+        raise UserError(
+            f"resume_weights_only=true is not supported with DeepSpeed ZeRO (parallelism={parallel.name}): DeepSpeed resumes "
+            "its weights and optimizer partitions together",
+            fix="resume from a checkpoint that holds its DeepSpeed states (global_step*/), or start a new run from step 0",
+        )
     if not 0 <= parallel.node_rank < parallel.nnodes:
         raise UserError(
             f"parallelism.node_rank={parallel.node_rank} must be in [0, parallelism.nnodes={parallel.nnodes})",

@@ -174,3 +174,11 @@ def training_inputs(train_dataset, tokenizer, *, packing: bool, max_length: int,
         return train_dataset, PackedCollator(pad_collator), None
     packed, stats = pack_dataset(train_dataset, max_length)
     return packed, PackedCollator(pad_collator, cu_seq_lens=cu_seq_lens), stats
+
+
+def longest_row(train_dataset) -> int:
+    """Tokens in the longest row of a training dataset from :func:`training_inputs`: the longest
+    sample, or with packing the fullest pack (what one micro-batch row holds at most, which the
+    memory plan sizes activations by)."""
+    rows = train_dataset["input_ids"][:]
+    return max((sum(len(sample) for sample in row) if row and isinstance(row[0], list) else len(row) for row in rows), default=0)

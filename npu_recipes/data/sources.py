@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from npu_recipes import atomic
 from npu_recipes.config.schema import DatasetConfig
@@ -65,6 +65,44 @@ def resolve_path(dataset: DatasetConfig) -> str:
     return dataset.path
 
 
+def _json_error(error: json.JSONDecodeError) -> str:
+    """``error``'s reason and column; some reasons end in "at" already ("Unterminated string starting at")."""
+    reason = error.msg[:-len(" at")] if error.msg.endswith(" at") else error.msg
+    return f"{reason} at column {error.colno}"
+
+
+def _file_columns(path: Path, builder: str) -> List[str]:
+    """The columns of one local data file as HF datasets' builder reads them: the keys of every JSON
+    record, a CSV file's header, a Parquet file's schema."""
+    if builder == "parquet":
+        import pyarrow.parquet
+
+        return list(pyarrow.parquet.read_schema(path).names)
+    if builder == "csv":
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as handle:
+            return next(csv.reader(handle), [])
+    text = path.read_text(encoding="utf-8")
+    records = json.loads(text) if path.suffix == ".json" and text.lstrip().startswith("[") else [
+        json.loads(line) for line in text.splitlines() if line.strip()]
+    return list(dict.fromkeys(key for record in records if isinstance(record, dict) for key in record))
+
+
+def _check_same_columns(files: List[Path], builder: str, directory: Path) -> None:
+    """Refuse a dataset directory whose files have different columns, naming the first that differs
+    (HF datasets casts every file to the first one's columns and reports only that generation failed)."""
+    first = _file_columns(files[0], builder)
+    for other in files[1:]:
+        columns = _file_columns(other, builder)
+        if set(columns) != set(first):
+            raise UserError(
+                f"dataset directory {directory}: its files have different columns: {files[0].name} has "
+                f"{', '.join(first)}; {other.name} has {', '.join(columns)}",
+                fix="give every file of the directory the same columns, or point dataset.path at one file",
+            )
+
+
 def _first_bad_json_line(path: Path) -> Optional[Tuple[int, str]]:
     """The first line of a JSON lines file that is not a JSON object, as (line number, problem)."""
     with open(path, encoding="utf-8", errors="replace") as handle:
@@ -74,7 +112,7 @@ def _first_bad_json_line(path: Path) -> Optional[Tuple[int, str]]:
             try:
                 record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
-                return number, f"invalid JSON ({error.msg} at column {error.colno})"
+                return number, f"invalid JSON ({_json_error(error)})"
             if not isinstance(record, dict):
                 return number, f"expected a JSON object, found {type(record).__name__}"
     return None
@@ -87,7 +125,7 @@ def _json_document_problem(path: Path) -> Optional[Tuple[Optional[int], str]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
-        return error.lineno, f"invalid JSON ({error.msg} at column {error.colno})"
+        return error.lineno, f"invalid JSON ({_json_error(error)})"
     if not isinstance(document, list):
         return 1, f"expected an array of JSON objects, found {type(document).__name__}"
     for index, record in enumerate(document):
@@ -186,6 +224,8 @@ def _load_local(path: Path, split: str):
                         f"{candidate}{'' if line is None else f' line {line}'}: {problem}",
                         fix="fix or delete that line of the dataset file" if line else "fix that record of the dataset file",
                     ) from None
+        if len(files) > 1:
+            _check_same_columns(files, builder, path)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not read dataset {path}: {reason}", fix=f"check that it is valid {builder}, UTF-8 encoded") from None
 

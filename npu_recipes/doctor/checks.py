@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from npu_recipes.config.schema import ParallelismConfig
 from npu_recipes.doctor import smi
@@ -33,6 +33,14 @@ _INTEGER_VARIABLES = {
 }
 _COLLECTIVE_PREFIX = {"npu": "HCCL_", "cuda": "NCCL_"}
 _HEALTH_WARN = ("Warning",)
+_AFFINITY_COLUMNS = ("NUMA Affinity", "CPU Affinity")
+"""Topology columns naming a device's NUMA node or its CPUs, the more precise first (nvidia-smi prints both)."""
+_BIND_CPUS = {"npu": "export CPU_AFFINITY_CONF=1 (torch_npu binds each process to its card's cores)",
+              "cuda": "start each process under numactl --cpunodebind=<its GPU's node>"}
+
+PlannedPeak = Callable[[str, float], float]
+"""The planned peak memory of one device, in GiB, for a device type (``npu``, ``cuda``) and a card's
+memory in GiB (see :func:`npu_recipes.plan.planner.make`); raises UserError when it cannot be planned."""
 
 
 @dataclass
@@ -235,6 +243,43 @@ def _used_indices(nproc_per_node: int, report: Report, chips: List[smi.Chip]) ->
     return candidates[:nproc_per_node]
 
 
+def _check_memory_in_use(report: Report, info: smi.SmiInfo, used: List[int], tool: str, warn_fraction: float,
+                         planned_peak: Optional[PlannedPeak]) -> None:
+    """Memory already in use on the cards the run would use: more than ``warn_fraction`` of a card
+    warns ("memory in use"); less free than the run's planned peak per device fails ("planned peak").
+    ``tool``'s MB are MiB (npu-smi shows 65536 for a 64 GB card), so 1024 make a GiB."""
+    chips = [chip for chip in info.chips if chip.index in used and chip.memory_total_mb > 0]
+    if not chips:
+        report.add("memory in use", SKIP, f"{tool} lists no memory for the devices this run would use")
+        return
+    hide = devices.visibility(report.device).variable or "the visibility variable"
+    busy = [chip for chip in chips if chip.memory_used_mb > warn_fraction * chip.memory_total_mb]
+    shares = ", ".join(f"card {chip.index} {chip.memory_used_mb}/{chip.memory_total_mb} MB ({chip.memory_used_mb / chip.memory_total_mb:.0%})"
+                       for chip in (busy or chips))
+    if busy:
+        report.add("memory in use", WARN, f"in use before the run, above doctor.memory_used_warn={warn_fraction:g}: {shares}",
+                   f"free those cards (`{tool}` lists what holds them), or choose other cards with {hide}")
+    else:
+        report.add("memory in use", OK, shares)
+    if planned_peak is None:
+        return
+    try:
+        demand = planned_peak(report.device, chips[0].memory_total_mb / 1024)
+    except UserError as error:
+        report.add("planned peak", SKIP, f"not planned: {error.message}")
+        return
+    tightest = min(chips, key=lambda chip: chip.memory_total_mb - chip.memory_used_mb)
+    free_gib = (tightest.memory_total_mb - tightest.memory_used_mb) / 1024
+    fits = demand <= free_gib
+    report.add("planned peak", OK if fits else FAIL,
+               f"{demand:.1f} GiB per device (stage=plan's estimate) "
+               + (f"fits the {free_gib:.1f} GiB free on card {tightest.index}" if fits else
+                  f"no longer fits card {tightest.index}: {tightest.memory_used_mb}/{tightest.memory_total_mb} MB in use, "
+                  f"{free_gib:.1f} GiB free"),
+               None if fits else f"free card {tightest.index} (`{tool}` lists what holds it), choose other cards with {hide}, "
+               "or a setting that needs less (same command plus stage=plan)")
+
+
 def _check_chips(report: Report, info: smi.SmiInfo, used: List[int], tool: str) -> None:
     names = sorted({chip.name for chip in info.chips})
     report.add(f"{tool} chips", OK, f"{len(info.chips)} x {', '.join(names)}" + (f" ({tool} {info.version})" if info.version else ""))
@@ -274,8 +319,8 @@ def _check_topology(report: Report, argv: Tuple[str, ...], key: str, used: List[
     names = [f"{prefix}{index}" for index in used if f"{prefix}{index}" in topology.links]
     slow = [(a, b, link) for a, b, link in topology.pairs(names) if not _FAST_LINKS.match(link)]
     kinds = sorted({link for _, _, link in topology.pairs(topology.devices)})
-    affinity = {name: topology.attributes.get(name, {}).get("CPU Affinity") for name in names}
-    detail = f"links among all: {', '.join(kinds) or 'none'}; CPU affinity " + ", ".join(f"{n}: {a}" for n, a in affinity.items())
+    detail = f"links among all: {', '.join(kinds) or 'none'}"
+    _check_affinity(report, topology, names)
     if slow:
         shown = ", ".join(f"{a}-{b} {link}" for a, b, link in slow[:6]) + (" ..." if len(slow) > 6 else "")
         report.add("interconnect", WARN, f"PCIe/host paths between devices this run would use: {shown}",
@@ -284,7 +329,35 @@ def _check_topology(report: Report, argv: Tuple[str, ...], key: str, used: List[
         report.add("interconnect", OK, detail)
 
 
-def _check_npu_smi(report: Report, nproc_per_node: int) -> Optional[int]:
+def _check_affinity(report: Report, topology: smi.Topology, names: List[str]) -> None:
+    """The NUMA nodes (or CPU sets) the devices this run would use are attached to: one for all is
+    ok; several warn, since a process whose threads run on another node's CPUs reaches its device
+    and its host memory across the inter-socket link."""
+    column = next((c for c in _AFFINITY_COLUMNS if any(c in topology.attributes.get(n, {}) for n in names)), None)
+    if column is None:
+        report.add("CPU affinity", SKIP, "the topology lists no CPU affinity")
+        return
+    affinity = {name: topology.attributes.get(name, {}).get(column, "?") for name in names}
+    groups: Dict[str, List[str]] = {}
+    for name, value in affinity.items():
+        groups.setdefault(value, []).append(name)
+    detail = f"{column}: " + ", ".join(f"{name} {value}" for name, value in affinity.items())
+    if len(groups) <= 1:
+        report.add("CPU affinity", OK, detail + (" (one node)" if groups else ""))
+        return
+    bind = os.environ.get("CPU_AFFINITY_CONF") if report.device == "npu" else None
+    if bind and bind.strip() not in ("", "0"):
+        report.add("CPU affinity", OK, f"{detail}; each process is bound to its card's cores (CPU_AFFINITY_CONF={bind})")
+        return
+    same = max(groups.values(), key=len)
+    hide = devices.visibility(report.device).variable or "the visibility variable"
+    report.add("CPU affinity", WARN,
+               f"the devices this run would use are attached to {len(groups)} different NUMA nodes ({detail})",
+               f"{_BIND_CPUS.get(report.device, 'bind each process to its device node CPUs')}, or use devices of one node "
+               f"(e.g. {hide}={','.join(name[3:] for name in same)})")
+
+
+def _check_npu_smi(report: Report, nproc_per_node: int, warn_fraction: float, planned_peak: Optional[PlannedPeak]) -> Optional[int]:
     if shutil.which("npu-smi") is None:
         report.add("npu-smi", WARN, "not on PATH: chips, health and interconnect not checked",
                    "add the driver's tools to PATH (e.g. /usr/local/Ascend/driver/tools)")
@@ -301,11 +374,12 @@ def _check_npu_smi(report: Report, nproc_per_node: int) -> Optional[int]:
     report.tools["npu_smi_info"] = info.to_dict()
     used = _used_indices(nproc_per_node, report, info.chips)
     _check_chips(report, info, used, "npu-smi")
+    _check_memory_in_use(report, info, used, "npu-smi", warn_fraction, planned_peak)
     _check_topology(report, ("npu-smi", "info", "-t", "topo"), "npu_smi_topo", used, "NPU")
     return len(info.chips)
 
 
-def _check_nvidia_smi(report: Report, nproc_per_node: int) -> Optional[int]:
+def _check_nvidia_smi(report: Report, nproc_per_node: int, warn_fraction: float, planned_peak: Optional[PlannedPeak]) -> Optional[int]:
     if shutil.which("nvidia-smi") is None:
         report.add("nvidia-smi", WARN, "not on PATH: memory, processes and interconnect not checked",
                    "install the NVIDIA driver utilities (nvidia-smi)")
@@ -324,6 +398,7 @@ def _check_nvidia_smi(report: Report, nproc_per_node: int) -> Optional[int]:
     report.tools["nvidia_smi"] = info.to_dict()
     used = _used_indices(nproc_per_node, report, info.chips)
     _check_chips(report, info, used, "nvidia-smi")
+    _check_memory_in_use(report, info, used, "nvidia-smi", warn_fraction, planned_peak)
     _check_topology(report, ("nvidia-smi", "topo", "-m"), "nvidia_smi_topo", used, "GPU")
     return len(info.chips)
 
@@ -336,16 +411,22 @@ def _check_host(report: Report) -> None:
     report.add("memory", OK, f"{memory.total / devices.GIB:.1f} GiB total, {memory.available / devices.GIB:.1f} GiB available")
 
 
-def diagnose(device: str, parallelism: ParallelismConfig) -> Report:
+def diagnose(device: str, parallelism: ParallelismConfig, memory_used_warn: float = 0.1,
+             planned_peak: Optional[PlannedPeak] = None) -> Report:
     """Run every check for the device type ``device`` points at, for a run with ``parallelism``;
-    never raises for what it finds."""
+    never raises for what it finds.
+
+    Args:
+        memory_used_warn: warn when a card the run would use has more than this fraction of its memory in use.
+        planned_peak: the run's planned peak per device (:data:`PlannedPeak`), compared with the free memory.
+    """
     report = Report(*target_device(device))
     _check_software(report)
     chips = None
     if report.device == "npu":
-        chips = _check_npu_smi(report, parallelism.nproc_per_node)
+        chips = _check_npu_smi(report, parallelism.nproc_per_node, memory_used_warn, planned_peak)
     elif report.device == "cuda":
-        chips = _check_nvidia_smi(report, parallelism.nproc_per_node)
+        chips = _check_nvidia_smi(report, parallelism.nproc_per_node, memory_used_warn, planned_peak)
     resolved = _resolve(report)
     if resolved is not None:
         _check_compute(report, resolved)

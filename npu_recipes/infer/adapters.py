@@ -3,21 +3,30 @@
 With ``adapters`` set, the base model is the one the adapter was trained on: taken from the
 training run's ``resolved.yaml`` (the checkpoint's parent directory) when there is one, else from
 the adapter's ``adapter_config.json`` (``base_model_name_or_path``). A run that used a local or
-built model is therefore never downloaded.
+built model is therefore never downloaded. A ``model.*`` key given on the command line wins over
+what those files say (e.g. ``model.device_map=null`` after training with ``auto``).
+
+``adapters=RUN/best`` stands for the best checkpoint of the training run in ``RUN``, as its
+manifest names it (``best_checkpoint``, see :class:`npu_recipes.run.manifest.BestCheckpointRecord`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Collection, List, Optional
 
 from npu_recipes.config.resolved import RESOLVED, load_resolved
 from npu_recipes.config.schema import ModelConfig
 from npu_recipes.errors import UserError
-from npu_recipes.run.checkpoints import complete
+from npu_recipes.run import manifest
+from npu_recipes.run.checkpoints import PREFIX, complete
+
+BEST = "best"
+"""``adapters=RUN/best``: the best checkpoint of the run in ``RUN``."""
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -62,8 +71,30 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
+def _best_of(path: Path) -> Path:
+    """``RUN/best`` as the checkpoint directory the run's manifest names as its best."""
+    run = path.parent
+    best = manifest.read(run).best_checkpoint
+    saved = ", ".join(c.name for c in complete(run)) or "none"
+    if best is None:
+        raise UserError(
+            f"adapters: {run} names no best checkpoint (its manifest gets one when a saved step is evaluated: "
+            "dataset.val_split_ratio above 0)",
+            fix=f"pass one of its checkpoints as adapters={run}/checkpoint-N (saved: {saved})",
+        )
+    checkpoint = run / f"{PREFIX}{best.step}"
+    if not checkpoint.is_dir():
+        raise UserError(
+            f"adapters: {path} is {checkpoint.name} ({best.metric} {best.value:.4f}), which is no longer in {run}",
+            fix=f"pass one of its checkpoints as adapters={run}/checkpoint-N (saved: {saved})",
+        )
+    return checkpoint
+
+
 def _checked_adapter(name: str, raw_path: Any) -> Adapter:
     path = Path(str(raw_path)).expanduser().absolute()
+    if path.name == BEST and not path.exists() and (path.parent / RESOLVED).is_file():
+        path = _best_of(path)
     if path.is_file():
         raise UserError(
             f"adapters: {path} is a file, not a checkpoint directory",
@@ -136,14 +167,37 @@ def parse_adapters(value: Any) -> List[Adapter]:
     return adapters
 
 
-def base_model_config(model: ModelConfig, adapters: List[Adapter]) -> ModelConfig:
-    """The model to load under ``adapters``: the adapters' training run's model, else ``model`` (``model.*``).
+def _explicit_fields(explicit: Collection[str]) -> List[str]:
+    """``ModelConfig`` fields set one by one on the command line (``model.KEY=VALUE``; a ``model=OPTION``
+    group choice names a model to train, not the base of an adapter)."""
+    return [f.name for f in dataclasses.fields(ModelConfig) if f"model.{f.name}" in explicit]
+
+
+def base_model_config(model: ModelConfig, adapters: List[Adapter], explicit: Collection[str] = ()) -> ModelConfig:
+    """The model to load under ``adapters``: the adapters' training run's model (its resolved.yaml), or
+    the base their adapter_config.json names; else ``model`` (``model.*``). Keys in ``explicit``
+    (:func:`npu_recipes.config.compose.command_line_keys`) take ``model``'s value in every case.
 
     Raises:
         UserError: the adapters were trained on different base models (names both).
     """
     if not adapters:
         return model
+    chosen = {name: getattr(model, name) for name in _explicit_fields(explicit)}
+    return dataclasses.replace(_recorded_base(model, adapters), **chosen)
+
+
+def base_model_source(adapters: List[Adapter], explicit: Collection[str] = ()) -> str:
+    """Where :func:`base_model_config` took the base model from, in words, for the log."""
+    given = [f"model.{name}" for name in _explicit_fields(explicit)]
+    if not adapters:
+        return "model.* of this command"
+    first = adapters[0]
+    source = str(first.run_dir / RESOLVED) if first.run_dir else f"base_model_name_or_path in {first.path / ADAPTER_CONFIG}"
+    return source + (f"; {', '.join(given)} from the command line" if given else "")
+
+
+def _recorded_base(model: ModelConfig, adapters: List[Adapter]) -> ModelConfig:
     bases = {adapter.base_model_name_or_path for adapter in adapters}
     if len(bases) > 1:
         listed = "; ".join(f"{a.path} was trained on {a.base_model_name_or_path}" for a in adapters)
@@ -161,13 +215,7 @@ def base_model_config(model: ModelConfig, adapters: List[Adapter]) -> ModelConfi
                 fix="restore the training run's resolved.yaml, or move the checkpoint out of that directory to load it "
                 "on the base its adapter_config.json names",
             ) from None
-    return ModelConfig(
-        name_or_path=first.base_model_name_or_path,
-        hub=model.hub,
-        torch_dtype=model.torch_dtype,
-        trust_remote_code=model.trust_remote_code,
-        attn_implementation=model.attn_implementation,
-    )
+    return dataclasses.replace(model, name_or_path=first.base_model_name_or_path, revision=None, builder=None)
 
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight$")

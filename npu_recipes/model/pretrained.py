@@ -6,10 +6,11 @@ Model paths are resolved once by the runner (:func:`resolve_path`), so workers, 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional, Tuple
 
 from npu_recipes import atomic, paths
 from npu_recipes.config.schema import LoraConfig, ModelConfig
@@ -148,6 +149,52 @@ def fetch_config(model: ModelConfig) -> str:
             f"could not fetch config.json of {model.name_or_path!r} from the Hugging Face Hub: {type(error).__name__}: {error}",
             fix=offline_fix,
         ) from None
+
+
+_ROPE_SCALED = ("linear", "dynamic", "yarn", "longrope", "llama3")
+"""``rope_scaling`` types that stretch the positions a model was trained on by their ``factor`` (transformers' names)."""
+
+
+def context_length(model_dir: str) -> Tuple[int, str]:
+    """The longest sequence (tokens) the model in ``model_dir`` places positions for, and how that
+    follows from its config.json: ``max_position_embeddings``, or with ``rope_scaling`` (also
+    ``rope_parameters``, transformers 5's name) of a stretching type its original length times
+    ``factor`` when that is longer. Reads the JSON alone (no transformers, no torch).
+
+    Raises:
+        UserError: config.json is unreadable or has no ``max_position_embeddings``.
+    """
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        positions = int(config["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path} gives no max_position_embeddings ({type(error).__name__}: {error})",
+                        fix="pass model.name_or_path=DIR of a decoder model whose config.json sets max_position_embeddings") from None
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind, factor = rope.get("rope_type") or rope.get("type"), rope.get("factor")
+    if kind in _ROPE_SCALED and isinstance(factor, (int, float)) and factor > 1:
+        original = int(rope.get("original_max_position_embeddings") or positions)
+        scaled = int(original * factor)
+        if scaled > positions:
+            return scaled, f"{original} positions x rope_scaling factor {factor:g} ({kind}) in its config.json"
+    return positions, f"max_position_embeddings={positions} in its config.json"
+
+
+def check_max_length(max_length: int, model_dir: str, name_or_path: str) -> None:
+    """Refuse a ``train.max_length`` longer than the model's context (:func:`context_length`): its
+    positions beyond would be untrained, and the memory plan and packs would be sized for tokens
+    that cannot occur.
+
+    Raises:
+        UserError: ``max_length`` exceeds the context, naming both numbers.
+    """
+    context, source = context_length(model_dir)
+    if max_length > context:
+        raise UserError(
+            f"train.max_length={max_length} exceeds the context of {name_or_path}: {context} tokens ({source})",
+            fix=f"pass train.max_length={context} or less (longer samples are dropped, or cut with train.truncation_strategy=truncate)",
+        )
 
 
 def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:

@@ -219,9 +219,10 @@ def make(*, model: ModelConfig, train_type: str, lora: LoraConfig, train: TrainC
         model_dir: a directory with config.json to use instead of fetching ``model``'s.
 
     Raises:
-        UserError: config.json cannot be read or fetched.
+        UserError: config.json cannot be read or fetched; ``train.max_length`` exceeds the model's context.
     """
     model_dir = model_dir or pretrained.fetch_config(model)
+    pretrained.check_max_length(train.max_length, model_dir, model.name_or_path)
     shape = memory.model_shape(model_dir, train_type, lora, model.trust_remote_code)
     target = targets.resolve(options.target, device)
     memory_gib = device_memory_gib(target, options.device_memory_gib)

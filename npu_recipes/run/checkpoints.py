@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from npu_recipes.errors import OUT_OF_SPACE, UserError
 
@@ -26,8 +26,30 @@ PREFIX = "checkpoint-"
 PARTIAL_PREFIX = ".partial-"
 TRAINER_STATE = "trainer_state.json"
 _NAME = re.compile(r"checkpoint-(\d+)")
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+"""transformers' optimizer state file (``optimizer.bin`` from older releases)."""
+SCHEDULER_FILE = "scheduler.pt"
+DEEPSPEED_STATES = "global_step*"
+"""DeepSpeed's ``save_checkpoint`` folder in a checkpoint (model and optimizer partitions of every rank)."""
 
 
+def missing_resume_state(checkpoint: Path, world_size: int, deepspeed: bool) -> List[str]:
+    """The files an exact resume from ``checkpoint`` needs but that are absent, as the Trainer writes them:
+    the optimizer state (``optimizer.pt``, or DeepSpeed's ``global_step<N>/`` folder), ``scheduler.pt``,
+    the RNG state (``rng_state.pth``, or ``rng_state_<rank>.pth`` per rank when ``world_size`` > 1) and
+    ``trainer_state.json``. transformers skips whichever is absent without a word, restarting
+    AdamW's moments, the learning-rate schedule or the random streams; ``save_only_model`` writes none
+    of the first three."""
+    checkpoint = Path(checkpoint)
+    missing = []
+    if deepspeed:
+        if not any(path.is_dir() for path in checkpoint.glob(DEEPSPEED_STATES)):
+            missing.append(f"global_step{step_of(checkpoint) or '<N>'}/ (DeepSpeed's optimizer states)")
+    elif not any((checkpoint / name).is_file() for name in OPTIMIZER_FILES):
+        missing.append(OPTIMIZER_FILES[0])
+    rng = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    missing += [name for name in (SCHEDULER_FILE, *rng, TRAINER_STATE) if not (checkpoint / name).is_file()]
+    return missing
 
 
 _OUT_OF_SPACE_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122",
@@ -147,14 +169,36 @@ def remove_partials(run_dir: Path) -> List[str]:
     return sorted(removed)
 
 
-def best_step(log_history: Iterable[dict], saved_steps: Sequence[int]) -> Optional[int]:
-    """The saved step with the lowest ``eval_loss`` in the Trainer's ``log_history`` (None without evaluations).
+def metric_key(metric: str) -> str:
+    """The logged name of ``train.metric_for_best_model`` (transformers adds ``eval_`` to a bare name)."""
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
 
-    Ties go to the earlier step.
-    """
-    saved = set(saved_steps)
-    scored = [(entry["eval_loss"], entry["step"]) for entry in log_history if "eval_loss" in entry and entry.get("step") in saved]
-    return min(scored)[1] if scored else None
+
+def greater_is_better(metric: str, setting: Optional[bool]) -> bool:
+    """``train.greater_is_better``, or when unset transformers' rule: lower is better for a loss."""
+    return setting if setting is not None else not metric.endswith("loss")
+
+
+def best_evaluation(log_history: Iterable[dict], metric: str = "eval_loss", greater: bool = False,
+                    steps: Optional[Sequence[int]] = None) -> Optional[Tuple[int, float]]:
+    """``(step, value)`` of the best evaluation in the Trainer's ``log_history`` by ``metric``
+    (:func:`metric_key`; the highest value when ``greater``, else the lowest), only among ``steps``
+    when given (the saved ones); None without such an evaluation. Ties go to the earlier step."""
+    key, allowed = metric_key(metric), None if steps is None else set(steps)
+    scored = [(entry[key], entry["step"]) for entry in log_history
+              if isinstance(entry.get(key), (int, float)) and (allowed is None or entry.get("step") in allowed)]
+    if not scored:
+        return None
+    value, step = min(scored, key=lambda pair: (-pair[0] if greater else pair[0], pair[1]))
+    return step, value
+
+
+def best_step(log_history: Iterable[dict], saved_steps: Sequence[int], metric: str = "eval_loss",
+              greater: bool = False) -> Optional[int]:
+    """The saved step with the best ``metric`` in the Trainer's ``log_history`` (None without evaluations
+    of a saved step); see :func:`best_evaluation`."""
+    found = best_evaluation(log_history, metric, greater, saved_steps)
+    return found[0] if found else None
 
 
 def rotate(run_dir: Path, save_total_limit: Optional[int], best: Optional[int], current: Optional[int] = None) -> List[Path]:

@@ -7,6 +7,9 @@ they exited (``kill -9`` included), so a rerun never writes a directory that a l
 orphaned worker is still writing, and a stale pid in manifest.json that now belongs to an unrelated
 process blocks nothing. A process id alone would be wrong in both ways.
 
+The process that claims the lock writes its pid and host into ``.lock``, so a command refused
+because the directory is in use can name the process, even before that run has written its manifest.
+
 ``flock`` works within one host and on most network filesystems (NFSv4, Lustre with ``flock``
 mounted); where the filesystem refuses locks, a warning is logged and the run goes on unlocked.
 """
@@ -17,8 +20,9 @@ import errno
 import fcntl
 import logging
 import os
+import platform
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ def claim(run_dir: Path) -> bool:
         if _unsupported(error, run_dir):
             return True
         raise
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()} {platform.node()}\n".encode())
     # Shared from now on, so that this run's own workers can join (see :func:`join`).
     fcntl.flock(descriptor, fcntl.LOCK_SH)
     _held[run_dir] = descriptor
@@ -87,3 +93,32 @@ def release(run_dir: Path) -> None:
     descriptor = _held.pop(Path(run_dir).absolute(), None)
     if descriptor is not None:
         os.close(descriptor)
+
+
+def busy(run_dir: Path) -> bool:
+    """True when another process holds ``run_dir``'s lock (a run is using the directory); creates nothing."""
+    run_dir = Path(run_dir).absolute()
+    if run_dir in _held:
+        return False
+    try:
+        descriptor = os.open(run_dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+    return False
+
+
+def holder(run_dir: Path) -> Optional[Tuple[int, str]]:
+    """``(pid, host)`` of the process that claimed ``run_dir``'s lock, as it wrote them; None when unknown."""
+    try:
+        pid, host = (Path(run_dir) / LOCK).read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None

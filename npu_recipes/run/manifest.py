@@ -167,11 +167,13 @@ class LaunchRecord:
 
 @dataclass(frozen=True)
 class ResumeRecord:
-    """One rerun that continued the run: when, from which checkpoint (None: from step 0), and its command."""
+    """One rerun that continued the run: when, from which checkpoint (None: from step 0), its command,
+    and whether it took the checkpoint's weights alone (``resume_weights_only=true``: fresh optimizer)."""
 
     at: str
     from_checkpoint: Optional[str]
     command: str
+    weights_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,13 +197,33 @@ class FinalMetrics:
 
 
 @dataclass(frozen=True)
+class BestCheckpointRecord:
+    """The best saved checkpoint by ``metric`` (``train.metric_for_best_model``; higher is better when
+    ``greater_is_better``): its ``checkpoint`` path, ``step`` and ``value``, spared by ``save_total_limit``
+    and loaded by ``adapters=RUN/best``. ``best_evaluated_step``/``best_evaluated_value`` are the best
+    evaluation of the whole run, which has no checkpoint when it fell between saves (evaluations more
+    often than saves). ``loaded_at_end``: ``train.load_best_model_at_end`` loaded its weights when training ended."""
+
+    metric: str
+    greater_is_better: bool
+    checkpoint: str
+    step: int
+    value: float
+    best_evaluated_step: int
+    best_evaluated_value: float
+    loaded_at_end: bool = False
+
+
+@dataclass(frozen=True)
 class RunManifest:
     """A training run's ``manifest.json`` (see the README's run-directory table).
 
     ``status`` is :data:`RUNNING`, :data:`COMPLETED`, :data:`FAILED` or :data:`INTERRUPTED` (then
     ``stopped_at_step`` and ``last_checkpoint`` say where it saved); ``error`` is why it failed.
-    ``resume_from`` is the checkpoint this launch continues (None: step 0), ``branched_from`` the
-    checkpoint a ``resume=PATH`` run started from, ``resumes`` every rerun. ``extra`` holds keys this
+    ``resume_from`` is the checkpoint this launch continues (None: step 0), ``resume_weights_only``
+    whether it took that checkpoint's weights alone (fresh optimizer moments, ``resume_weights_only=true``),
+    ``branched_from`` the checkpoint a ``resume=PATH`` run started from, ``resumes`` every rerun.
+    ``best_checkpoint`` names the best saved checkpoint (:class:`BestCheckpointRecord`), once one was evaluated. ``extra`` holds keys this
     version does not know (at the top level), written back as they were.
     """
 
@@ -224,10 +246,12 @@ class RunManifest:
     gradient_checkpointing: Optional[CheckpointingRecord] = None
     launch: Optional[LaunchRecord] = None
     resume_from: Optional[str] = None
+    resume_weights_only: bool = False
     branched_from: Optional[str] = None
     resumes: List[ResumeRecord] = field(default_factory=list)
     stopped_at_step: Optional[int] = None
     last_checkpoint: Optional[str] = None
+    best_checkpoint: Optional[BestCheckpointRecord] = None
     final_metrics: Optional[FinalMetrics] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 

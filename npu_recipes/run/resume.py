@@ -35,9 +35,9 @@ from npu_recipes import atomic
 from npu_recipes.config.resolved import RESOLVED, load_resolved, to_yaml
 from npu_recipes.config.schema import RecipeConfig
 from npu_recipes.errors import NothingToDo, UserError
-from npu_recipes.run import checkpoints, lock, manifest, rundir
+from npu_recipes.run import checkpoints, manifest, rundir
 from npu_recipes.run.manifest import DatasetRecord, ResumeRecord
-from npu_recipes.run.rundir import RunDir
+from npu_recipes.run.rundir import RunDir, claim
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,11 @@ AUTO = "auto"
 NEVER = "never"
 
 MAY_CHANGE = (
-    "resume", "description", "output_dir", "adapters", "load_data_args", "reference",
+    "resume", "resume_weights_only", "description", "output_dir", "adapters", "load_data_args", "reference",
     "train.max_steps", "train.num_train_epochs", "train.save_steps", "train.logging_steps", "train.eval_steps",
     "train.save_total_limit", "train.report_to", "train.dataloader_num_workers", "train.gradient_checkpointing",
-    "parallelism.ddp_timeout", "parallelism.shutdown_timeout", "parallelism.master_addr", "parallelism.master_port",
+    "train.save_only_model", "train.load_best_model_at_end",
+    "parallelism.ddp_timeout", "parallelism.shutdown_timeout", "parallelism.stop_timeout", "parallelism.master_addr", "parallelism.master_port",
     "nan_guard", "mfu", "merge", "infer", "serve", "doctor", "plan",
 )
 """Keys (or whole sections) a resumed run may change: how long to train, how often to log and save,
@@ -118,41 +119,6 @@ def check_compatible(saved: RecipeConfig, current: RecipeConfig, where: Path) ->
             fix="rerun with the saved settings (see its resolved.yaml) to resume, or start a new run from step 0 "
             "(a new output_dir, and resume=never instead of resume=PATH)",
         )
-
-
-def claim(path: Path) -> None:
-    """Hold ``path``'s run lock for this process (:func:`npu_recipes.run.lock.claim`).
-
-    Raises:
-        UserError: another process (a launcher or a worker of a run in ``path``) holds it; names
-            the process the manifest records when that one is alive on this host.
-    """
-    try:
-        if lock.claim(path):
-            return
-    except OSError as error:
-        raise UserError(f"cannot write into output_dir {path}: {error.strerror}", fix="make it writable, or pass another output_dir") from None
-    recorded = manifest.read(path)
-    pid = recorded.pid
-    alive = isinstance(pid, int) and recorded.host == platform.node() and _alive(pid)
-    who = f"process {pid} on this host is still training in it" if alive else (
-        "another process is still training in it (the worker processes of a run whose launcher died "
-        "stop at the end of their current step)")
-    raise UserError(
-        f"output_dir {path} is in use: {who}",
-        fix=(f"wait for it to finish, stop it (kill {pid}: it saves a checkpoint and exits), or pass another output_dir"
-             if alive else "wait for it to finish, or pass another output_dir"),
-    )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another user
-    return True
 
 
 def _truncate_log(run_dir: RunDir, step: int) -> int:
@@ -246,17 +212,36 @@ def _newest_usable(run_dir: RunDir) -> Optional[Path]:
     return None
 
 
-def _continue_in_place(config: RecipeConfig, path: Path, dataset_counts: Optional[Dict[str, int]]) -> Tuple[RunDir, RecipeConfig]:
-    run_dir = RunDir(path)
-    config = dataclasses.replace(config, output_dir=str(path))
+def _check_resume_state(config: RecipeConfig, checkpoint: Path) -> None:
+    """Refuse to continue from ``checkpoint`` when it lacks what an exact resume restores, unless
+    ``resume_weights_only`` asks for its weights alone."""
+    if config.resume_weights_only:
+        return
+    missing = checkpoints.missing_resume_state(checkpoint, config.parallelism.world_size, config.parallelism.zero_stage is not None)
+    if missing:
+        raise UserError(
+            f"cannot resume exactly from {checkpoint}: it lacks {', '.join(missing)} (the optimizer's moments, the "
+            "learning-rate schedule's position and the random state), as a train.save_only_model=true save, a partial "
+            "copy or a clean-up leaves a checkpoint; continuing would restart the optimizer and the schedule",
+            fix="restore those files from the original checkpoint, or add resume_weights_only=true to continue from its "
+            "weights alone (fresh optimizer moments; the learning rate continues its schedule)",
+        )
+
+
+def _continuation(config: RecipeConfig, path: Path):
+    """Everything about continuing the run in ``path`` that needs no data: the lock, the saved
+    settings, completion, the checkpoint to start from and its contents.
+
+    Returns:
+        ``(saved config, manifest, newest usable checkpoint or None, checkpoint to start from or None)``.
+    """
     claim(path)
     saved = _saved_config(path)
-    recorded = run_dir.read_manifest()
+    recorded = manifest.read(path)
     check_compatible(saved, config, path)
-    newest = _newest_usable(run_dir)
+    newest = _newest_usable(RunDir(path))
     if recorded.status == manifest.COMPLETED and not changed_settings_any(saved, config):
         raise _already_complete(path, newest)
-    _check_same_dataset(recorded.dataset, dataset_counts, path)
     origin = recorded.branched_from
     if newest is None and origin and (not checkpoints.is_complete(Path(origin)) or checkpoints.damage(Path(origin))):
         raise UserError(
@@ -266,20 +251,32 @@ def _continue_in_place(config: RecipeConfig, path: Path, dataset_counts: Optiona
     start = newest or (Path(origin) if origin else None)
     if start is not None:
         _check_steps_left(config, start, f"the run in {path}", branch=False)
+        _check_resume_state(config, start)
+    return saved, recorded, newest, start
+
+
+def _continue_in_place(config: RecipeConfig, path: Path, dataset_counts: Optional[Dict[str, int]]) -> Tuple[RunDir, RecipeConfig]:
+    run_dir = RunDir(path)
+    config = dataclasses.replace(config, output_dir=str(path))
+    _, recorded, newest, start = _continuation(config, path)
+    _check_same_dataset(recorded.dataset, dataset_counts, path)
     removed = checkpoints.remove_partials(path)
     step = checkpoints.step_of(start) if start else 0
     dropped = _truncate_log(run_dir, step)
     atomic.write_text(path / RESOLVED, to_yaml(config))
-    resumed = ResumeRecord(at=manifest.now(), from_checkpoint=str(start) if start else None, command=manifest.command_line())
+    weights_only = bool(start) and config.resume_weights_only
+    resumed = ResumeRecord(at=manifest.now(), from_checkpoint=str(start) if start else None, command=manifest.command_line(),
+                           weights_only=weights_only)
     run_dir.update_manifest(
         status=manifest.RUNNING, pid=os.getpid(), host=platform.node(), resume_from=str(start) if start else None,
-        resumes=[*recorded.resumes, resumed], finished_at=None, error=None, final_metrics=None, stopped_at_step=None,
-        last_checkpoint=None,
+        resume_weights_only=weights_only, resumes=[*recorded.resumes, resumed], finished_at=None, error=None,
+        final_metrics=None, stopped_at_step=None, last_checkpoint=None,
     )
+    how = " (its weights alone: resume_weights_only=true)" if weights_only else ""
     if newest:
-        log.info("resuming the run in %s from %s (step %d)", path, newest.name, step)
+        log.info("resuming the run in %s from %s (step %d)%s", path, newest.name, step, how)
     elif start:
-        log.info("the run in %s saved no complete checkpoint: continuing it from %s (step %d), where it branched off", path, start, step)
+        log.info("the run in %s saved no complete checkpoint: continuing it from %s (step %d), where it branched off%s", path, start, step, how)
     else:
         log.info("the run in %s saved no complete checkpoint: training it again from step 0", path)
     if removed or dropped:
@@ -304,6 +301,38 @@ def _branch_of(path: Path) -> Optional[str]:
     if not (path / RESOLVED).is_file():
         return None
     return manifest.read(path).branched_from
+
+
+def check_before_data(config: RecipeConfig, fresh_output_dir: bool) -> None:
+    """Run the checks of :func:`open_run_dir` that need no data, so that a run that cannot start or
+    continue is refused before its dataset is tokenized: the checkpoint ``resume`` names, the run
+    already in ``output_dir`` (in use, other settings, completed, its checkpoint's contents) or an
+    ``output_dir`` that cannot be created. Holds the run's lock when it continues a run; writes nothing
+    (a write probe in the output location is removed at once).
+
+    Raises:
+        UserError, NothingToDo: as :func:`open_run_dir` would.
+    """
+    path = Path(config.output_dir).expanduser().absolute()
+    own_directory = not fresh_output_dir and config.parallelism.node_rank == 0
+    if config.resume not in (AUTO, NEVER):
+        checkpoint = _checked_checkpoint(config.resume)
+        if own_directory and _branch_of(path) == str(checkpoint):
+            _continuation(dataclasses.replace(config, output_dir=str(path)), path)
+            return
+        _check_branch_start(config, checkpoint)
+    elif config.resume == AUTO and own_directory and (path / RESOLVED).is_file():
+        _continuation(dataclasses.replace(config, output_dir=str(path)), path)
+        return
+    if config.parallelism.node_rank == 0 or not (path / RESOLVED).is_file():
+        rundir.check_creatable(path, fresh_output_dir)
+
+
+def _check_branch_start(config: RecipeConfig, checkpoint: Path) -> None:
+    _check_steps_left(config, checkpoint, f"resume={config.resume}", branch=True)
+    if (checkpoint.parent / RESOLVED).is_file():
+        check_compatible(_saved_config(checkpoint.parent), config, checkpoint.parent)
+    _check_resume_state(config, checkpoint)
 
 
 def open_run_dir(config: RecipeConfig, fresh_output_dir: bool,
@@ -331,11 +360,9 @@ def open_run_dir(config: RecipeConfig, fresh_output_dir: bool,
         checkpoint = _checked_checkpoint(config.resume)
         if own_directory and _branch_of(path) == str(checkpoint):
             return _continue_in_place(config, path, dataset_counts)
-        _check_steps_left(config, checkpoint, f"resume={config.resume}", branch=True)
-        if (checkpoint.parent / RESOLVED).is_file():
-            check_compatible(_saved_config(checkpoint.parent), config, checkpoint.parent)
+        _check_branch_start(config, checkpoint)
         run_dir, config = rundir.create(config, fresh_output_dir)
-        run_dir.update_manifest(resume_from=str(checkpoint), branched_from=str(checkpoint))
+        run_dir.update_manifest(resume_from=str(checkpoint), branched_from=str(checkpoint), resume_weights_only=config.resume_weights_only)
         return run_dir, config
     if config.resume == AUTO and own_directory and (path / RESOLVED).is_file():
         return _continue_in_place(config, path, dataset_counts)

@@ -21,8 +21,9 @@ import json
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from npu_recipes import atomic
 from npu_recipes.config.resolved import RESOLVED, to_yaml
@@ -118,10 +119,106 @@ class RunDir:
         shutil.rmtree(self.path / LOGS, ignore_errors=True)
 
 
-def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":
-    """Create ``path`` exclusively (``mkdir`` without ``exist_ok``), so two runs never share it."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    return True
+
+
+def in_use(path: Path) -> UserError:
+    """The error for a run directory whose lock another process holds, naming that process: the
+    one its ``.lock`` names (written as it claimed the lock), else the one the manifest names."""
+    found = lock.holder(path)
+    for _ in range(20):
+        # The claiming process writes its pid just after locking: give it a moment.
+        if found is not None:
+            break
+        time.sleep(0.05)
+        found = lock.holder(path)
+    if found is None:
+        try:
+            recorded = manifest.read(path)
+            found = (recorded.pid, recorded.host) if isinstance(recorded.pid, int) else None
+        except UserError:
+            found = None
+    pid, host = found if found is not None else (None, None)
+    alive = pid is not None and host == platform.node() and _alive(pid)
+    who = f"process {pid} on this host is still training in it" if alive else (
+        f"process {pid} on host {host} is still training in it" if pid is not None and host != platform.node() else
+        "another process is still training in it (the worker processes of a run whose launcher died "
+        "stop at the end of their current step)")
+    return UserError(
+        f"output_dir {path} is in use: {who}",
+        fix=(f"wait for it to finish, stop it (kill {pid}: it saves a checkpoint and exits), or pass another output_dir"
+             if alive else "wait for it to finish, or pass another output_dir"),
+    )
+
+
+def claim(path: Path) -> None:
+    """Hold ``path``'s run lock for this process (:func:`npu_recipes.run.lock.claim`).
+
+    Raises:
+        UserError: another process (a launcher or a worker of a run in ``path``) holds it (:func:`in_use`),
+            or the lock file cannot be written.
+    """
+    try:
+        if lock.claim(path):
+            return
+    except OSError as error:
+        raise UserError(f"cannot write into output_dir {path}: {error.strerror}", fix="make it writable, or pass another output_dir") from None
+    raise in_use(path)
+
+
+def _not_empty(path: Path) -> UserError:
+    holds_run = (path / RESOLVED).is_file()
+    found = checkpoints.complete(path)
+    return UserError(
+        f"output_dir {path} already exists and is not empty",
+        fix="pass a new output_dir=DIR, or delete the old run"
+        + (", or pass resume=auto to continue the training run in it" if holds_run
+           else f", or pass a new output_dir with resume={found[-1]} to continue from its newest checkpoint" if found else ""),
+    )
+
+
+def _file_above(path: Path) -> Optional[Path]:
+    """The first of ``path``'s parent directories that is an existing file (so nothing can be made under it)."""
+    return next((parent for parent in reversed(path.parents) if parent.exists() and not parent.is_dir()), None)
+
+
+def check_creatable(path: Path, fresh_output_dir: bool) -> None:
+    """Refuse, before anything is loaded, an ``output_dir`` that :func:`create` could not make: an
+    existing file, a path below a file, a directory another run uses or (explicit ``output_dir``)
+    one that is not empty, or a place this process may not write (probed with a temporary directory,
+    removed at once: :func:`npu_recipes.atomic.check_writable`).
+
+    Raises:
+        UserError: as above, naming the path.
+    """
+    path = Path(path).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise UserError(f"output_dir {path} is an existing file, not a directory", fix="pass a directory path as output_dir=DIR")
+    blocker = _file_above(path)
+    if blocker is not None:
+        raise UserError(f"output_dir {path} cannot be created: {blocker} is a file, not a directory",
+                        fix=f"pass an output_dir=DIR outside {blocker}, or move that file away")
+    if path.is_dir() and not fresh_output_dir:
+        if lock.busy(path):
+            raise in_use(path)
+        if any(path.iterdir()):
+            raise _not_empty(path)
+    try:
+        atomic.check_writable(path)
+    except OSError as error:
+        raise UserError(f"cannot create output_dir {path}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
+
+
+def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":
+    """Create ``path`` exclusively (``mkdir`` without ``exist_ok``), so two runs never share it."""
+    check_creatable(path, fresh_output_dir)
     created_parents = tuple(p for p in path.parents if not p.exists())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,15 +233,11 @@ def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":
             if fresh_output_dir:
                 candidate, suffix = path.with_name(f"{path.name}-{suffix}"), suffix + 1
                 continue
+            # Another run may have created it a moment ago: its lock says so before its files appear.
+            if lock.busy(candidate):
+                raise in_use(candidate) from None
             if any(candidate.iterdir()):
-                holds_run = (candidate / RESOLVED).is_file()
-                found = checkpoints.complete(candidate)
-                raise UserError(
-                    f"output_dir {candidate} already exists and is not empty",
-                    fix="pass a new output_dir=DIR, or delete the old run"
-                    + (", or pass resume=auto to continue the training run in it" if holds_run
-                       else f", or pass a new output_dir with resume={found[-1]} to continue from its newest checkpoint" if found else ""),
-                ) from None
+                raise _not_empty(candidate) from None
             return RunDir(candidate, created_here=False)
         except OSError as error:
             raise UserError(f"cannot create output_dir {candidate}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
@@ -173,7 +266,7 @@ def create(config: RecipeConfig, fresh_output_dir: bool) -> Tuple[RunDir, Recipe
     config = dataclasses.replace(config, output_dir=str(run_dir.path))
     try:
         if not lock.claim(run_dir.path):
-            raise UserError(f"output_dir {run_dir.path} is in use: another run started in it at the same time", fix="pass another output_dir")
+            raise in_use(run_dir.path)
         atomic.write_text(run_dir.path / RESOLVED, to_yaml(config))
     except OSError as error:
         run_dir.discard_if_empty_of_results()

@@ -11,7 +11,14 @@ signal, and no step's end waits for the device to drain its queue (a blocking al
 ``.item()`` would, every step). A single process stops at the end of the step it is in.
 
 torchrun's agent forwards SIGTERM/SIGINT to every worker and kills those still running after its
-shutdown timeout (``parallelism.shutdown_timeout``), so a save must fit in that time. A second
+shutdown timeout (``parallelism.shutdown_timeout``), so a save must fit in that time.
+
+The wait for the end of the step is bounded: when the step under way has not ended
+``parallelism.stop_timeout`` seconds after the first signal (a step over a huge pack, a hung
+collective), a timer thread abandons it (:func:`abandon`): the manifest says ``interrupted``
+with the newest complete checkpoint, one error line says so, and the process exits ``128 +
+signal`` at once, without saving the unfinished step. So a signal ends training within
+``stop_timeout`` seconds, plus the save when the step ended in time. A second
 Ctrl-C in a single process abandons the save (the partial checkpoint is never used, see
 :mod:`npu_recipes.run.checkpoints`); a worker ignores repeats, because torchrun forwards a copy of
 the first signal.
@@ -20,8 +27,11 @@ the first signal.
 from __future__ import annotations
 
 import logging
+import os
 import signal
-from typing import Optional
+import sys
+import threading
+from typing import Callable, Optional
 
 from transformers import TrainerCallback
 
@@ -42,13 +52,17 @@ class StopOnSignal(TrainerCallback):
         device: where the flag of the agreement over ranks lives (events and pinned memory on accelerators).
         world_size: processes in the job; 1 needs no agreement.
         abort_on_repeat: a second SIGINT raises ``KeyboardInterrupt`` (single process only).
+        stop_timeout: seconds the step under way at the first signal may take to end (None: no bound).
+        on_timeout: called from a timer thread with the signal and the unfinished step when it does not
+            (:func:`abandon`); it must end the process.
 
     Attributes:
         signal_number: the first signal received, or None.
         stopped_at_step: the optimizer step at which training stopped for it, or None.
     """
 
-    def __init__(self, device: Device, world_size: int, abort_on_repeat: bool):
+    def __init__(self, device: Device, world_size: int, abort_on_repeat: bool, stop_timeout: Optional[float] = None,
+                 on_timeout: Optional[Callable[[int, int], None]] = None):
         self.device = device
         self.world_size = world_size
         self.abort_on_repeat = abort_on_repeat
@@ -57,6 +71,10 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
         self._in_flight = None
         self._host_flag = None
+        self.stop_timeout = stop_timeout
+        self._on_timeout = on_timeout
+        self._deadline: Optional[threading.Timer] = None
+        self._step_under_way = 1
 
     def install(self) -> None:
         """Take over SIGTERM and SIGINT (call from the main thread)."""
@@ -68,11 +86,29 @@ class StopOnSignal(TrainerCallback):
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        self._disarm()
+
+    def _arm(self) -> None:
+        if self.stop_timeout is None or self._on_timeout is None:
+            return
+        self._deadline = threading.Timer(self.stop_timeout, self._on_timeout, (self.signal_number, self._step_under_way))
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_under_way = state.global_step + 1
+        return control
 
     def _receive(self, number, frame) -> None:
         if self.signal_number is None:
             self.signal_number = number
             log.warning("%s received: saving a checkpoint at the end of this step, then stopping", signal.Signals(number).name)
+            self._arm()
         elif self.abort_on_repeat and number == signal.SIGINT:
             raise KeyboardInterrupt
 
@@ -121,6 +157,7 @@ class StopOnSignal(TrainerCallback):
         if number is not None and self.stopped_at_step is None:
             self.signal_number = self.signal_number or number
             self.stopped_at_step = state.global_step
+            self._disarm()  # the step ended in time; the save is bounded by torchrun's shutdown timeout
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -159,3 +196,28 @@ def interrupted(run_dir: RunDir, stop: StopOnSignal, records: bool) -> Interrupt
         f"(with output_dir={run_dir.path}) to resume",
         stop.signal_number, checkpoint,
     )
+
+
+def abandon(run_dir: RunDir, records: bool, stop_timeout: float, signal_number: int, step: int) -> None:
+    """End the process now, from :class:`StopOnSignal`'s timer thread, because training step ``step``
+    had not ended ``stop_timeout`` seconds after ``signal_number``: record it in the manifest (when
+    ``records``, i.e. on global rank 0), print one error naming the newest complete checkpoint and
+    exit ``128 + signal_number`` without saving the unfinished step."""
+    name = signal.Signals(signal_number).name
+    saved = run_dir.checkpoints()
+    newest = str(saved[-1]) if saved else None
+    if records:
+        try:
+            run_dir.update_manifest(status=manifest.INTERRUPTED, finished_at=manifest.now(), stopped_at_step=step - 1,
+                                    error=f"stopped by {name}: step {step} abandoned after parallelism.stop_timeout={stop_timeout:g} s",
+                                    last_checkpoint=newest)
+        except Exception as error:  # the exit must not wait on a broken disk
+            log.warning("could not record the stop in the manifest: %s", error)
+        print(f"npu_recipes: error: stopped by {name}, but training step {step} did not end within "
+              f"parallelism.stop_timeout={stop_timeout:g} s: it was abandoned, unsaved; "
+              + (f"newest complete checkpoint: {newest}" if newest else "no checkpoint was saved")
+              + f"\n  fix: rerun the same command (with output_dir={run_dir.path}) to resume from "
+              + ("that checkpoint" if newest else "step 0") + "; raise parallelism.stop_timeout if a step takes longer",
+              file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + signal_number)

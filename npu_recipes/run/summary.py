@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from npu_recipes.run import manifest, plots
@@ -35,15 +36,22 @@ def final_metrics(run_dir: RunDir) -> FinalMetrics:
     )
 
 
-def finish(run_dir: RunDir, title: str) -> FinalMetrics:
-    """Draw loss.png (titled ``title``), record the run as completed with its final metrics, and
-    print where everything is."""
+def finish(run_dir: RunDir, title: str, loaded_best: bool = False) -> FinalMetrics:
+    """Draw loss.png (titled ``title``), record the run as completed with its final metrics (and, with
+    ``loaded_best``, that ``train.load_best_model_at_end`` loaded the best checkpoint), and print where
+    everything is."""
     plots.draw_loss(run_dir.read_log(), run_dir.path / LOSS_PLOT, title=title)
     metrics = final_metrics(run_dir)
-    run_dir.update_manifest(status=manifest.COMPLETED, finished_at=manifest.now(), final_metrics=metrics)
+    best = run_dir.read_manifest().best_checkpoint
+    if best is not None:
+        best = dataclasses.replace(best, loaded_at_end=loaded_best)
+    run_dir.update_manifest(status=manifest.COMPLETED, finished_at=manifest.now(), final_metrics=metrics, best_checkpoint=best)
+    best_line = "" if best is None else (
+        f"best:          {best.checkpoint} ({best.metric} {best.value:.4f}{', loaded at the end' if loaded_best else ''})\n")
     print(
         f"\nrun directory: {run_dir.path}\n"
         f"checkpoint:    {metrics.last_checkpoint}\n"
+        f"{best_line}"
         f"loss:          first {_rounded(metrics.first_loss)} -> last {_rounded(metrics.last_loss)}"
         + (f" (eval {metrics.last_eval_loss:.4f})" if metrics.last_eval_loss is not None else "")
         + f"\nthroughput:    {metrics.model_tflops} model TFLOP/s per device, MFU "

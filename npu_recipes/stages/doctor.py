@@ -8,12 +8,16 @@ no run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 from npu_recipes.config.schema import RecipeConfig
 from npu_recipes.doctor import checks, report
+from npu_recipes.errors import UserError
+from npu_recipes.plan import planner
 from npu_recipes.run.rundir import RunDir
 from npu_recipes.stages import Prepared
 
@@ -32,13 +36,27 @@ class DoctorStage:
 
     def run(self, config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
         """Run the checks, print them, and exit with status 1 when any failed."""
-        found = checks.diagnose(config.device, config.parallelism)
+        found = checks.diagnose(config.device, config.parallelism, config.doctor.memory_used_warn, _planned_peak(config))
         if config.doctor.format == "json":
             print(json.dumps(found.to_dict(), indent=2), flush=True)
         else:
             print(report.render_table(found), flush=True)
         if found.failed:
             sys.exit(EXIT_CHECK_FAILED)
+
+
+def _planned_peak(config: RecipeConfig) -> checks.PlannedPeak:
+    """The run's planned peak per device (GiB) on a card of a given memory (what ``stage=plan`` estimates)."""
+
+    def demand(device_type: str, memory_gib: float) -> float:
+        if config.model.builder is not None and not (Path(config.model.name_or_path).expanduser() / "config.json").is_file():
+            # The doctor builds nothing: the model is made by the first training run.
+            raise UserError(f"model.builder={config.model.builder} has not built {config.model.name_or_path} yet")
+        options = dataclasses.replace(config.plan, device_memory_gib=memory_gib)
+        return planner.make(model=config.model, train_type=config.train_type, lora=config.lora, train=config.train,
+                            parallelism=config.parallelism, device=device_type, options=options).demand_gib
+
+    return demand
 
 
 STAGE = DoctorStage()

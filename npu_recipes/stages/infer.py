@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List, NamedTuple, Optional
 
 from npu_recipes import atomic
+from npu_recipes.config import compose
 from npu_recipes.config.schema import ModelConfig, RecipeConfig
 from npu_recipes.errors import UserError
 from npu_recipes.infer import adapters, chat, evaluation, generation, loading
@@ -38,7 +39,7 @@ def _inputs(config: RecipeConfig) -> _Inputs:
     """The adapters, base model, training run (``load_data_args``) and result directory (batch
     mode), each checked; the adapters' files are read once, here."""
     parsed = adapters.parse_adapters(config.adapters)
-    base = adapters.base_model_config(config.model, parsed)
+    base = adapters.base_model_config(config.model, parsed, compose.command_line_keys())
     behind = loading.training_run_dir(parsed, config.model.name_or_path)
     training_run = None
     if config.load_data_args:
@@ -82,6 +83,7 @@ class InferStage:
         inputs = _inputs(config)
         source = evaluation.batch_source(config.dataset, config.infer, inputs.training_run)
         device = devices.resolve(config.device)
+        log.info("base model: %s (from %s)", inputs.base.name_or_path, adapters.base_model_source(inputs.adapters, compose.command_line_keys()))
         loaded = loading.load(inputs.base, inputs.adapters, device)
         loading.stack_adapters(loaded)
         # Seeded after loading (PEFT initialises adapter weights randomly before loading them), so

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from npu_recipes import atomic
+from npu_recipes.config import compose
 from npu_recipes.config.schema import MergeConfig, RecipeConfig
 from npu_recipes.config.validate import shard_size
 from npu_recipes.errors import UserError
@@ -83,7 +84,7 @@ class MergeStage:
                 target without ``merge.exist_ok=true``, or a target directory that cannot be written.
         """
         parsed, _ = _checked_inputs(config)
-        adapters.base_model_config(config.model, parsed)
+        adapters.base_model_config(config.model, parsed, compose.command_line_keys())
         return Prepared(config, None)
 
     def run(self, config: RecipeConfig, run_dir: Optional[RunDir]) -> None:
@@ -97,8 +98,10 @@ class MergeStage:
         """
         parsed, target = _checked_inputs(config)
         device = devices.resolve(config.device)
-        base = adapters.base_model_config(config.model, parsed)
+        explicit = compose.command_line_keys()
+        base = adapters.base_model_config(config.model, parsed, explicit)
         base_path = pretrained.resolve_path(base)
+        log.info("base model: %s (from %s)", base_path, adapters.base_model_source(parsed, explicit))
         if config.merge.torch_dtype == "auto":
             dtype = pretrained.checkpoint_dtype(base, base_path)
         else:

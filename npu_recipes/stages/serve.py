@@ -8,14 +8,18 @@ serves them with uvicorn until SIGTERM/SIGINT, after which in-flight requests fi
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
+from npu_recipes.config import compose
 from npu_recipes.config.schema import RecipeConfig
 from npu_recipes.infer import adapters, loading
 from npu_recipes.run.rundir import RunDir
 from npu_recipes.runtime import devices
 from npu_recipes.serving import server
 from npu_recipes.stages import Prepared
+
+log = logging.getLogger(__name__)
 
 
 class ServeStage:
@@ -41,7 +45,9 @@ class ServeStage:
         sock = server.bind(config.serve.host, config.serve.port)
         device = devices.resolve(config.device)
         parsed = adapters.parse_adapters(config.adapters)
-        base = adapters.base_model_config(config.model, parsed)
+        explicit = compose.command_line_keys()
+        base = adapters.base_model_config(config.model, parsed, explicit)
+        log.info("base model: %s (from %s)", base.name_or_path, adapters.base_model_source(parsed, explicit))
         server.check_base_model(base, parsed, config.serve.allow_base_mismatch)
         loaded = loading.load(base, parsed, device)
         server.serve(loaded, config.serve, device, sock)

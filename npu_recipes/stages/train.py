@@ -11,6 +11,7 @@ steps and devices by the Trainer (``num_items_in_batch``, ``average_tokens_acros
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 from typing import Optional
@@ -46,6 +47,8 @@ class TrainStage:
             config, model=dataclasses.replace(config.model, name_or_path=pretrained.resolve_path(config.model)),
             dataset=dataclasses.replace(config.dataset, path=sources.resolve_path(config.dataset)),
         )
+        pretrained.check_max_length(config.train.max_length, pretrained.fetch_config(config.model), config.model.name_or_path)
+        resume.check_before_data(config, fresh_output_dir)  # a run that cannot start fails before tokenizing
         rows = tokenize.load_checked(config.dataset)  # bad files fail here, before the tokenizer loads torch
         splits = _tokenized(config, pretrained.load_tokenizer(config.model, config.model.name_or_path), rows)
         run_dir, config = resume.open_run_dir(config, fresh_output_dir, splits.counts)
@@ -82,19 +85,22 @@ def _tokenized(config: RecipeConfig, tokenizer, rows=None) -> tokenize.Tokenized
     return tokenize.prepare(config.dataset, tokenizer, train.max_length, train.truncation_strategy, train.seed, rows)
 
 
-def _plan_here(config: RecipeConfig, device: devices.Device) -> planner.Plan:
-    return planner.for_device(model=config.model, train_type=config.train_type, lora=config.lora, train=config.train,
+def _plan_here(config: RecipeConfig, device: devices.Device, longest: int) -> planner.Plan:
+    """The plan for this device, with rows of the ``longest`` tokens the training data actually has
+    (``train.max_length`` is only the most it may have)."""
+    train = dataclasses.replace(config.train, max_length=min(config.train.max_length, longest))
+    return planner.for_device(model=config.model, train_type=config.train_type, lora=config.lora, train=train,
                               parallelism=config.parallelism, options=config.plan, device=device)
 
 
-def _gradient_checkpointing(config: RecipeConfig, device: devices.Device, run_dir: Optional[RunDir]) -> bool:
+def _gradient_checkpointing(config: RecipeConfig, device: devices.Device, run_dir: Optional[RunDir], longest: int) -> bool:
     """``train.gradient_checkpointing`` decided: a boolean as given, ``auto`` by the planner for this
     device (logged, and recorded in the manifest when ``run_dir`` is given)."""
     if config.train.gradient_checkpointing != planner.AUTO:
         if run_dir is not None:
             run_dir.update_manifest(gradient_checkpointing=None)  # a resumed run may have decided under auto before
         return config.train.gradient_checkpointing
-    decision = _plan_here(config, device).checkpointing
+    decision = _plan_here(config, device, longest).checkpointing
     planner.log_decision(decision, device.name())
     if run_dir is not None:
         run_dir.update_manifest(gradient_checkpointing=manifest.CheckpointingRecord(
@@ -141,7 +147,8 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         )
         if splits.held_out_rows is not None:
             heldout.write(run_dir.path, splits.held_out_rows)
-    checkpointing = _gradient_checkpointing(config, device, run_dir if rank_zero else None)
+    longest = packing.longest_row(train_dataset)
+    checkpointing = _gradient_checkpointing(config, device, run_dir if rank_zero else None, longest)
     # Before the model: under ZeRO-3 the arguments make from_pretrained load weights already partitioned.
     args = training_arguments(config.train, config.parallelism, config.kernels, run_dir.path, device, dtype,
                               has_eval=splits.eval is not None, gradient_checkpointing=checkpointing)
@@ -151,7 +158,8 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
     attention.adapt_model(model, chosen)
     device.reset_peak_memory()
     nan_guard = NanGuard(config.nan_guard, run_dir, deepspeed=deepspeed_config.uses_deepspeed(config.parallelism))
-    stop = stopping.StopOnSignal(device, args.world_size, abort_on_repeat=args.world_size == 1)
+    stop = stopping.StopOnSignal(device, args.world_size, abort_on_repeat=args.world_size == 1, stop_timeout=config.parallelism.stop_timeout,
+                                 on_timeout=functools.partial(stopping.abandon, run_dir, rank_zero, config.parallelism.stop_timeout))
     trainer = RecipeTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer,
         eval_dataset=None if splits.eval is None else splits.eval.remove_columns(sources.ROW_ID),
@@ -159,6 +167,7 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         # on a signal comes after it, because that checkpoint is the only record of the steps since the last save.
         callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), CurrentIntervals(), nan_guard, stop],
         flops_model=flops.FlopsModel.from_model(model, model.config), nan_guard=nan_guard, device=device, cu_seq_lens=chosen.cu_seq_lens,
+        save_total_limit=config.train.save_total_limit, weights_only_resume=run_dir.read_manifest().resume_weights_only,
     )
     title = f"{config.recipe}: {config.model.name_or_path.split('/')[-1]}"
     resume_from = run_dir.read_manifest().resume_from
@@ -177,7 +186,7 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         if checkpoints.is_out_of_space(error, run_dir.path):
             raise checkpoints.out_of_space(run_dir.path, error, trainer.state.global_step) from None
         if devices.is_out_of_memory(error):
-            raise _out_of_memory(config, device, error, trainer.state.global_step) from None
+            raise _out_of_memory(config, device, error, trainer.state.global_step, longest) from None
         raise
     finally:
         stop.uninstall()
@@ -185,13 +194,13 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
     if stop.stopped_at_step is not None and trainer.state.global_step < trainer.state.max_steps:
         raise stopping.interrupted(run_dir, stop, trainer.is_world_process_zero())
     if trainer.is_world_process_zero():
-        summary.finish(run_dir, title)
+        summary.finish(run_dir, title, loaded_best=config.train.load_best_model_at_end and trainer.state.best_model_checkpoint is not None)
     return output
 
 
-def _out_of_memory(config: RecipeConfig, device: devices.Device, error: BaseException, step: int) -> UserError:
+def _out_of_memory(config: RecipeConfig, device: devices.Device, error: BaseException, step: int, longest: int) -> UserError:
     try:
-        plan = _plan_here(config, device)
+        plan = _plan_here(config, device, longest)
     except UserError:
         plan = None
     return planner.out_of_memory(error, step, plan, config.parallelism.name)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from npu_recipes.config.schema import ParallelismConfig, TrainConfig
+from npu_recipes.errors import UserError
 from npu_recipes.model import kernels
 from npu_recipes.runtime import deepspeed_config
 from npu_recipes.runtime.devices import Device
@@ -18,9 +19,12 @@ PASSED_THROUGH = (
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
     "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
-    "logging_steps", "save_steps", "eval_steps", "save_total_limit", "seed", "dataloader_num_workers",
+    "logging_steps", "save_steps", "eval_steps", "seed", "dataloader_num_workers", "save_only_model",
+    "metric_for_best_model", "greater_is_better",
 )
-"""``train.*`` keys passed to ``TrainingArguments`` under the same name (``optim`` too, after :func:`training_arguments`'s check)."""
+"""``train.*`` keys passed to ``TrainingArguments`` under the same name (``optim`` too, after :func:`training_arguments`'s
+check). ``save_total_limit`` is not: :class:`~npu_recipes.train.trainer.RecipeTrainer` applies it (sparing the newest
+checkpoint, which transformers deletes at the end with a limit of 1 when the best is another)."""
 
 FUSED_ADAMW = "adamw_torch_fused"
 """The default ``train.optim`` (transformers' own default since torch 2.8): one kernel for every
@@ -42,6 +46,12 @@ def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kerne
     import torch
     from transformers import TrainingArguments
 
+    if train.load_best_model_at_end and not has_eval:
+        raise UserError(
+            "train.load_best_model_at_end=true needs evaluations, but the length filter dropped every held-out row "
+            f"(train.max_length={train.max_length})",
+            fix="raise dataset.val_split_ratio or train.max_length, or pass train.load_best_model_at_end=false",
+        )
     optim = train.optim
     if optim == FUSED_ADAMW and not device.runs_fused_adamw():
         optim = "adamw_torch"
@@ -57,6 +67,7 @@ def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kerne
         gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps" if has_eval else "no",
+        load_best_model_at_end=train.load_best_model_at_end,
         save_strategy="steps",
         logging_first_step=True,
         bf16=dtype == torch.bfloat16,
