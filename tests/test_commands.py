@@ -109,3 +109,15 @@ def test_help_ls_show_and_a_config_error_import_no_torch_transformers_or_dataset
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_the_tiny_model_on_your_data_says_so_and_a_name_or_path_override_picks_a_real_model(caplog):
+    from npu_recipes.model import pretrained
+
+    default = compose.compose([]).model
+    pretrained.note_tiny_model(default, "demo_math")
+    assert "random-init demo model" not in caplog.text
+    pretrained.note_tiny_model(default, None)
+    assert "random-init demo model" in caplog.text and "model.name_or_path=HUB_ID_OR_DIR" in caplog.text
+    chosen = compose.compose(["model.name_or_path=Qwen/Qwen2-7B-Instruct"]).model
+    assert not pretrained.is_built(chosen) and pretrained.resolve_path(chosen) == "Qwen/Qwen2-7B-Instruct"

@@ -109,6 +109,7 @@ def resolve_path(model: ModelConfig) -> str:
                 f"model {model.name_or_path!r} is on ModelScope (model.hub=modelscope) but the modelscope package is missing",
                 fix="pip install modelscope, or set model.name_or_path to a local directory",
             ) from None
+        log.info("downloading %s from ModelScope into its cache (once; its progress bars follow)", model.name_or_path)
         try:
             return snapshot_download(model.name_or_path, revision=model.revision)
         except Exception as error:
