@@ -121,3 +121,23 @@ def test_the_tiny_model_on_your_data_says_so_and_a_name_or_path_override_picks_a
     assert "random-init demo model" in caplog.text and "model.name_or_path=HUB_ID_OR_DIR" in caplog.text
     chosen = compose.compose(["model.name_or_path=Qwen/Qwen2-7B-Instruct"]).model
     assert not pretrained.is_built(chosen) and pretrained.resolve_path(chosen) == "Qwen/Qwen2-7B-Instruct"
+
+
+def test_huggingface_hub_warnings_print_once(monkeypatch):
+    """huggingface_hub gives its loggers a stream handler of their own; passed on to the root logger's
+    handlers too, each offline retry warning printed twice. A record from one of its loggers reaches
+    exactly one handler, found the way logging.Logger.callHandlers walks the hierarchy."""
+    import logging
+
+    from huggingface_hub.utils import logging as hf_logging
+
+    from npu_recipes import cli
+
+    monkeypatch.setattr(logging.getLogger("huggingface_hub"), "propagate", True)
+    logger = hf_logging.get_logger("huggingface_hub.file_download")
+    cli.setup_logging()
+    reached, node = [], logger
+    while node is not None:
+        reached += node.handlers
+        node = node.parent if node.propagate else None
+    assert len(reached) == 1 and isinstance(reached[0], logging.StreamHandler)
