@@ -1,11 +1,14 @@
 # npu_recipes front door. `make demo` and `make test` work on a fresh machine with Python 3.10+.
+# `make install` (and `make demo`) install what running needs (the serve and deepspeed extras);
+# `make test` adds the test tools (the test extra).
 #
 #   PY=/path/to/python   use an existing environment (e.g. one with torch_npu) instead of .venv
 #   TORCH_VERSION=X.Y.Z  torch to install when the environment has none (never replaces an existing torch)
 #   ARGS="key=value ..." extra overrides for run targets; PYTEST_ARGS for `make test`
 #
 # Every recipe is a target: recipes/qwen7b_lora_zero3.yaml -> `make qwen7b-lora-zero3 ARGS="..."`.
-# `make list` shows them with the seed's and the planned memory; `make docs` regenerates docs/recipes.md.
+# `make list` (npu-recipes ls) shows them with the seed's and the planned memory; `make docs` regenerates
+# docs/recipes.md and the rows `ls` reads (npu_recipes/plan/catalogue.json).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,6 +18,7 @@ ARGS ?=
 PYTEST_ARGS ?= -n 2 --dist loadfile
 FAST_PYTEST_ARGS ?= -m "not slow and not cli" -p no:cacheprovider
 STAMP := .install-stamp
+TEST_STAMP := .install-test-stamp
 RECIPE_TARGETS := $(subst _,-,$(filter-out demo,$(basename $(notdir $(wildcard recipes/*.yaml)))))
 
 .PHONY: install demo test test-fast lint clean list docs $(RECIPE_TARGETS)
@@ -24,8 +28,13 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x "$(PY)" || $(PYTHON) -m venv $(VENV)
 	@"$(PY)" -c 'import torch' 2>/dev/null && echo "keeping installed torch: $$("$(PY)" -c 'import torch; print(torch.__version__)')" \
 		|| "$(PY)" -m pip install "torch==$(TORCH_VERSION)"
-	"$(PY)" -m pip install -e ".[test]"
+	"$(PY)" -m pip install -e ".[serve,deepspeed]"
 	@echo "$(PY)" > $(STAMP)
+
+# The test tools (pytest, ruff, import-linter, hypothesis, the openai client) on top of what running needs.
+$(TEST_STAMP): $(STAMP)
+	"$(PY)" -m pip install -e ".[test]"
+	@echo "$(PY)" > $(TEST_STAMP)
 
 install: $(STAMP)
 
@@ -36,11 +45,11 @@ test: lint
 	"$(PY)" -m pytest $(PYTEST_ARGS)
 
 # The in-process tier (pure logic, nothing started): under a minute on 2 idle cores.
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	HYPOTHESIS_PROFILE=fast "$(PY)" -m pytest $(FAST_PYTEST_ARGS)
 
 # The package's import layers (.importlinter) and ruff's rules (pyproject.toml).
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	"$(PY)" -m ruff check npu_recipes tests bench
 	"$(PY)" -c 'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' 
 
@@ -48,10 +57,10 @@ $(RECIPE_TARGETS): $(STAMP)
 	"$(PY)" -m npu_recipes +recipe=$(subst -,_,$@) $(ARGS)
 
 list: $(STAMP)
-	"$(PY)" -m npu_recipes.plan.catalogue
+	"$(PY)" -m npu_recipes ls
 
 docs: $(STAMP)
 	"$(PY)" -m npu_recipes.plan.recipes_page
 
 clean:
-	rm -rf $(STAMP) build dist *.egg-info outputs multirun .pytest_cache
+	rm -rf $(STAMP) $(TEST_STAMP) build dist *.egg-info outputs multirun .pytest_cache

@@ -122,6 +122,21 @@ def exit_for(error: BaseException) -> Optional[Exit]:
     return None
 
 
+def end_progress_bars() -> None:
+    """Close the tqdm progress bars still open in this process (the Trainer's, when an error ends
+    training), so that a message printed next starts on a line of its own instead of after a bar."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
+def print_block(message: str) -> None:
+    """Print ``message`` (an ``npu_recipes: ...`` block) on stderr, on lines of its own."""
+    end_progress_bars()
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
 def exit_with(error: BaseException, announce: bool = True) -> NoReturn:
     """End the process as :func:`exit_for` says (printing its line unless ``announce`` is False, for
     a torchrun worker whose launcher reports); re-raise ``error`` when it is a bug."""
@@ -129,6 +144,6 @@ def exit_with(error: BaseException, announce: bool = True) -> NoReturn:
     if ending is None:
         raise error
     if announce and ending.message:
-        print(ending.message, file=sys.stderr, flush=True)
+        print_block(ending.message)
     sys.exit(ending.status)
 

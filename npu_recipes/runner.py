@@ -10,7 +10,7 @@ import shlex
 import sys
 from typing import Optional
 
-from npu_recipes import stages
+from npu_recipes import errors, stages
 from npu_recipes.config.resolved import RESOLVED
 from npu_recipes.config.schema import RecipeConfig
 from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, RunStopped, Terminated, UserError
@@ -39,6 +39,7 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
             (128 + the signal's number).
     """
     devices.set_aside_unloadable_torch_npu(config.device)
+    devices.name_deepspeed_accelerator(config.device)
     stage = stages.load(config.stage)
     plan = None if stage.in_launcher_only else launch.plan_launch(config.parallelism, config.device, config.recipe)
     config, run_dir = stage.prepare(config, fresh_output_dir)
@@ -56,7 +57,7 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
         status = run_dir.read_manifest().status if run_dir.path.is_dir() else None
         # Rank 0 printed how an interrupted run stopped and where it saved.
         if not failure.reported and status != manifest.INTERRUPTED:
-            print(f"npu_recipes: error: {failure}", file=sys.stderr, flush=True)
+            errors.print_block(f"npu_recipes: error: {failure}")
         if owns_manifest and status == manifest.RUNNING:
             run_dir.update_manifest(status=manifest.FAILED, finished_at=manifest.now(), error=str(failure).split("\n")[0])
         if owns_manifest and failure.exit_code == EXIT_USER_ERROR:

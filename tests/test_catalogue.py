@@ -75,17 +75,31 @@ def _documented_rows() -> dict[str, list[str]]:
 
 @pytest.mark.cli
 def test_make_list_shows_every_recipe_with_the_seeds_and_the_planned_memory(tmp_path):
+    """`make list` runs `npu-recipes ls`: a line per recipe as docs/recipes.md has it, its description below."""
     result = _make(tmp_path, "list")
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    lines = result.stdout.splitlines()
+    rows = {line.split()[0]: (line.split(), lines[number + 1].strip()) for number, line in enumerate(lines)
+            if line.split() and line.split()[0] in compose.recipe_names()}
     documented = _documented_rows()
-    assert set(documented) == set(compose.recipe_names())
+    assert set(documented) == set(rows) == set(compose.recipe_names())
     for name, cells in documented.items():
-        row = lines[name]
+        row, description = rows[name]
         seed_gb, planned = cells[6], cells[8]
-        assert row[1] == name.replace("_", "-") and row[3] == cells[4] and row[4] == cells[5]
+        assert row[1] == cells[3] and row[2] == cells[4] and row[3] == cells[5], f"{name}: {row} against {cells}"
         assert row[5] == seed_gb and planned in row, f"{name}: planned {planned} GiB not in {row}"
-    assert lines["qwen14b_lora_zero3"][2:6] == ["Qwen/Qwen2.5-14B-Instruct", "8", "zero3", "31"]
+        assert description == compose.compose([f"+recipe={name}"]).description
+    assert rows["qwen14b_lora_zero3"][0][1:6] == ["Qwen/Qwen2.5-14B-Instruct", "8", "zero3", "9", "31"]
+    assert rows["demo"][0][-3:] == ["CPU", "(host", "RAM)"], "the demo is planned for this machine, not an Ascend card"
+
+
+def test_make_install_and_demo_install_no_test_tools(tmp_path):
+    """`make install`/`make demo` install the package with what running needs; `make test` adds the test extra."""
+    fresh = [f"STAMP={tmp_path}/install-stamp", f"TEST_STAMP={tmp_path}/test-stamp", "PYTHON=python3", f"PY={tmp_path}/python"]
+    demo = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(REPO), *fresh, "demo"], capture_output=True, text=True)
+    assert '-m pip install -e ".[serve,deepspeed]"' in demo.stdout and "[test]" not in demo.stdout
+    test = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(REPO), *fresh, "test"], capture_output=True, text=True)
+    assert '-m pip install -e ".[test]"' in test.stdout and "-m pytest" in test.stdout
 
 
 @pytest.mark.cli
@@ -106,6 +120,12 @@ def test_recipe_targets_are_generated_from_recipes_and_pass_args(tmp_path):
 
 
 @pytest.mark.slow
-def test_docs_recipes_md_is_generated_from_the_current_recipes():
-    """Fails when a recipe, the estimator or the generator changed without `python -m npu_recipes.plan.recipes_page` (make docs)."""
-    assert recipes_page.page_path().read_text() == recipes_page.render(), "docs/recipes.md is stale: run `make docs`"
+def test_docs_recipes_md_and_the_stored_rows_are_generated_from_the_current_recipes():
+    """Fails when a recipe, the estimator or the generator changed without `make docs` (python -m
+    npu_recipes.plan.recipes_page): docs/recipes.md, and the rows `npu-recipes ls` reads without planning."""
+    from npu_recipes.plan import catalogue
+
+    rows = catalogue.rows(cached=False)
+    assert recipes_page.page_path().read_text() == recipes_page.render(rows), "docs/recipes.md is stale: run `make docs`"
+    assert catalogue.CACHE.read_text() == catalogue.cache_text(rows), "npu_recipes/plan/catalogue.json is stale: run `make docs`"
+    assert catalogue.rows() == rows

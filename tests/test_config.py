@@ -104,13 +104,14 @@ def test_defaults_equal_swift_sft():
         ("train.adam_beta2=2", "must be in [0, 1)"),
         ("lora.bias=bogus", "choose one of: none, all, lora_only"),
         ("model.attn_implementation=flash", "model.attn_implementation='flash' is not valid"),
-        ("train.lr_scheduler_type=greedy", "changes the learning rate on evaluation results, but dataset.val_split_ratio=0.0"),
+        (("train.lr_scheduler_type=greedy", "dataset.val_split_ratio=0"),
+         "changes the learning rate on evaluation results, but dataset.val_split_ratio=0.0"),
         ('dataset.user_template="{question"', "not a valid str.format template"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_closest_match(override, expected):
     with pytest.raises(UserError) as caught:
-        compose.compose([override])
+        compose.compose(list(override) if isinstance(override, tuple) else [override])
     assert expected in str(caught.value)
 
 

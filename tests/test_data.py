@@ -63,7 +63,8 @@ def test_demo_math_answers_are_correct():
 
 
 def _blossom_config(path) -> DatasetConfig:
-    return DatasetConfig(name="t", path=str(path), user_template="{input}", assistant_template="{output}\n\nAnswer: {answer}")
+    return DatasetConfig(name="t", path=str(path), user_template="{input}", assistant_template="{output}\n\nAnswer: {answer}",
+                         val_split_ratio=0.0)
 
 
 def test_blossom_mapping(tmp_path):
@@ -105,7 +106,7 @@ def test_column_absent_from_the_file_lists_the_columns_found(tmp_path):
 def test_messages_rows_with_a_system_turn(tmp_path, tokenizer):
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"messages": CONVERSATION[1:3]}) + "\n")
-    config = DatasetConfig(name="chat", path=str(path), messages_column="messages")
+    config = DatasetConfig(name="chat", path=str(path), messages_column="messages", val_split_ratio=0.0)
     splits = tokenize.prepare(config, tokenizer, max_length=512, truncation="drop", seed=0)
     assert splits.counts["train"] == 2
     bad = tmp_path / "bad.jsonl"

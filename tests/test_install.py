@@ -39,3 +39,10 @@ def test_wheel_runs_the_demo_from_another_directory(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (elsewhere / "run" / "checkpoint-2").is_dir()
+    # A default demo run prints none of the warnings issue 17 found, and its dataset summary once.
+    for noise in ("Warning", "Setting accelerator to CPU", "Gradient accumulation steps mismatch", "Retrying in"):
+        assert noise not in result.stderr, (noise, result.stderr[-3000:])
+    assert result.stderr.count("npu_recipes.data.tokenize: dataset demo_math: ") == 1
+    # The wheel ships the catalogue's stored rows: `ls` answers from them.
+    listed = subprocess.run([sys.executable, "-m", "npu_recipes", "ls"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and "qwen14b_lora_zero3" in listed.stdout and "CPU (host RAM)" in listed.stdout, listed.stderr

@@ -192,22 +192,36 @@ def test_plan_on_cpu_compares_all_processes_with_host_ram(tiny_model_path, print
     assert report["settings"]["architecture"]["hidden_size"] == 64
 
 
-@pytest.mark.cli
 @pytest.mark.skipif(importlib.util.find_spec("modelscope") is not None, reason="modelscope is installed here")
-def test_modelscope_id_without_modelscope_names_the_fix(tmp_path):
-    result = run_cli("+recipe=qwen7b_lora_zero3", "stage=plan", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "modelscope package is missing" in result.stderr and "model.name_or_path=DIR" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_a_shipped_model_plans_from_its_shipped_config_without_modelscope_and_says_so(printed_plan, caplog):
+    """The seed's ModelScope id without the modelscope package: the config.json shipped with npu_recipes,
+    a warning naming both, and a launch command without any config-only path."""
+    plan = printed_plan("+recipe=qwen7b_lora_zero3", "stage=plan", "plan.format=json")
+    assert plan["settings"]["config_json"] == f"{shipped_config_dir(QWEN2_7B)}/config.json"
+    assert plan["settings"]["model_hub"] == "modelscope" and plan["launch"]["note"] is None
+    assert plan["launch"]["command"] == ["python", "-m", "npu_recipes", "+recipe=qwen7b_lora_zero3"]
+    assert "modelscope package is missing; using the copy of its config.json shipped with npu_recipes" in caplog.text
 
 
-@pytest.mark.cli
-def test_hub_id_offline_fails_with_a_clear_message(tmp_path):
-    result = run_cli("+recipe=qwen7b_lora_zero3", "stage=plan", "model.hub=huggingface", cwd=tmp_path,
-                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert result.returncode == 2
-    assert "could not fetch config.json of 'Qwen/Qwen2-7B-Instruct' from the Hugging Face Hub" in result.stderr
-    assert result.stderr.count("npu_recipes: error:") == 1 and "Traceback" not in result.stderr
+def test_the_printed_command_never_names_a_config_only_directory(tmp_path):
+    """A shipped copy becomes its hub id again; another directory without weights gets a note."""
+    model = compose.compose(["model=local", f"model.name_or_path={shipped_config_dir(QWEN2_7B)}"]).model
+    arguments, note = report.user_arguments(["+recipe=qwen7b_lora_zero3", "stage=plan", f"model.name_or_path={model.name_or_path}"], model)
+    assert (arguments, note) == (["+recipe=qwen7b_lora_zero3", f"model.name_or_path={QWEN2_7B}"], None)
+    other = compose.compose(["model=local", f"model.name_or_path={config_only(tmp_path, QWEN2_7B)}"]).model
+    arguments, note = report.user_arguments([f"model.name_or_path={other.name_or_path}", "stage=plan"], other)
+    assert arguments == [f"model.name_or_path={other.name_or_path}"] and "holds no weights (config.json only)" in note
+
+
+def test_a_hub_id_without_a_shipped_config_fails_offline_with_the_fix(monkeypatch, tmp_path):
+    from npu_recipes.errors import UserError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(UserError) as caught:
+        run_in_process("stage=plan", "model.name_or_path=someone/Model-7B")
+    assert "could not fetch config.json of 'someone/Model-7B' from the Hugging Face Hub" in str(caught.value)
+    assert "model.name_or_path=DIR" in str(caught.value)
 
 
 def test_unknown_target_lists_the_device_types():

@@ -104,6 +104,9 @@ def test_hydra__internal_utils_get_args_parser():
     args = get_args_parser().parse_args(["-m", "+recipe=demo", "train.learning_rate=1e-4,2e-4"])
     assert args.multirun and args.overrides == ["+recipe=demo", "train.learning_rate=1e-4,2e-4"]
     assert args.config_name is None and args.config_path is None and args.config_dir is None
+    # npu_recipes.commands.check_hydra_arguments: what the parser does not know comes back as unknown.
+    _, unknown = get_args_parser().parse_known_args(["--model", "X", "+recipe=demo", "--cfg", "job"])
+    assert unknown == ["--model"]
 
 
 def test_datasets_dataset__fingerprint():
@@ -154,3 +157,35 @@ def test_torch_optimizer__step_supports_amp_scaling():
     weight.grad = torch.full((4,), 0.5)
     optimizer.step()
     assert float(optimizer.state[weight]["step"]) == 2.0 and not torch.equal(weight.detach(), after_one[0])
+
+
+def test_tqdm_tqdm__instances():
+    """``tqdm.tqdm._instances``: the bars still open, which ``errors.end_progress_bars`` closes before an error block."""
+    import io
+
+    from tqdm import tqdm
+
+    from npu_recipes import errors
+
+    stream = io.StringIO()
+    bar = tqdm(total=3, file=stream)
+    bar.update(1)
+    assert bar in tqdm._instances
+    errors.end_progress_bars()
+    assert bar not in tqdm._instances and stream.getvalue().endswith("\n")
+
+
+def test_deepspeed_opbuilder_jit_load():
+    """``OpBuilder.jit_load(self, verbose=True)``: DeepSpeed's just-in-time build path (``load`` calls it for
+    ops not built into the wheel), which ``deepspeed_config.announce_op_builds`` wraps to say what it compiles."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    from npu_recipes.runtime import deepspeed_config
+
+    assert list(inspect.signature(OpBuilder.jit_load).parameters) == ["self", "verbose"]
+    assert "self.jit_load(verbose)" in inspect.getsource(OpBuilder.load)
+    deepspeed_config.announce_op_builds()
+    wrapped = OpBuilder.jit_load
+    deepspeed_config.announce_op_builds()
+    assert OpBuilder.jit_load is wrapped and wrapped.announces

@@ -465,6 +465,23 @@ def _(ws: Workspace) -> Outcome:
     return ws.train("train.max_length=long")
 
 
+@case("swift-flag-on-overrides")
+def _(ws: Workspace) -> Outcome:
+    return Outcome(run_cli("--model", "Qwen/Qwen2-7B-Instruct", cwd=ws.path), [ws.path / "outputs"])
+
+
+@case("unknown-swift-flag")
+def _(ws: Workspace) -> Outcome:
+    return Outcome(run_cli("sft", "--model", "Qwen/Qwen2-7B-Instruct", "--learning_rat", "1e-4", cwd=ws.path), [ws.path / "outputs"])
+
+
+@case("recipe-file-not-yaml")
+def _(ws: Workspace) -> Outcome:
+    recipe = ws.path / "mine.yaml"
+    recipe.write_text("train:\n  learning_rate: [1e-4\n")
+    return Outcome(run_cli(f"+recipe={recipe}", cwd=ws.path), [ws.path / "outputs"])
+
+
 @case("several-values-without-multirun")
 def _(ws: Workspace) -> Outcome:
     return ws.train("train.learning_rate=1e-4,2e-4")

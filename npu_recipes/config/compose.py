@@ -10,6 +10,7 @@ validates (:func:`npu_recipes.config.validate.validate`) exactly as the CLI does
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import posixpath
 import typing
 from pathlib import Path
@@ -256,6 +257,64 @@ def group_options() -> Dict[str, List[str]]:
     return options
 
 
+_RECIPE_FILE_SUFFIXES = (".yaml", ".yml")
+_recipe_files: Dict[str, str] = {}
+"""Recipe files registered by :func:`recipe_file_overrides` in this process: option name -> absolute path."""
+
+
+def is_recipe_file(value: str) -> bool:
+    """True when ``+recipe=value`` names a file (a path with a directory, or an existing ``*.yaml``) rather than a shipped recipe."""
+    if value.endswith(_RECIPE_FILE_SUFFIXES) and Path(value).expanduser().is_file():
+        return True
+    return "/" in value or value.startswith("~")
+
+
+def recipe_file_overrides(overrides: List[str]) -> List[str]:
+    """``overrides`` with ``+recipe=FILE`` (a copy made by ``npu-recipes cp``, or any recipe file)
+    registered as a recipe and replaced by the name it was registered under.
+
+    The file is read like a shipped recipe: a mapping in the ``_global_`` package, whose defaults
+    list may include the shared blocks (``- base/seed_sft``); its ``recipe`` key is the file's stem,
+    so runs go to ``outputs/<stem>/<time>``.
+
+    Raises:
+        UserError: the file does not exist, is not YAML, or does not hold a mapping.
+    """
+    rewritten = []
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        if key != f"+{RECIPE_GROUP}" or not equals or not is_recipe_file(value):
+            rewritten.append(override)
+            continue
+        path = Path(value).expanduser().absolute()
+        if not path.is_file():
+            raise UserError(f"recipe file {value} does not exist", fix="check the path (npu-recipes cp NAME FILE makes one)")
+        name = "file-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        node = _load_recipe_file(path)
+        register([_included(name, entry) for entry, _ in _included_recipes(node)])
+        ConfigStore.instance().store(group=RECIPE_GROUP, name=name, node=node, package="_global_")
+        _recipe_files[name] = str(path)
+        rewritten.append(f"+{RECIPE_GROUP}={name}")
+    return rewritten
+
+
+def _load_recipe_file(path: Path) -> DictConfig:
+    import yaml
+
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"recipe file {path}{where}: not valid YAML ({problem})", fix="fix that line of the file") from None
+    if not isinstance(node, DictConfig):
+        raise UserError(f"recipe file {path} holds a {type(node).__name__}, not a mapping of settings",
+                        fix="write the recipe as key: value lines (npu-recipes cp NAME FILE gives an example)")
+    node.recipe = path.stem
+    return node
+
+
 def _unwrap_optional(annotation):
     if typing.get_origin(annotation) is typing.Union:
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -332,7 +391,7 @@ def check_overrides(overrides: List[str], multirun: bool = False) -> None:
         if key in groups:
             if key == RECIPE_GROUP:
                 recipes.append(override.input_line)
-            _check_group_override(override, groups[key])
+            _check_group_override(override, groups[key] + (list(_recipe_files) if key == RECIPE_GROUP else []))
             continue
         is_field = _check_key(key)
         if override.is_add() and is_field:
@@ -435,5 +494,6 @@ def compose(overrides: List[str]) -> schema.RecipeConfig:
     Raises:
         UserError: as :func:`check_overrides`, :func:`compose_dictconfig` and :func:`validate`.
     """
+    overrides = recipe_file_overrides(overrides)
     check_overrides(overrides)
     return validate(compose_dictconfig(overrides))

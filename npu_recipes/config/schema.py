@@ -96,7 +96,7 @@ class DatasetConfig:
     system_template: Optional[str] = None
     user_template: Optional[str] = None
     assistant_template: Optional[str] = None
-    val_split_ratio: float = 0.0
+    val_split_ratio: float = 0.01
     max_samples: Optional[int] = None
     builder: Optional[str] = None
     num_rows: Optional[int] = None

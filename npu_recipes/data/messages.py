@@ -112,43 +112,75 @@ def to_messages(row: Dict[str, Any], dataset: DatasetConfig, require_assistant: 
     return messages
 
 
+def _common_prefix_length(a: str, b: str) -> int:
+    length = min(len(a), len(b))
+    for index in range(length):
+        if a[index] != b[index]:
+            return index
+    return length
+
+
 def tokenize_conversation(messages: List[Dict[str, str]], tokenizer) -> Tuple[List[int], List[int]]:
     """Tokenize a conversation with the tokenizer's chat template; label only what the assistant says.
 
-    Each assistant turn contributes the tokens the template adds after the generation prompt,
-    up to and including its end-of-turn special token (``<|im_end|>`` for ChatML); every other
-    token (system, user, role headers, the newline after ``<|im_end|>``) gets label -100.
-    Messages after the last assistant turn are dropped.
+    The conversation (up to its last assistant turn; later messages are dropped) is rendered once,
+    and that rendering is what trains. Each assistant turn starts where the rendering leaves the
+    turn's generation prompt (``add_generation_prompt=True`` over the messages before it) and is
+    labelled up to and including the first special token after it: its end-of-turn token
+    (``<|im_end|>`` in ChatML and Qwen3, ``<|eot_id|>`` in Llama 3, ``<｜end▁of▁sentence｜>`` in
+    DeepSeek-R1) or, for templates without one (GLM-4), the next turn's opening token, which
+    generation stops on; a last turn with neither gets the tokenizer's EOS appended and labelled.
+    Everything else (system, user, role headers, the newline after ``<|im_end|>``) gets label -100.
+
+    What the rendering puts inside a turn is labelled with it: Qwen3's ``<think>\n\n</think>\n\n``
+    before the last answer. What a generation prompt adds that the rendering of history lacks
+    (DeepSeek-R1's ``<think>\n``) is not part of the training text, and text a template drops
+    from history (reasoning before ``</think>``) is not trained on.
 
     Returns:
         ``(input_ids, labels)``, two lists of equal length.
 
     Raises:
-        UserError: the chat template is not prefix-stable (a longer conversation does not start
-            with the rendering of its beginning), so turns cannot be told apart.
+        UserError: the template renders the messages before an assistant turn differently inside
+            the whole conversation, or puts no special token between turns, so assistant turns
+            cannot be located.
     """
     special_ids = set(tokenizer.all_special_ids)
-    input_ids: List[int] = []
-    labels: List[int] = []
-    rendered = ""
     last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    for index in range(last_assistant + 1):
-        if messages[index]["role"] != "assistant":
+    messages = messages[: last_assistant + 1]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    starts = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
             continue
+        history = tokenizer.apply_chat_template(messages[:index], tokenize=False) if index else ""
         prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not prompt.startswith(rendered) or not full.startswith(prompt):
+        start = _common_prefix_length(prompt, rendered)
+        if not rendered.startswith(history) or (starts and start <= starts[-1]):
             raise UserError(
-                "the tokenizer's chat template renders a conversation's beginning differently from the "
-                "whole, so assistant turns cannot be located for label masking",
-                fix="use a template whose renderings are prefixes of each other (ChatML, as Qwen2 uses)",
+                "the tokenizer's chat template renders the messages before an assistant turn differently inside the "
+                "whole conversation, so assistant turns cannot be located for label masking",
+                fix="use a template whose renderings of a conversation's beginning are prefixes of the whole (ChatML, as Qwen2 uses)",
             )
-        prompt_ids = tokenizer(prompt[len(rendered):], add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
-        end = max((i for i, t in enumerate(answer_ids) if t in special_ids), default=len(answer_ids) - 1) + 1
-        input_ids += prompt_ids + answer_ids
-        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids[:end] + [IGNORE_INDEX] * (len(answer_ids) - end)
-        rendered = full
+        starts.append(start)
+
+    def ids(text: str) -> List[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    input_ids = ids(rendered[: starts[0]])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for number, start in enumerate(starts):
+        final = number == len(starts) - 1
+        turn = ids(rendered[start: len(rendered) if final else starts[number + 1]])
+        end = next((i + 1 for i, token in enumerate(turn) if token in special_ids), None)
+        if end is None and not final:
+            raise UserError(
+                "the tokenizer's chat template puts no special token between an assistant turn and the next message, "
+                "so the end of the turn cannot be located for label masking",
+                fix="use a template that ends or separates turns with special tokens (ChatML, Llama 3, GLM-4 do)",
+            )
+        if end is None:
+            turn, end = turn + [tokenizer.eos_token_id], len(turn) + 1
+        input_ids += turn
+        labels += turn[:end] + [IGNORE_INDEX] * (len(turn) - end)
     return input_ids, labels
-
-

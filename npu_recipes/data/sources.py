@@ -324,9 +324,16 @@ def split_rows(rows, ratio: float, seed: int):
 
     At least one row is held out when ``ratio > 0``; the split is a seeded shuffle
     (``Dataset.train_test_split``), so the same rows, ratio and seed always give the same split.
-    Returns ``(rows, None)`` when ``ratio == 0``.
+    Returns ``(rows, None)`` when ``ratio == 0``, or when there is a single row (the default ratio,
+    swift's 0.01, must not make a one-row file unusable; a warning says nothing was held out).
+
+    Raises:
+        UserError: ``ratio`` holds out every row of two or more.
     """
     if ratio <= 0:
+        return rows, None
+    if len(rows) == 1:
+        log.warning("the dataset has a single row: nothing is held out for validation (dataset.val_split_ratio=%g)", ratio)
         return rows, None
     held_out = max(1, int(round(len(rows) * ratio)))
     if held_out >= len(rows):
@@ -335,5 +342,3 @@ def split_rows(rows, ratio: float, seed: int):
         )
     parts = rows.train_test_split(test_size=held_out, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
-
-

@@ -115,9 +115,13 @@ def load_checked(dataset: DatasetConfig):
     return rows
 
 
-def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str, seed: int, rows=None) -> TokenizedSplits:
+def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str, seed: int, rows=None,
+            announce: bool = True) -> TokenizedSplits:
     """Load (unless ``rows`` from :func:`load_checked` are given), split, map to messages and tokenize
     ``dataset`` for training.
+
+    ``announce`` logs the row counts; the train stage tokenizes once to prepare and reads the cache
+    again in each worker, and says it once.
 
     Tokenization is cached by HF datasets under a fingerprint of the rows, tokenizer, template and
     length settings, so a second run (or a second rank) reuses it. Rows longer than ``max_length``
@@ -145,7 +149,7 @@ def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str,
         "truncated": train_counts["truncated"] + val_counts["truncated"],
         "train_tokens": int(sum(len(ids) for ids in train["input_ids"])),
     }
-    log.info(
+    (log.info if announce else log.debug)(
         "dataset %s: %d rows -> %d train, %d validation; dropped %d longer than max_length=%d and %d with no "
         "assistant tokens; %d truncated",
         dataset.name, counts["rows"], counts["train"], counts["validation"], counts["dropped_too_long"],
@@ -153,7 +157,7 @@ def prepare(dataset: DatasetConfig, tokenizer, max_length: int, truncation: str,
     )
     if counts["train"] == 0:
         _raise_nothing_left(dataset, len(train_rows), train_counts, counts["held_out"], max_length, truncation)
-    if val_rows is not None and counts["validation"] == 0:
+    if announce and val_rows is not None and counts["validation"] == 0:
         log.warning(
             "all %d held-out rows were dropped by the length filter (train.max_length=%d): training runs without evaluation",
             counts["held_out"], max_length,

@@ -76,9 +76,10 @@ def load(base: ModelConfig, adapters: List[Adapter], device: Device, local_rank:
     if adapters:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name=adapters[0].name)
-        for adapter in adapters[1:]:
-            model.load_adapter(str(adapter.path), adapter_name=adapter.name)
+        with pretrained.peft_quietly():
+            model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name=adapters[0].name)
+            for adapter in adapters[1:]:
+                model.load_adapter(str(adapter.path), adapter_name=adapter.name)
         model.set_adapter(adapters[0].name)
     model.to(device.torch_device(local_rank)).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, base=base, adapters=adapters)

@@ -6,11 +6,13 @@ Model paths are resolved once by the runner (:func:`resolve_path`), so workers, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
 from npu_recipes import atomic, paths
 from npu_recipes.config.schema import LoraConfig, ModelConfig
@@ -29,8 +31,24 @@ def _build_tiny_qwen2(target: Path) -> None:
     tiny.build(target)
 
 
-BUILDERS: Dict[str, Callable[[Path], None]] = {"tiny_qwen2": _build_tiny_qwen2}
-"""Local model builders by name: ``model.builder=NAME`` creates ``model.name_or_path`` on first use."""
+def _tiny_family_builder(family: str) -> Callable[[Path], None]:
+    def build(target: Path) -> None:
+        from npu_recipes.model import tiny
+
+        tiny.build_family(family, target)
+
+    return build
+
+
+TINY_FAMILIES = ("qwen3", "llama3", "glm4", "deepseek_r1_distill_qwen")
+"""Families with a tiny test model besides Qwen2 (:data:`npu_recipes.model.tiny.FAMILIES`; a test holds the two together)."""
+
+BUILDERS: Dict[str, Callable[[Path], None]] = {
+    "tiny_qwen2": _build_tiny_qwen2,
+    **{f"tiny_{family}": _tiny_family_builder(family) for family in TINY_FAMILIES},
+}
+"""Local model builders by name: ``model.builder=NAME`` creates ``model.name_or_path`` on first use
+(inside the cache, e.g. ``model.name_or_path=${npu_cache:tiny_llama3-v1}``)."""
 
 BUILT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 """Files every locally built model has; a cached build missing any of them is rebuilt."""
@@ -47,7 +65,8 @@ _PATH_PREFIXES = ("/", "./", "../", "~")
 def resolve_path(model: ModelConfig) -> str:
     """Return a local directory (built or downloaded) or hub id to load ``model`` from.
 
-    * ``builder`` set: build into ``name_or_path`` if it does not exist yet (atomic, race-safe).
+    * ``builder`` set and ``name_or_path`` in the cache (:func:`is_built`): build into ``name_or_path``
+      if it does not exist yet (atomic, race-safe).
     * an existing local directory: its absolute path.
     * ``hub: modelscope``: ``modelscope.snapshot_download`` into ModelScope's cache.
     * otherwise: the Hugging Face id, left to ``from_pretrained``.
@@ -55,24 +74,19 @@ def resolve_path(model: ModelConfig) -> str:
     Raises:
         UserError: unknown builder, modelscope missing, or the download failing.
     """
-    if model.builder is not None:
-        if model.builder not in BUILDERS:
-            raise UserError(
-                f"model.builder={model.builder!r} is not a known builder",
-                fix=f"use one of {sorted(BUILDERS)} or unset model.builder",
-            )
+    if model.builder is not None and model.builder not in BUILDERS:
+        raise UserError(
+            f"model.builder={model.builder!r} is not a known builder",
+            fix=f"use one of {sorted(BUILDERS)} or unset model.builder",
+        )
+    if is_built(model):
         target = Path(model.name_or_path).expanduser().absolute()
-        if not target.is_relative_to(paths.cache_dir()) and not target.exists():
-            raise UserError(
-                f"model directory {target} (model.name_or_path) does not exist; model.builder={model.builder} only "
-                f"builds inside the cache {paths.cache_dir()}",
-                fix="check model.name_or_path, or pass model=local for your own checkpoint",
-            )
         missing = [name for name in BUILT_FILES if not (target / name).is_file()]
         if target.exists() and missing:
             log.warning("rebuilding %s: the cached model is incomplete (missing %s)", target, ", ".join(missing))
             shutil.rmtree(target, ignore_errors=True)
         if not target.exists():
+            log.info("building the %s model into %s (first use; seconds)", model.builder, target)
             atomic.publish_directory(BUILDERS[model.builder], target)
         return str(target)
     local = Path(model.name_or_path).expanduser()
@@ -96,6 +110,7 @@ def resolve_path(model: ModelConfig) -> str:
                 f"model {model.name_or_path!r} is on ModelScope (model.hub=modelscope) but the modelscope package is missing",
                 fix="pip install modelscope, or set model.name_or_path to a local directory",
             ) from None
+        log.info("downloading %s from ModelScope into its cache (once; its progress bars follow)", model.name_or_path)
         try:
             return snapshot_download(model.name_or_path, revision=model.revision)
         except Exception as error:
@@ -104,6 +119,24 @@ def resolve_path(model: ModelConfig) -> str:
                 fix="check the id and your network, or download it and pass model.name_or_path=DIR",
             ) from None
     return model.name_or_path
+
+
+def is_built(model: ModelConfig) -> bool:
+    """True when ``model`` is built locally by ``model.builder``: a builder is named and
+    ``name_or_path`` lies in the cache (its default). Any other ``name_or_path`` (``model.name_or_path=X``
+    over the default tiny model) is loaded as given, so that one override picks a real model."""
+    if model.builder is None:
+        return False
+    return Path(model.name_or_path).expanduser().absolute().is_relative_to(paths.cache_dir())
+
+
+def note_tiny_model(model: ModelConfig, dataset_builder: Optional[str]) -> None:
+    """Say so when a locally built (random-init, demo-sized) model is about to train on the user's
+    data (a dataset without a builder), and how to choose a real model."""
+    if is_built(model) and dataset_builder is None:
+        log.warning("training %s, the random-init demo model npu_recipes builds itself (about 140k parameters), on your data: "
+                    "it shows that the pipeline works and learns little; pick a real model with model=qwen2_7b_instruct "
+                    "(or another conf/model option) or model.name_or_path=HUB_ID_OR_DIR", model.builder)
 
 
 def shipped_config_dir(name_or_path: str) -> Optional[Path]:
@@ -118,15 +151,28 @@ def fetch_config(model: ModelConfig) -> str:
     * ``builder`` set or a local path: as :func:`resolve_path` (the tiny model is built locally; a
       directory must hold config.json);
     * a hub id: ``config.json`` alone, through ``huggingface_hub.hf_hub_download`` or ModelScope's
-      ``model_file_download`` (``model.hub``), into their usual caches.
+      ``model_file_download`` (``model.hub``), into their usual caches; when that fails (offline,
+      or modelscope not installed) for a model whose config.json ships with npu_recipes
+      (:func:`shipped_config_dir`), the shipped copy, with a warning saying so.
 
     Raises:
-        UserError: the path does not exist or has no config.json, modelscope is missing, or the download fails
-            (offline, unknown id); the fix names ``model.name_or_path=DIR``.
+        UserError: the path does not exist or has no config.json, or the hub cannot give config.json
+            and no copy ships (modelscope missing, offline, unknown id); the fix names ``model.name_or_path=DIR``.
     """
-    offline_fix = "check the id and the network, or put the model's config.json into a directory and pass model.name_or_path=DIR"
-    if model.builder is not None or Path(model.name_or_path).expanduser().is_dir() or model.name_or_path.startswith(_PATH_PREFIXES):
+    if is_built(model) or Path(model.name_or_path).expanduser().is_dir() or model.name_or_path.startswith(_PATH_PREFIXES):
         return resolve_path(model)
+    try:
+        return _fetch_config_from_hub(model)
+    except UserError as error:
+        shipped = shipped_config_dir(model.name_or_path) if model.revision is None else None
+        if shipped is None:
+            raise
+        log.warning("%s; using the copy of its config.json shipped with npu_recipes (%s)", error.message, shipped)
+        return str(shipped)
+
+
+def _fetch_config_from_hub(model: ModelConfig) -> str:
+    offline_fix = "check the id and the network, or put the model's config.json into a directory and pass model.name_or_path=DIR"
     if model.hub == "modelscope":
         try:
             from modelscope.hub.file_download import model_file_download
@@ -195,6 +241,19 @@ def check_max_length(max_length: int, model_dir: str, name_or_path: str) -> None
             f"train.max_length={max_length} exceeds the context of {name_or_path}: {context} tokens ({source})",
             fix=f"pass train.max_length={context} or less (longer samples are dropped, or cut with train.truncation_strategy=truncate)",
         )
+
+
+def shipped_model_id(directory: str) -> Optional[str]:
+    """The hub id whose config.json copy :func:`shipped_config_dir` is ``directory``, or None."""
+    path = Path(directory).expanduser().resolve()
+    if path.parent != SHIPPED_CONFIGS.resolve() or not (path / "config.json").is_file():
+        return None
+    return path.name.replace("--", "/", 1)
+
+
+def has_weights(directory: str) -> bool:
+    """True when ``directory`` holds model weights (``*.safetensors`` or ``*.bin``), not only config.json."""
+    return any(Path(directory).glob("*.safetensors")) or any(Path(directory).glob("*.bin"))
 
 
 def select_dtype(model: ModelConfig, path: str, device: Device) -> torch.dtype:
@@ -296,23 +355,37 @@ def load_model(model: ModelConfig, path: str, dtype: torch.dtype, attn_implement
         ) from None
 
 
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Wrap PEFT calls that build a ``PeftModel`` (``get_peft_model``, ``PeftModel.from_pretrained``).
+
+    PEFT (0.21) reads transformers' deprecated ``is_gradient_checkpointing`` alias there, which
+    warns (FutureWarning) in every LoRA run and every adapter load; the property's value is the
+    same as under its new name, ``is_activation_checkpointing``, so the warning is filtered here only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model, lora: LoraConfig):
     """Wrap ``model`` with PEFT LoRA adapters as ``lora.*`` says (also used on meta-device models by the planner)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     target = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    return get_peft_model(
-        model,
-        PeftLoraConfig(
-            r=lora.r,
-            lora_alpha=lora.lora_alpha,
-            lora_dropout=lora.lora_dropout,
-            target_modules=target,
-            bias=lora.bias,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    with peft_quietly():
+        return get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=lora.r,
+                lora_alpha=lora.lora_alpha,
+                lora_dropout=lora.lora_dropout,
+                target_modules=target,
+                bias=lora.bias,
+                task_type="CAUSAL_LM",
+            ),
+        )
 
 
 def _numel(parameter) -> int:

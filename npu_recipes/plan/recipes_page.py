@@ -1,4 +1,4 @@
-"""Generate docs/recipes.md from the recipes: ``python -m npu_recipes.plan.recipes_page [--check]``.
+"""Generate docs/recipes.md and the catalogue's stored rows from the recipes: ``python -m npu_recipes.plan.recipes_page [--check]`` (``make docs``).
 
 The page is the seed document's memory table with one row per recipe, plus the planned memory.
 ``--check`` writes nothing and exits 1 when the committed page differs from what the recipes and
@@ -32,7 +32,7 @@ alpha 32 / dropout 0.05 on all linear layers. 14B rows use Qwen2.5-14B-Instruct
 
     make <make target> ARGS="train.learning_rate=2e-4"           # run a recipe
     python -m npu_recipes +recipe=<recipe> stage=plan             # settings, launch command, memory estimate
-    make list                                                      # this table in the terminal
+    npu-recipes ls                                                 # this table in the terminal (make list)
 
 "Seed GB/device" and "seed runtime" are what the seed reports for 8 x Ascend 910B3 (swift's own
 memory figure, not `max_memory_allocated`). "Planned" is this project's estimate of peak allocated
@@ -45,8 +45,8 @@ above the device's memory less its runtime reserve; `stage=plan` then names the 
 
 
 def render(rows: Optional[List[catalogue.Row]] = None) -> str:
-    """The text of docs/recipes.md."""
-    rows = catalogue.rows() if rows is None else rows
+    """The text of docs/recipes.md (every row computed now unless ``rows`` are given)."""
+    rows = catalogue.rows(cached=False) if rows is None else rows
     lines = [
         _INTRO,
         "| seed row | recipe | make target | model | devices | parallelism | seed GB/device | seed runtime "
@@ -69,18 +69,21 @@ def page_path() -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Write docs/recipes.md, or with ``--check`` exit 1 when it is stale."""
-    parser = argparse.ArgumentParser(description="Generate docs/recipes.md from the recipes.")
+    """Write docs/recipes.md and the catalogue's stored rows (:data:`npu_recipes.plan.catalogue.CACHE`),
+    or with ``--check`` exit 1 when either is stale."""
+    parser = argparse.ArgumentParser(description="Generate docs/recipes.md and npu_recipes/plan/catalogue.json from the recipes.")
     parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 when stale")
     args = parser.parse_args(argv)
-    text, path = render(), page_path()
-    if args.check:
-        if not path.is_file() or path.read_text() != text:
-            sys.exit(f"{path} is stale: run python -m npu_recipes.plan.recipes_page")
-        print(f"{path} is up to date")
-        return
-    atomic.write_text(path, text)
-    print(f"wrote {path}")
+    rows = catalogue.rows(cached=False)
+    outputs = {page_path(): render(rows), catalogue.CACHE: catalogue.cache_text(rows)}
+    for path, text in outputs.items():
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                sys.exit(f"{path} is stale: run make docs (python -m npu_recipes.plan.recipes_page)")
+            print(f"{path} is up to date")
+            continue
+        atomic.write_text(path, text)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from npu_recipes.config.resolved import RESOLVED
-from npu_recipes.config.schema import ParallelismConfig, RecipeConfig
+from npu_recipes.config.schema import ModelConfig, ParallelismConfig, RecipeConfig
+from npu_recipes.model import pretrained
 from npu_recipes.plan import memory
 from npu_recipes.plan.planner import AUTO_CHECKPOINTING_MARGIN, SHORTEST_MAX_LENGTH, Plan
 from npu_recipes.runtime import devices
@@ -34,19 +35,41 @@ class Launch:
         workers: the torchrun command line the runner starts (:mod:`npu_recipes.runtime.launch`), with
             ``RUN_DIR`` for the run directory; None when the stage runs in the launching process.
         worker_environment: what the runner sets for every worker (``DS_ACCELERATOR``).
+        note: what to change before the command can run (see :func:`user_arguments`), or None.
     """
 
     environment: Dict[str, str]
     command: List[str]
     workers: Optional[List[str]]
     worker_environment: Dict[str, str]
+    note: Optional[str] = None
 
     def shell(self) -> str:
         """The command with its environment, as one line to paste into a shell."""
         return " ".join([*(f"{key}={shlex.quote(value)}" for key, value in self.environment.items()), shlex.join(self.command)])
 
 
-def launch_for(parallelism: ParallelismConfig, device_type: str, user_args: Sequence[str]) -> Launch:
+def user_arguments(argv: Sequence[str], model: ModelConfig) -> Tuple[List[str], Optional[str]]:
+    """The arguments of the training command a plan prints, from the plan command's ``argv``, and a
+    note when that command cannot train as it stands.
+
+    ``stage=``, ``plan.*`` and options are dropped (with no argument left, ``stage=train``, since no
+    argument at all runs the demo). A ``model.name_or_path`` that is a directory without weights
+    (config.json only, as for planning offline) cannot train: one of the copies shipped with
+    npu_recipes becomes its hub id again; any other gets a note saying to point it at the checkpoint.
+    """
+    arguments = [arg for arg in argv if not arg.startswith(("stage=", "plan.", "-"))] or ["stage=train"]
+    local = Path(model.name_or_path).expanduser()
+    if not local.is_dir() or pretrained.has_weights(str(local)):
+        return arguments, None
+    hub_id = pretrained.shipped_model_id(str(local))
+    if hub_id is None:
+        return arguments, (f"model.name_or_path={model.name_or_path} holds no weights (config.json only): point it at the "
+                           "checkpoint before running this command")
+    return [f"model.name_or_path={hub_id}" if arg.startswith("model.name_or_path=") else arg for arg in arguments], None
+
+
+def launch_for(parallelism: ParallelismConfig, device_type: str, user_args: Sequence[str], note: Optional[str] = None) -> Launch:
     """The :class:`Launch` of a run with ``parallelism`` on ``device_type`` machines, built by the
     launcher's own functions (:func:`npu_recipes.runtime.launch.torchrun_arguments`,
     :meth:`npu_recipes.runtime.launch.LaunchPlan.command`)."""
@@ -56,10 +79,10 @@ def launch_for(parallelism: ParallelismConfig, device_type: str, user_args: Sequ
         environment[device.visibility_variable] = ",".join(str(i) for i in range(parallelism.nproc_per_node))
     command = ["python", "-m", "npu_recipes", *user_args]
     if runs_in_process(parallelism):
-        return Launch(environment, command, None, {})
+        return Launch(environment, command, None, {}, note)
     workers = LaunchPlan(device, parallelism.world_size, False, torchrun_arguments(parallelism)).command(
         Path(RUN_DIR) / RESOLVED)
-    return Launch(environment, command, ["python", *workers[1:]], device.worker_environment())
+    return Launch(environment, command, ["python", *workers[1:]], device.worker_environment(), note)
 
 
 def _settings(config: RecipeConfig, plan: Plan) -> dict:
@@ -70,7 +93,7 @@ def _settings(config: RecipeConfig, plan: Plan) -> dict:
         "recipe": config.recipe,
         "description": config.description,
         "model": config.model.name_or_path,
-        "model_hub": config.model.hub,
+        "model_hub": "local" if Path(config.model.name_or_path).expanduser().is_dir() else config.model.hub,
         "config_json": f"{plan.model_dir}/config.json",
         "architecture": {
             "model_type": shape.model_type, "layers": shape.num_layers, "hidden_size": shape.hidden_size,
@@ -118,6 +141,7 @@ def to_dict(config: RecipeConfig, plan: Plan, launch: Launch) -> dict:
             "environment": launch.environment,
             "command": launch.command,
             "shell": launch.shell(),
+            "note": launch.note,
             "workers": launch.workers,
             "worker_environment": launch.worker_environment,
         },
@@ -159,7 +183,8 @@ def render_text(config: RecipeConfig, plan: Plan, launch: Launch) -> str:
     def row(name: str, value: str) -> None:
         lines.append(f"  {name:<15} {value}")
 
-    row("model", f"{settings['model']} ({settings['model_hub']}); read {settings['config_json']}")
+    where = "local directory" if settings["model_hub"] == "local" else settings["model_hub"]
+    row("model", f"{settings['model']} ({where}); read {settings['config_json']}")
     row("architecture", f"{arch['model_type']}, {arch['layers']} layers, hidden {arch['hidden_size']}, "
         f"{arch['attention_heads']} heads / {arch['key_value_heads']} KV heads, intermediate {arch['intermediate_size']}, "
         f"vocab {arch['vocab_size']}")
@@ -193,6 +218,8 @@ def render_text(config: RecipeConfig, plan: Plan, launch: Launch) -> str:
     lines += ["", "launch"]
     row("environment", " ".join(f"{k}={v}" for k, v in launch.environment.items()) or "(none)")
     row("command", launch.shell())
+    if launch.note:
+        row("note", launch.note)
     if launch.workers:
         row("workers", f"{shlex.join(launch.workers)}  ({RUN_DIR}: the run directory)")
         row("worker env", " ".join(f"{k}={v}" for k, v in launch.worker_environment.items()) + " (set by the launcher)")

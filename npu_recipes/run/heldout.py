@@ -61,14 +61,18 @@ def rebuild(run_path: Path) -> Tuple[DatasetConfig, Any]:
     run_path = Path(run_path)
     run_config = load_resolved(run_path / RESOLVED)
     dataset = run_config.dataset
+    no_rows = UserError(
+        f"load_data_args=true: the training run {run_path} held out no validation rows "
+        f"(dataset.val_split_ratio={dataset.val_split_ratio:g}{'' if dataset.val_split_ratio <= 0 else ' of a single row'})",
+        fix="evaluate on other data with dataset=NAME dataset.path=FILE instead of load_data_args=true",
+    )
     if dataset.val_split_ratio <= 0:
-        raise UserError(
-            f"load_data_args=true: the training run {run_path} held out no validation rows (dataset.val_split_ratio=0)",
-            fix="evaluate on other data with dataset=NAME dataset.path=FILE instead of load_data_args=true",
-        )
+        raise no_rows
     dataset = dataclasses.replace(dataset, path=sources.resolve_path(dataset))
     rows = sources.load_rows(dataset)
     _, held_out = sources.split_rows(rows, dataset.val_split_ratio, run_config.train.seed)
+    if held_out is None:
+        raise no_rows
     recorded_path = run_path / VALIDATION_ROWS
     if not recorded_path.is_file():
         log.warning("%s has no %s (a run from before it was recorded): the rebuilt %d validation rows cannot be "

@@ -435,6 +435,20 @@ def auto_type() -> Tuple[str, str]:
     return "cpu", "device=auto: no NPU or CUDA GPU found"
 
 
+def name_deepspeed_accelerator(requested: str) -> None:
+    """Set DeepSpeed's ``DS_ACCELERATOR=cpu`` for this process (unless set) when ``requested`` means
+    the CPU here (``auto`` by :func:`auto_type`).
+
+    transformers imports DeepSpeed whenever it is installed, also in runs that never use it, and
+    DeepSpeed then guesses its accelerator, warning "Setting accelerator to CPU" when it finds none;
+    naming it answers the question before it is asked. NPUs and GPUs are left to DeepSpeed's own
+    detection, which is silent there and would fail on ``DS_ACCELERATOR=npu`` without torch_npu
+    before the device check could name the fix. Workers get the variable from their launcher.
+    """
+    if (auto_type()[0] if requested == "auto" else requested) == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def resolve(requested: str) -> Device:
     """Turn ``device=auto|npu|cuda|cpu`` into a :class:`Device` (``auto`` by :func:`auto_type`).
 

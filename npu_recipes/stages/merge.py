@@ -107,12 +107,14 @@ class MergeStage:
         else:
             dtype = pretrained.dtype_by_name(config.merge.torch_dtype)
         started = time.perf_counter()
+        log.info("loading %s and %d adapter(s) on %s in %s to merge them", base_path, len(parsed), device.type, str(dtype))
         loaded = loading.load(base, parsed, device, dtype=dtype)
         merged = loaded.model.merge_and_unload(safe_merge=True, adapter_names=[a.name for a in parsed])
         training_run = parsed[0].run_dir
         log.info("merged %d adapter(s) with their base %s on %s in %s", len(parsed), base_path, device.type, str(dtype))
 
         def build(staging: Path) -> None:
+            log.info("writing the merged model to %s (shards of at most %s)", target, config.merge.max_shard_size)
             merged.save_pretrained(staging, max_shard_size=shard_size(config.merge.max_shard_size))
             pretrained.load_tokenizer(base, base_path).save_pretrained(staging)
             weights = _weight_files(staging)

@@ -32,11 +32,10 @@ class PlanStage:
         Raises:
             UserError: config.json cannot be read or fetched (see :func:`npu_recipes.model.pretrained.fetch_config`).
         """
-        # With no argument at all the CLI runs the demo recipe; stage=train keeps the command this config.
-        user_args = [arg for arg in sys.argv[1:] if not arg.startswith(("stage=", "plan.", "-"))] or ["stage=train"]
         plan = planner.make(model=config.model, train_type=config.train_type, lora=config.lora, train=config.train,
                             parallelism=config.parallelism, device=config.device, options=config.plan)
-        launch = report.launch_for(config.parallelism, plan.target.device_type, user_args)
+        user_args, note = report.user_arguments(sys.argv[1:], config.model)
+        launch = report.launch_for(config.parallelism, plan.target.device_type, user_args, note)
         if config.plan.format == "json":
             print(json.dumps(report.to_dict(config, plan, launch), indent=2), flush=True)
         else:

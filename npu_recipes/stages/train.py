@@ -43,6 +43,7 @@ class TrainStage:
             NothingToDo: ``output_dir`` holds a run that completed with these settings.
         """
         _terminate_with_a_record()
+        pretrained.note_tiny_model(config.model, config.dataset.builder)
         config = dataclasses.replace(
             config, model=dataclasses.replace(config.model, name_or_path=pretrained.resolve_path(config.model)),
             dataset=dataclasses.replace(config.dataset, path=sources.resolve_path(config.dataset)),
@@ -64,11 +65,13 @@ class TrainStage:
         _terminate_with_a_record()
         device = devices.resolve(config.device)
         kernels.check(config.kernels, config.model.attn_implementation, device)
+        if deepspeed_config.uses_deepspeed(config.parallelism):
+            deepspeed_config.announce_op_builds()
         device.init_process_group(config.parallelism.ddp_timeout, deepspeed_config.uses_deepspeed(config.parallelism))
         device.seed(config.train.seed)
         tokenizer = pretrained.load_tokenizer(config.model, config.model.name_or_path)
         tokenizer.padding_side = "right"
-        fit(config, run_dir, device, tokenizer, _tokenized(config, tokenizer))
+        fit(config, run_dir, device, tokenizer, _tokenized(config, tokenizer, announce=False))
 
 
 STAGE = TrainStage()
@@ -80,9 +83,9 @@ def _terminate_with_a_record() -> None:
     signal.signal(signal.SIGTERM, raise_terminated)
 
 
-def _tokenized(config: RecipeConfig, tokenizer, rows=None) -> tokenize.TokenizedSplits:
+def _tokenized(config: RecipeConfig, tokenizer, rows=None, announce: bool = True) -> tokenize.TokenizedSplits:
     train = config.train
-    return tokenize.prepare(config.dataset, tokenizer, train.max_length, train.truncation_strategy, train.seed, rows)
+    return tokenize.prepare(config.dataset, tokenizer, train.max_length, train.truncation_strategy, train.seed, rows, announce)
 
 
 def _plan_here(config: RecipeConfig, device: devices.Device, longest: int) -> planner.Plan:

@@ -31,6 +31,14 @@ FUSED_ADAMW = "adamw_torch_fused"
 parameter, and it skips a step on device when told to (the NaN guard's ``found_inf``)."""
 
 
+def _accumulation_mismatch_under_deepspeed(record: logging.LogRecord) -> bool:
+    """Drop accelerate's "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1,
+    DeepSpeed config has N" (a ``logging`` filter). The Trainer accumulates by itself and gives
+    accelerate's plugin 1 on purpose, while DeepSpeed's config must hold the real count; accelerate
+    then uses DeepSpeed's value, which is the intended one, and warns in every ZeRO run."""
+    return not record.getMessage().startswith("Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1,")
+
+
 def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kernel_choice: str, run_dir: Path, device: Device,
                        dtype, has_eval: bool, gradient_checkpointing: bool):
     """Build ``TrainingArguments`` for a run writing ``run_dir`` on ``device`` with weights in ``dtype``.
@@ -57,6 +65,8 @@ def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kerne
         optim = "adamw_torch"
         log.info("train.optim=%s: torch has no fused AdamW kernel for %s here; using adamw_torch (the same "
                  "algorithm, one kernel per tensor)", FUSED_ADAMW, device.type)
+    if deepspeed_config.uses_deepspeed(parallelism):
+        logging.getLogger("accelerate.accelerator").addFilter(_accumulation_mismatch_under_deepspeed)
     report_to = [] if train.report_to in ("none", "") else [name.strip() for name in train.report_to.split(",")]
     if "tensorboard" in report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
@@ -64,8 +74,9 @@ def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kerne
         output_dir=str(run_dir),
         **{key: getattr(train, key) for key in PASSED_THROUGH},
         optim=optim,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # transformers 5.24 renamed gradient_checkpointing*; the old names warn (FutureWarning) on every run.
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps" if has_eval else "no",
         load_best_model_at_end=train.load_best_model_at_end,
         save_strategy="steps",

@@ -1,0 +1,143 @@
+"""The CLI's own subcommands: `--help`, `ls`, `show`, `cp` and `+recipe=FILE`, and what they leave unimported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from npu_recipes import commands
+from npu_recipes.config import compose, schema
+from npu_recipes.errors import UserError
+from tests.helpers import REPO
+
+
+def test_help_lists_every_stage_with_what_it_does_and_every_group():
+    text = commands.help_text()
+    assert set(commands.STAGE_HELP) == set(schema.STAGES)
+    for stage, what in commands.STAGE_HELP.items():
+        assert f"  {stage:<8} {what}" in text
+    for group, options in compose.group_options().items():
+        assert ", ".join(options) in text, group
+    assert "npu-recipes sft|infer|export|deploy" in text and "npu-recipes ls" in text
+
+
+def test_ls_lists_every_recipe_from_the_stored_rows_with_its_description(capsys):
+    commands.dispatch(["ls"])
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in compose.recipe_names()]
+    assert sorted(listed) == compose.recipe_names()
+    for name in ("qwen7b_lora_zero3", "demo"):
+        config = compose.compose([f"+recipe={name}"])
+        line = next(line for line in out.splitlines() if line.split() and line.split()[0] == name)
+        assert f"{line}\n    {config.description}\n" in out
+        assert str(config.parallelism.world_size) in line.split() and config.parallelism.name in line.split()
+    assert "Ascend 910B3" in out and "CPU (host RAM)" in out
+
+
+def test_show_prints_the_composed_config_with_overrides(capsys):
+    commands.dispatch(["show", "qwen7b_lora_zero3", "train.learning_rate=3e-4"])
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["recipe"] == "qwen7b_lora_zero3" and shown["train"]["learning_rate"] == 3e-4
+    assert shown["parallelism"]["zero_stage"] == 3 and shown["reference"]["seed_row"] == 4
+
+
+def test_a_copied_recipe_runs_with_plus_recipe_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    commands.dispatch(["cp", "qwen7b_lora_zero2", "mine"])
+    assert "+recipe=mine.yaml" in capsys.readouterr().out
+    (tmp_path / "mine.yaml").write_text((tmp_path / "mine.yaml").read_text() + "train:\n  max_length: 1024\n")
+    copied = compose.compose(["+recipe=mine.yaml"])
+    shipped = compose.compose(["+recipe=qwen7b_lora_zero2"])
+    assert copied.recipe == "mine" and copied.output_dir.startswith("outputs/mine/")
+    assert (copied.train.max_length, copied.parallelism, copied.model) == (1024, shipped.parallelism, shipped.model)
+    assert compose.compose([f"+recipe={tmp_path / 'mine.yaml'}", "train.max_length=512"]).train.max_length == 512
+    with pytest.raises(UserError, match="exists already"):
+        commands.dispatch(["cp", "demo", "mine.yaml"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["show", "qwen7b_lora_singel"], "no recipe 'qwen7b_lora_singel' (did you mean 'qwen7b_lora_single'?)"),
+    (["cp", "demo"], "needs a recipe and a file"),
+    (["ls", "extra"], "takes no arguments"),
+    (["show", "./missing.yaml"], "recipe file ./missing.yaml does not exist"),
+])
+def test_subcommand_mistakes_are_one_clear_error(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as caught:
+        commands.dispatch(argv)
+    assert message in str(caught.value)
+
+
+def test_a_recipe_file_that_is_not_yaml_names_its_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  learning_rate: [1\n")
+    with pytest.raises(UserError, match=rf"recipe file {broken} line 3: not valid YAML"):
+        compose.compose([f"+recipe={broken}"])
+
+
+@pytest.mark.parametrize("argv,meant", [
+    (["--model", "Qwen/Qwen2-7B-Instruct"], "write model.name_or_path=Qwen/Qwen2-7B-Instruct, or use the swift-style command"),
+    (["+recipe=demo", "--learning_rate=2e-4"], "write train.learning_rate=2e-4"),
+    (["--bogus"], "unknown option --bogus"),
+])
+def test_swift_flags_on_the_hydra_entry_point_name_the_override(argv, meant):
+    with pytest.raises(UserError) as caught:
+        commands.check_hydra_arguments(argv)
+    assert meant in str(caught.value)
+
+
+@pytest.mark.cli
+def test_help_ls_show_and_a_config_error_import_no_torch_transformers_or_datasets(tmp_path):
+    """What answers in about a second must not pay for the heavy imports: the four commands run in one
+    process here, which then lists which of the heavy modules got imported (none)."""
+    script = (
+        "import sys, contextlib, io\n"
+        "from npu_recipes import cli\n"
+        "for argv in (['--help'], ['ls'], ['show', 'qwen7b_lora_zero3'], ['train.learnin_rate=1'], ['sft', '--lerning_rate', '1']):\n"
+        "    sys.argv = ['npu-recipes', *argv]\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            cli.main()\n"
+        "        except SystemExit as exit:\n"
+        "            assert exit.code == 2, (argv, exit.code)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft', 'deepspeed') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_tiny_model_on_your_data_says_so_and_a_name_or_path_override_picks_a_real_model(caplog):
+    from npu_recipes.model import pretrained
+
+    default = compose.compose([]).model
+    pretrained.note_tiny_model(default, "demo_math")
+    assert "random-init demo model" not in caplog.text
+    pretrained.note_tiny_model(default, None)
+    assert "random-init demo model" in caplog.text and "model.name_or_path=HUB_ID_OR_DIR" in caplog.text
+    chosen = compose.compose(["model.name_or_path=Qwen/Qwen2-7B-Instruct"]).model
+    assert not pretrained.is_built(chosen) and pretrained.resolve_path(chosen) == "Qwen/Qwen2-7B-Instruct"
+
+
+def test_huggingface_hub_warnings_print_once(monkeypatch):
+    """huggingface_hub gives its loggers a stream handler of their own; passed on to the root logger's
+    handlers too, each offline retry warning printed twice. A record from one of its loggers reaches
+    exactly one handler, found the way logging.Logger.callHandlers walks the hierarchy."""
+    import logging
+
+    from huggingface_hub.utils import logging as hf_logging
+
+    from npu_recipes import cli
+
+    monkeypatch.setattr(logging.getLogger("huggingface_hub"), "propagate", True)
+    logger = hf_logging.get_logger("huggingface_hub.file_download")
+    cli.setup_logging()
+    reached, node = [], logger
+    while node is not None:
+        reached += node.handlers
+        node = node.parent if node.propagate else None
+    assert len(reached) == 1 and isinstance(reached[0], logging.StreamHandler)
