@@ -149,16 +149,14 @@ def _serve_one_request(family: str, checkpoint: Path) -> None:
     from fastapi.testclient import TestClient
 
     from npu_recipes.runtime.devices import Device
-    from npu_recipes.serving.app import Backend, create_app
-    from npu_recipes.serving.batcher import Batcher
-    from npu_recipes.serving.generation import Generator
+    from npu_recipes.serving.app import create_app
+    from npu_recipes.serving.server import build_backend
 
     config = compose.compose(swift.translate("deploy", ["--adapters", str(checkpoint)], {}).overrides)
     device = Device("cpu", 1)
     loaded = load_for_generation(config, device)
     adapter = loaded.adapters[0].name
-    backend = Backend(tokenizer=loaded.tokenizer, batcher=Batcher(Generator(loaded, device), 4, 0.0), base_id=f"tiny_{family}",
-                      adapter_ids=[adapter], max_model_len=4096, serve=config.serve)
+    backend = build_backend(loaded, config.serve, device)
     with TestClient(create_app(backend)) as client:
         reply = client.post("/v1/chat/completions", json={
             "model": adapter, "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 4, "temperature": 0})

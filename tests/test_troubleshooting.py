@@ -457,7 +457,7 @@ def _(ws: Workspace) -> Outcome:
 
 @case("load-best-model-without-evaluation")
 def _(ws: Workspace) -> Outcome:
-    return ws.train("train.load_best_model_at_end=true")
+    return ws.train("train.load_best_model_at_end=true", "dataset.val_split_ratio=0")
 
 
 @case("value-of-wrong-type")

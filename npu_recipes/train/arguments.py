@@ -36,7 +36,7 @@ def _accumulation_mismatch_under_deepspeed(record: logging.LogRecord) -> bool:
     DeepSpeed config has N" (a ``logging`` filter). The Trainer accumulates by itself and gives
     accelerate's plugin 1 on purpose, while DeepSpeed's config must hold the real count; accelerate
     then uses DeepSpeed's value, which is the intended one, and warns in every ZeRO run."""
-    return not record.getMessage().startswith("Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1,")
+    return "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1," not in record.getMessage()
 
 
 def training_arguments(train: TrainConfig, parallelism: ParallelismConfig, kernel_choice: str, run_dir: Path, device: Device,
