@@ -40,7 +40,8 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     """
     devices.set_aside_unloadable_torch_npu(config.device)
     stage = stages.load(config.stage)
-    plan = None if stage.in_launcher_only else launch.plan_launch(config.parallelism, config.device, config.recipe)
+    plan = None if stage.in_launcher_only else launch.plan_launch(
+        config.parallelism, config.device, config.recipe, config.output_dir)
     config, run_dir = stage.prepare(config, fresh_output_dir)
     if plan is None or plan.in_process or run_dir is None:
         run_stage(stage, config, run_dir)

@@ -128,6 +128,9 @@ class TrainConfig:
     ``gradient_checkpointing`` is ``true``, ``false`` or ``auto``: off when the memory planner's
     estimate without it fits the device with a 15% margin, on otherwise (decided in each training
     process for the device it has, logged and recorded in the manifest; see docs/memory.md).
+    ``global_batch_size`` (samples per optimizer step over every process; optional, swift's and
+    DeepSpeed's ``train_batch_size`` meaning) replaces ``gradient_accumulation_steps`` with
+    ``global_batch_size / (per_device_train_batch_size x world size)`` at validation.
     """
 
     learning_rate: float = 1e-4
@@ -136,6 +139,7 @@ class TrainConfig:
     per_device_train_batch_size: int = 1
     per_device_eval_batch_size: int = 1
     gradient_accumulation_steps: int = 16
+    global_batch_size: Optional[int] = None
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.0
     weight_decay: float = 0.1
@@ -227,6 +231,9 @@ class ParallelismConfig:
     process group (HCCL, NCCL or gloo), e.g. ranks waiting at a barrier for a slow one.
     ``shutdown_timeout`` (seconds, torchrun's ``--shutdown-timeout``) is how long workers stopped
     by SIGTERM/SIGINT may take to save their checkpoint before torchrun kills them.
+    ``join_timeout`` (seconds, torchrun's c10d rendezvous setting of that name) bounds how long a
+    multi-node run waits for every node to arrive, and how long a node other than node 0 waits for
+    node 0 to create the run directory.
     """
 
     name: str = "single"
@@ -240,6 +247,7 @@ class ParallelismConfig:
     offload_param_device: str = "none"
     ddp_timeout: int = 1800
     shutdown_timeout: int = 300
+    join_timeout: int = 600
 
     @property
     def world_size(self) -> int:

@@ -46,8 +46,8 @@ class Launch:
         return " ".join([*(f"{key}={shlex.quote(value)}" for key, value in self.environment.items()), shlex.join(self.command)])
 
 
-def launch_for(parallelism: ParallelismConfig, device_type: str, user_args: Sequence[str]) -> Launch:
-    """The :class:`Launch` of a run with ``parallelism`` on ``device_type`` machines, built by the
+def launch_for(parallelism: ParallelismConfig, device_type: str, user_args: Sequence[str], output_dir: str) -> Launch:
+    """The :class:`Launch` of a run with ``parallelism`` on ``device_type`` machines writing ``output_dir``, built by the
     launcher's own functions (:func:`npu_recipes.runtime.launch.torchrun_arguments`,
     :meth:`npu_recipes.runtime.launch.LaunchPlan.command`)."""
     device = devices.Device(device_type, parallelism.nproc_per_node)
@@ -57,7 +57,7 @@ def launch_for(parallelism: ParallelismConfig, device_type: str, user_args: Sequ
     command = ["python", "-m", "npu_recipes", *user_args]
     if runs_in_process(parallelism):
         return Launch(environment, command, None, {})
-    workers = LaunchPlan(device, parallelism.world_size, False, torchrun_arguments(parallelism)).command(
+    workers = LaunchPlan(device, parallelism.world_size, False, torchrun_arguments(parallelism, output_dir)).command(
         Path(RUN_DIR) / RESOLVED)
     return Launch(environment, command, ["python", *workers[1:]], device.worker_environment())
 

@@ -156,6 +156,19 @@ class CheckpointingRecord:
 
 
 @dataclass(frozen=True)
+class BatchRecord:
+    """Samples per optimizer step: ``per_device_train_batch_size`` (micro-batch) x
+    ``gradient_accumulation_steps`` x ``world_size`` = ``global_batch_size``; ``from_global_batch_size``
+    is True when ``train.global_batch_size`` set the accumulation."""
+
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    global_batch_size: int
+    from_global_batch_size: bool
+
+
+@dataclass(frozen=True)
 class LaunchRecord:
     """How the workers were started: ``world_size``, ``nproc_per_node``, ``nnodes`` and torchrun's ``command``."""
 
@@ -223,6 +236,7 @@ class RunManifest:
     attention: Optional[AttentionRecord] = None
     gradient_checkpointing: Optional[CheckpointingRecord] = None
     launch: Optional[LaunchRecord] = None
+    batch: Optional[BatchRecord] = None
     resume_from: Optional[str] = None
     branched_from: Optional[str] = None
     resumes: List[ResumeRecord] = field(default_factory=list)

@@ -36,7 +36,7 @@ class PlanStage:
         user_args = [arg for arg in sys.argv[1:] if not arg.startswith(("stage=", "plan.", "-"))] or ["stage=train"]
         plan = planner.make(model=config.model, train_type=config.train_type, lora=config.lora, train=config.train,
                             parallelism=config.parallelism, device=config.device, options=config.plan)
-        launch = report.launch_for(config.parallelism, plan.target.device_type, user_args)
+        launch = report.launch_for(config.parallelism, plan.target.device_type, user_args, config.output_dir)
         if config.plan.format == "json":
             print(json.dumps(report.to_dict(config, plan, launch), indent=2), flush=True)
         else:

@@ -71,6 +71,11 @@ class TrainStage:
 STAGE = TrainStage()
 
 
+def _batch_record(train, world_size: int) -> manifest.BatchRecord:
+    micro, accumulation = train.per_device_train_batch_size, train.gradient_accumulation_steps
+    return manifest.BatchRecord(micro, accumulation, world_size, micro * accumulation * world_size, train.global_batch_size is not None)
+
+
 def _terminate_with_a_record() -> None:
     # SIGTERM outside training raises errors.Terminated, so the manifest says why the run ended
     # (during training StopOnSignal takes SIGTERM over and saves first).
@@ -134,6 +139,7 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
             device=manifest.DeviceRecord(type=device.type, count=device.count, name=device.name(), dtype=str(dtype).replace("torch.", ""),
                                          world_size=placement.world_size, peak_tflops=peak.tflops, peak_source=peak.source,
                                          dtype_fallback=dtype_fallback),
+            batch=_batch_record(config.train, placement.world_size),
             dataset=manifest.DatasetRecord(name=config.dataset.name, path=config.dataset.path, fingerprint=splits.fingerprint, **splits.counts),
             packing=None if packing_stats is None else manifest.PackingRecord(**packing_stats, attention=chosen.train_as),
             attention=manifest.AttentionRecord(requested=config.model.attn_implementation, loaded_as=chosen.load_as,
