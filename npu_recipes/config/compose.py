@@ -10,6 +10,7 @@ validates (:func:`npu_recipes.config.validate.validate`) exactly as the CLI does
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from typing import Dict, List, Optional
 
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from npu_recipes import paths
-from npu_recipes.config import schema
+from npu_recipes.config import schedulers, schema
 from npu_recipes.config.schema import did_you_mean
 from npu_recipes.config.validate import validate
 from npu_recipes.errors import UserError
@@ -54,6 +55,7 @@ def register() -> None:
         return
     schema.register()
     OmegaConf.register_new_resolver("npu_cache", lambda name: str(paths.cache_dir() / name), replace=True)
+    OmegaConf.register_new_resolver("launch_env", _launch_env, replace=True)
     store = ConfigStore.instance()
     for path in sorted((paths.recipes_dir() / BASE_RECIPES).glob("*.yaml")):
         store.store(group=f"{RECIPE_GROUP}/{BASE_RECIPES}", name=path.stem, node=OmegaConf.load(path), package="_global_")
@@ -62,6 +64,12 @@ def register() -> None:
         node.recipe = path.stem
         store.store(group=RECIPE_GROUP, name=path.stem, node=node, package="_global_")
     _registered[:] = [stamp]
+
+
+def _launch_env(key: str, default=None):
+    """``${launch_env:KEY,DEFAULT}``: torchrun setting ``KEY`` from the scheduler's variables (:mod:`npu_recipes.config.schedulers`)."""
+    found = schedulers.setting(key, os.environ)
+    return default if found is None else found[0]
 
 
 def group_options() -> Dict[str, List[str]]:

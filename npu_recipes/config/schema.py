@@ -38,6 +38,7 @@ DOCTOR_FORMATS = ("table", "json")
 ANSWER_FORMATS = ("gsm8k", "blossom")
 SERVE_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 PLAN_FORMATS = ("text", "json")
+PLAN_LAUNCHERS = ("none", "slurm", "kubernetes")
 PLAN_TARGETS = (
     "auto", "ascend_910b1", "ascend_910b2", "ascend_910b3", "ascend_910b4",
     "a100_40gb", "a100_80gb", "h100_80gb", "h200", "cpu",
@@ -322,12 +323,18 @@ class PlanConfig:
 
     ``target`` is the device type to plan for (``auto``: by ``device``, the seed's Ascend 910B3 for
     npu/auto, A100 80GB for cuda, host RAM for cpu); ``device_memory_gib`` overrides its memory (GiB).
-    ``format: json`` prints one JSON object instead of text.
+    ``format: json`` prints one JSON object instead of text. ``launcher`` also writes a job file for
+    a scheduler: ``slurm`` an sbatch script, ``kubernetes`` a Kubeflow PyTorchJob manifest (see
+    docs/distributed.md), into ``launcher_file`` (default ``<recipe>.sbatch`` /
+    ``<recipe>-pytorchjob.yaml`` in the current directory); ``image`` is the PyTorchJob's container image.
     """
 
     format: str = "text"
     target: str = "auto"
     device_memory_gib: Optional[float] = None
+    launcher: str = "none"
+    launcher_file: Optional[str] = None
+    image: str = "npu-recipes:latest"
 
 
 @dataclass(frozen=True)
@@ -392,6 +399,7 @@ CHOICES: Dict[str, tuple] = {
     "serve.log_level": SERVE_LOG_LEVELS,
     "plan.format": PLAN_FORMATS,
     "plan.target": PLAN_TARGETS,
+    "plan.launcher": PLAN_LAUNCHERS,
 }
 """Keys whose value must be one of a fixed set; checked by :func:`npu_recipes.config.validate`."""
 

@@ -229,6 +229,17 @@ def _check_resolved_types(config: schema.RecipeConfig) -> None:
         ) from None
 
 
+def _user_error_in(error: BaseException):
+    """The UserError an OmegaConf error wraps (a resolver raised it), following the exception chain; else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def validate(cfg: DictConfig) -> schema.RecipeConfig:
     """Resolve ``cfg`` into a typed :class:`RecipeConfig` and check rules that types cannot express.
 
@@ -241,6 +252,10 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     except MissingMandatoryValue as error:
         raise UserError(f"{error.full_key} has no value", fix=f"pass {error.full_key}=VALUE on the command line") from None
     except OmegaConfBaseException as error:
+        raised = _user_error_in(error)
+        if raised is not None:
+            # A resolver's own message (e.g. a Slurm node list scontrol cannot expand).
+            raise raised from None
         raise UserError(f"invalid config: {error}") from None
     _check_resolved_types(config)
     for dotted in schema.CHOICES:
@@ -393,7 +408,7 @@ def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool
             f"but parallelism.zero_stage={parallel.zero_stage}",
             fix="choose parallelism=zero3_offload, or set parallelism.offload_param_device=none",
         )
-    if parallel.nnodes > 1:
+    if parallel.nnodes > 1 and config.stage != "plan":  # the plan (and its job files) start nothing
         loopback = is_loopback(parallel.master_addr) and os.environ.get(SAME_HOST_NODES) != "1"
         if loopback or parallel.master_port is None:
             raise UserError(

@@ -197,7 +197,9 @@ def render_text(config: RecipeConfig, plan: Plan, launch: Launch) -> str:
         row("workers", f"{shlex.join(launch.workers)}  ({RUN_DIR}: the run directory)")
         row("worker env", " ".join(f"{k}={v}" for k, v in launch.worker_environment.items()) + " (set by the launcher)")
     if config.parallelism.nnodes > 1:
-        row("nodes", f"run the command on each of the {config.parallelism.nnodes} nodes with parallelism.node_rank=0..{config.parallelism.nnodes - 1}")
+        row("nodes", f"run the same command on each of the {config.parallelism.nnodes} nodes, in any order, with "
+            f"parallelism.node_rank=0 (NODE_RANK=0) on one of them and 1..{config.parallelism.nnodes - 1} on the others, "
+            "or let plan.launcher=slurm|kubernetes write the job file")
 
     lines += ["", "memory per device (estimate of peak allocated; formulas in docs/memory.md)"]
     for component in estimate.components.values():
