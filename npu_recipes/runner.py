@@ -14,7 +14,7 @@ from npu_recipes import stages
 from npu_recipes.config.resolved import RESOLVED
 from npu_recipes.config.schema import RecipeConfig
 from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, RunStopped, Terminated, UserError
-from npu_recipes.run import manifest
+from npu_recipes.run import manifest, shared_storage
 from npu_recipes.run.manifest import LaunchRecord
 from npu_recipes.run.rundir import RunDir
 from npu_recipes.runtime import devices, launch
@@ -51,6 +51,8 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     if owns_manifest:
         command = shlex.join(plan.command(run_dir.path / RESOLVED))
         run_dir.update_manifest(launch=LaunchRecord(plan.world_size, parallel.nproc_per_node, parallel.nnodes, command))
+        if parallel.nnodes > 1:
+            shared_storage.write_token(run_dir.path)
     try:
         launch.launch(parallel, plan, run_dir.path)
     except launch.WorkersFailed as failure:

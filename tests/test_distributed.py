@@ -7,6 +7,7 @@ those runs. A single-process run of the same settings is DDP's reference; DDP is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -364,3 +365,45 @@ def test_deepspeed_skips_a_nan_step_entirely(tmp_path, one_row_repeated, paralle
         assert (tensor - expected[name]).abs().max() < 1e-4, name
     before = load_file(run / "checkpoint-1" / "adapter_model.safetensors")
     assert max((after[name] - before[name]).abs().max() for name in after) > 1e-3, "step 4 must have trained"
+
+
+def test_a_node_that_does_not_share_the_run_directory_is_refused_before_training(tmp_path, variable_length_rows):
+    """Node 1 runs in its own mount namespace, where the runs folder is another directory (its own
+    "disk") holding a stale copy of the run's resolved.yaml, so it joins at once; the workers compare
+    the token node 0 wrote and every node stops with exit 2 before the first step, naming node 1 and the path."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (a user and mount namespace) is not available here")
+    runs, node1_disk = tmp_path / "runs", tmp_path / "node1-disk"
+    run = runs / "run"
+    overrides = [*COMMON, *BY_TRAIN_TYPE["lora"], f"dataset.path={variable_length_rows}", f"output_dir={run}",
+                 "parallelism=ddp", "train.gradient_accumulation_steps=2"]
+    runs.mkdir()
+    (node1_disk / "run").mkdir(parents=True)
+    from npu_recipes.config import compose, resolved
+
+    stale = dataclasses.replace(compose.compose(overrides), output_dir=str(run))
+    (node1_disk / "run" / "resolved.yaml").write_text(resolved.to_yaml(stale))
+    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": SECOND_NODE_ADDRESS,
+           "MASTER_PORT": str(free_port()), "NPU_RECIPES_SAME_HOST_NODES": "1", "OMP_NUM_THREADS": "1"}
+    own_disk = f'mount --bind "{node1_disk}" "{runs}" && exec "$@"'
+    commands = {0: [sys.executable, "-m", "npu_recipes", *overrides],
+                1: ["unshare", "-rm", "sh", "-c", own_disk, "sh", sys.executable, "-m", "npu_recipes", *overrides]}
+    nodes, outputs = {}, {node: tmp_path / f"node{node}.stderr" for node in (0, 1)}
+    try:
+        for node in (0, 1):
+            with open(outputs[node], "w") as stderr:
+                nodes[node] = subprocess.Popen(commands[node], cwd=REPO, env={**env, "NODE_RANK": str(node)},
+                                               stdout=subprocess.DEVNULL, stderr=stderr)
+        for node in (0, 1):
+            nodes[node].wait(timeout=600)
+    finally:
+        for process in nodes.values():
+            if process.poll() is None:
+                process.kill()
+    errors = {node: outputs[node].read_text() for node in (0, 1)}
+    assert (nodes[0].returncode, nodes[1].returncode) == (2, 2), errors[0][-3000:] + errors[1][-3000:]
+    message = f"node 1 (host {socket.gethostname()}) does not see the run directory node 0 writes: {run}/.shared-storage-check is missing there"
+    assert message in errors[0] and message in errors[1], errors[0][-3000:] + errors[1][-3000:]
+    assert "Traceback" not in errors[0] + errors[1]
+    # Nothing trained, and node 0 removed the run it had created.
+    assert not run.exists() and not (node1_disk / "run" / "logging.jsonl").exists()

@@ -286,3 +286,21 @@ def test_a_global_batch_size_that_does_not_divide_is_refused_by_name():
     config = compose.compose(["parallelism=ddp", "parallelism.nproc_per_node=4", "train.per_device_train_batch_size=2",
                               "train.global_batch_size=64", "train.gradient_accumulation_steps=1"])
     assert config.train.gradient_accumulation_steps == 8 and config.train.global_batch_size == 64
+
+
+def test_nodes_that_read_another_token_than_node_zero_are_named(tmp_path):
+    from npu_recipes.run import shared_storage
+    from npu_recipes.run.shared_storage import Sighting
+
+    token = shared_storage.write_token(tmp_path)
+    assert shared_storage.read_token(tmp_path) == token and len(token) == 32
+    assert shared_storage.read_token(tmp_path / "elsewhere") is None
+    shared = [Sighting(0, "a", token), Sighting(0, "a", token), Sighting(1, "b", token)]
+    assert shared_storage.unshared(shared) == []
+    split = [Sighting(1, "b", None), Sighting(0, "a", token), Sighting(2, "c", "old"), Sighting(2, "c", "old"), Sighting(3, "d", token)]
+    assert shared_storage.unshared(split) == [Sighting(1, "b", None), Sighting(2, "c", "old")]
+    error = shared_storage.refusal(tmp_path, shared_storage.unshared(split))
+    assert error.message == (f"node 1 (host b) (and 1 other node(s)) does not see the run directory node 0 writes: "
+                             f"{tmp_path}/.shared-storage-check is missing there, so checkpoints and records would be "
+                             "split between the nodes' disks")
+    assert "filesystem every node mounts at the same path" in error.fix

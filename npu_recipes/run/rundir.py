@@ -30,7 +30,7 @@ from npu_recipes import atomic
 from npu_recipes.config.resolved import RESOLVED, to_yaml
 from npu_recipes.config.schema import RecipeConfig
 from npu_recipes.errors import UserError
-from npu_recipes.run import checkpoints, lock, manifest
+from npu_recipes.run import checkpoints, lock, manifest, shared_storage
 from npu_recipes.runtime.launch import DEEPSPEED_CONFIG, LOGS
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class RunDir:
                 except OSError:
                     break
             return
-        for name in (RESOLVED, manifest.MANIFEST, LOGGING, LOSS_PLOT, DEEPSPEED_CONFIG, lock.LOCK):
+        for name in (RESOLVED, manifest.MANIFEST, LOGGING, LOSS_PLOT, DEEPSPEED_CONFIG, lock.LOCK, shared_storage.TOKEN_FILE):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / LOGS, ignore_errors=True)
 

@@ -46,6 +46,8 @@ DEEPSPEED_CONFIG = "deepspeed.json"
 """The generated DeepSpeed config in the run directory; workers hand its path to the Trainer."""
 LAUNCHER_PID = "NPU_RECIPES_LAUNCHER_PID"
 """Environment variable naming the launching process to its workers (see :mod:`npu_recipes.worker`)."""
+NODE_RANK_VARIABLE = "NPU_RECIPES_NODE_RANK"
+"""Environment variable naming this node's ``parallelism.node_rank`` to its workers (see :mod:`npu_recipes.run.shared_storage`)."""
 LOGS = "logs"
 """Run-directory folder where every rank but 0 writes its output, as ``rank<N>.log``."""
 
@@ -254,16 +256,23 @@ EXIT_RENDEZVOUS = 1
 
 def _rendezvous_failure(error: Exception, parallelism: ParallelismConfig) -> WorkersFailed:
     """torchrun's rendezvous did not complete: a node never arrived, or node 0's endpoint was unreachable."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
     parallel = parallelism
     endpoint = _endpoint(parallel.master_addr, parallel.master_port)
     cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return WorkersFailed(
-        f"node {parallel.node_rank}: the {parallel.nnodes} nodes did not all join the rendezvous at {endpoint} within "
-        f"parallelism.join_timeout={parallel.join_timeout} s ({type(error).__name__}: {cause})\n"
-        f"  fix: start every node with the same output_dir, parallelism.master_addr and parallelism.master_port "
-        f"(an address of one node that every node reaches: stage=doctor checks it), or raise parallelism.join_timeout",
-        EXIT_RENDEZVOUS, None, reported=False,
-    )
+    if isinstance(error, RendezvousTimeoutError):
+        what = (f"the {parallel.nnodes} nodes did not all join the rendezvous at {endpoint} within "
+                f"parallelism.join_timeout={parallel.join_timeout} s")
+        fix = ("start every node with the same output_dir, parallelism.master_addr and parallelism.master_port "
+               "(an address of one node that every node reaches: stage=doctor checks it), or raise parallelism.join_timeout")
+    else:
+        # The node hosting the rendezvous store stopped (its workers failed: its own output says why) or is unreachable.
+        what = f"lost the rendezvous at {endpoint}: the node hosting it stopped or cannot be reached"
+        fix = ("read the other nodes' output for why they stopped; if none did, check that every node reaches "
+               f"{endpoint} (stage=doctor checks it) and start them all again")
+    return WorkersFailed(f"node {parallel.node_rank}: {what} ({type(error).__name__}: {cause})\n  fix: {fix}",
+                         EXIT_RENDEZVOUS, None, reported=False)
 
 
 def launch(parallelism: ParallelismConfig, plan: LaunchPlan, run_dir: Path) -> None:
@@ -288,7 +297,10 @@ def launch(parallelism: ParallelismConfig, plan: LaunchPlan, run_dir: Path) -> N
     command = plan.command(run_dir / RESOLVED)
     os.environ.update(plan.device.worker_environment())
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # The rendezvous numbers the nodes its own way; workers learn this node's node_rank from here.
+    os.environ[NODE_RANK_VARIABLE] = str(parallelism.node_rank)
+    # Its warnings when a node is lost carry C++ stack frames; the failure is summarised in one message instead.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     count = parallelism.nproc_per_node
     log.info("launching %d worker process%s: %s", count, "" if count == 1 else "es", shlex.join(command))
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 from typing import Optional
 
@@ -20,9 +21,9 @@ from npu_recipes.data import messages, packing, sources, tokenize
 from npu_recipes.errors import UserError, raise_terminated
 from npu_recipes.model import attention, flops, kernels, pretrained
 from npu_recipes.plan import planner
-from npu_recipes.run import checkpoints, heldout, manifest, resume, summary
+from npu_recipes.run import checkpoints, heldout, manifest, resume, shared_storage, summary
 from npu_recipes.run.rundir import RunDir
-from npu_recipes.runtime import deepspeed_config, devices
+from npu_recipes.runtime import deepspeed_config, devices, launch
 from npu_recipes.stages import Prepared
 from npu_recipes.train.arguments import training_arguments
 
@@ -62,6 +63,8 @@ class TrainStage:
         device = devices.resolve(config.device)
         kernels.check(config.kernels, config.model.attn_implementation, device)
         device.init_process_group(config.parallelism.ddp_timeout, deepspeed_config.uses_deepspeed(config.parallelism))
+        if _spans_nodes():
+            shared_storage.check(run_dir.path, int(os.environ.get(launch.NODE_RANK_VARIABLE, "0")))
         device.seed(config.train.seed)
         tokenizer = pretrained.load_tokenizer(config.model, config.model.name_or_path)
         tokenizer.padding_side = "right"
@@ -69,6 +72,12 @@ class TrainStage:
 
 
 STAGE = TrainStage()
+
+
+def _spans_nodes() -> bool:
+    """True in a torchrun worker whose job has processes on other nodes (torchrun's WORLD_SIZE > LOCAL_WORLD_SIZE):
+    read from torchrun, not from resolved.yaml, so every rank agrees even if a node read another copy of it."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
 def _batch_record(train, world_size: int) -> manifest.BatchRecord:
