@@ -13,7 +13,7 @@ from typing import Optional
 from npu_recipes import stages
 from npu_recipes.config.resolved import RESOLVED
 from npu_recipes.config.schema import RecipeConfig
-from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, RunStopped, Terminated, UserError
+from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, LostPeer, RunStopped, Terminated, UserError
 from npu_recipes.run import manifest, shared_storage
 from npu_recipes.run.manifest import LaunchRecord
 from npu_recipes.run.rundir import RunDir
@@ -96,7 +96,8 @@ def run_stage(stage: stages.Stage, config: RecipeConfig, run_dir: Optional[RunDi
     except BaseException as error:
         if run_dir is not None and records_failure:
             reason = ("interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt)
-                      else "terminated (SIGTERM)" if isinstance(error, Terminated) else f"{type(error).__name__}: {error}")
+                      else "terminated (SIGTERM)" if isinstance(error, Terminated)
+                      else error.message if isinstance(error, LostPeer) else f"{type(error).__name__}: {error}")
             _record_failure(run_dir, reason)
         raise
 

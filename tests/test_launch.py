@@ -304,3 +304,28 @@ def test_nodes_that_read_another_token_than_node_zero_are_named(tmp_path):
                              f"{tmp_path}/.shared-storage-check is missing there, so checkpoints and records would be "
                              "split between the nodes' disks")
     assert "filesystem every node mounts at the same path" in error.fix
+
+
+def test_a_lost_connection_to_another_node_becomes_one_message_naming_the_nodes(tmp_path):
+    from npu_recipes.run import lost_peer
+    from npu_recipes.run.shared_storage import Sighting
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:58568: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
+    try:
+        try:
+            raise gloo
+        except RuntimeError as error:
+            raise ValueError("while saving") from error
+    except ValueError as wrapped:
+        assert lost_peer.library_line(wrapped) == "Read error [10.0.0.2]:58568: Connection reset by peer"
+    assert lost_peer.library_line(ValueError("a bug")) is None
+    sightings = [Sighting(0, "cn017", "t"), Sighting(1, "cn018", "t"), Sighting(1, "cn018", "t")]
+    assert lost_peer.lost_peer(ValueError("a bug"), 0, 0, sightings, tmp_path) is None
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10}')
+    lost = lost_peer.lost_peer(gloo, 0, 0, sightings, tmp_path)
+    assert lost.message == ("rank 0 on node 0 lost its connection to another rank during training (Read error [10.0.0.2]:58568: "
+                            "Connection reset by peer): node 1 (host cn018) of this job stopped or lost its network")
+    assert lost.fix.endswith("then rerun the same command on every node (resume=auto continues from checkpoint-10)")
+    assert str(lost).startswith(lost.message + "\n  fix: see that node's console")

@@ -67,10 +67,13 @@ def refusal(run_dir: Path, bad: Sequence[Sighting]) -> UserError:
     )
 
 
-def check(run_dir: Path, node_rank: int) -> None:
+def check(run_dir: Path, node_rank: int) -> List[Sighting]:
     """Compare the token every rank reads in ``run_dir``; a collective (every rank calls it once, after the
     process group exists). ``node_rank`` is this rank's node (its launcher's ``parallelism.node_rank``,
     :data:`npu_recipes.runtime.launch.NODE_RANK_VARIABLE`).
+
+    Returns:
+        Every rank's sighting, in global rank order (which node and host each rank is on).
 
     Raises:
         UserError: on every rank, when some node reads no token or another one (:func:`refusal`).
@@ -80,6 +83,8 @@ def check(run_dir: Path, node_rank: int) -> None:
     mine = Sighting(node_rank, platform.node(), read_token(run_dir))
     sightings: list = [None] * dist.get_world_size()
     dist.all_gather_object(sightings, tuple(mine))
-    bad = unshared([Sighting(*s) for s in sightings])
+    seen = [Sighting(*s) for s in sightings]
+    bad = unshared(seen)
     if bad:
         raise refusal(run_dir, bad)
+    return seen

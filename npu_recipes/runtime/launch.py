@@ -286,6 +286,7 @@ def launch(parallelism: ParallelismConfig, plan: LaunchPlan, run_dir: Path) -> N
             the run after torchrun forwarded the signal to every worker, or the nodes of a
             multi-node run did not all join torchrun's rendezvous within ``join_timeout``.
     """
+    from torch.distributed import DistError
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -299,15 +300,16 @@ def launch(parallelism: ParallelismConfig, plan: LaunchPlan, run_dir: Path) -> N
     os.environ[LAUNCHER_PID] = str(os.getpid())
     # The rendezvous numbers the nodes its own way; workers learn this node's node_rank from here.
     os.environ[NODE_RANK_VARIABLE] = str(parallelism.node_rank)
-    # Its warnings when a node is lost carry C++ stack frames; the failure is summarised in one message instead.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # Its warnings and errors when a node is lost carry C++ stack frames; the failure is summarised in one message instead.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     count = parallelism.nproc_per_node
     log.info("launching %d worker process%s: %s", count, "" if count == 1 else "es", shlex.join(command))
     try:
         torchrun.run(torchrun.parse_args(command[3:]))
     except ChildFailedError as error:
         raise _failure(error, run_dir, plan.world_size) from None
-    except RendezvousError as error:
+    except (RendezvousError, DistError) as error:
+        # DistError: the agent's store calls failed (the node hosting the rendezvous store is gone).
         raise _rendezvous_failure(error, parallelism) from None
     except SignalException as error:
         name = signal.Signals(error.sigval).name

@@ -21,7 +21,7 @@ from npu_recipes.data import messages, packing, sources, tokenize
 from npu_recipes.errors import UserError, raise_terminated
 from npu_recipes.model import attention, flops, kernels, pretrained
 from npu_recipes.plan import planner
-from npu_recipes.run import checkpoints, heldout, manifest, resume, shared_storage, summary
+from npu_recipes.run import checkpoints, heldout, lost_peer, manifest, resume, shared_storage, summary
 from npu_recipes.run.rundir import RunDir
 from npu_recipes.runtime import deepspeed_config, devices, launch
 from npu_recipes.stages import Prepared
@@ -63,12 +63,19 @@ class TrainStage:
         device = devices.resolve(config.device)
         kernels.check(config.kernels, config.model.attn_implementation, device)
         device.init_process_group(config.parallelism.ddp_timeout, deepspeed_config.uses_deepspeed(config.parallelism))
+        node_rank, sightings = int(os.environ.get(launch.NODE_RANK_VARIABLE, "0")), []
         if _spans_nodes():
-            shared_storage.check(run_dir.path, int(os.environ.get(launch.NODE_RANK_VARIABLE, "0")))
+            sightings = shared_storage.check(run_dir.path, node_rank)
         device.seed(config.train.seed)
         tokenizer = pretrained.load_tokenizer(config.model, config.model.name_or_path)
         tokenizer.padding_side = "right"
-        fit(config, run_dir, device, tokenizer, _tokenized(config, tokenizer))
+        try:
+            fit(config, run_dir, device, tokenizer, _tokenized(config, tokenizer))
+        except Exception as error:
+            lost = lost_peer.lost_peer(error, devices.process_placement().rank, node_rank, sightings, run_dir.path) if sightings else None
+            if lost is None:
+                raise
+            raise lost from None
 
 
 STAGE = TrainStage()
