@@ -61,6 +61,26 @@ class Interrupted(Exception):
         self.exit_code = 128 + signal_number
 
 
+EXIT_LOST_PEER = 1
+
+
+class LostPeer(Exception):
+    """A worker lost its connection to another rank of a multi-node job (that node or its network
+    failed): one message naming the nodes and what to do, exit status 1, no traceback.
+
+    Args:
+        message: what happened, with the communication library's own line.
+        fix: what to do about it; printed on its own line.
+    """
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.message, self.fix = message, fix
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  fix: {self.fix}"
+
+
 class NothingToDo(Exception):
     """The command has nothing left to do (e.g. rerunning a training run that completed); the CLI
     prints the message and exits 0."""
@@ -96,6 +116,7 @@ def exit_for(error: BaseException) -> Optional[Exit]:
     ============================  ======  =====================================================
     :class:`UserError`            2       ``npu_recipes: error: MESSAGE`` and its ``fix:`` line
     ``OSError`` for a full disk   2       the same, naming the file and where to free space
+    :class:`LostPeer`             1       ``npu_recipes: error: MESSAGE`` and its ``fix:`` line
     :class:`Interrupted`          128+N   where the run stopped and saved
     :class:`NothingToDo`          0       why there is nothing to do
     ``KeyboardInterrupt``         130     ``npu_recipes: interrupted``
@@ -111,6 +132,8 @@ def exit_for(error: BaseException) -> Optional[Exit]:
         )
     if isinstance(error, UserError):
         return Exit(EXIT_USER_ERROR, f"npu_recipes: error: {error}")
+    if isinstance(error, LostPeer):
+        return Exit(EXIT_LOST_PEER, f"npu_recipes: error: {error}")
     if isinstance(error, Interrupted):
         return Exit(error.exit_code, f"npu_recipes: {error}")
     if isinstance(error, NothingToDo):

@@ -13,8 +13,8 @@ from typing import Optional
 from npu_recipes import errors, stages
 from npu_recipes.config.resolved import RESOLVED
 from npu_recipes.config.schema import RecipeConfig
-from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, RunStopped, Terminated, UserError
-from npu_recipes.run import manifest
+from npu_recipes.errors import EXIT_USER_ERROR, Interrupted, LostPeer, RunStopped, Terminated, UserError
+from npu_recipes.run import manifest, shared_storage
 from npu_recipes.run.manifest import LaunchRecord
 from npu_recipes.run.rundir import RunDir
 from npu_recipes.runtime import devices, launch
@@ -41,7 +41,8 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     devices.set_aside_unloadable_torch_npu(config.device)
     devices.name_deepspeed_accelerator(config.device)
     stage = stages.load(config.stage)
-    plan = None if stage.in_launcher_only else launch.plan_launch(config.parallelism, config.device, config.recipe)
+    plan = None if stage.in_launcher_only else launch.plan_launch(
+        config.parallelism, config.device, config.recipe, config.output_dir)
     config, run_dir = stage.prepare(config, fresh_output_dir)
     if plan is None or plan.in_process or run_dir is None:
         run_stage(stage, config, run_dir)
@@ -51,6 +52,8 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
     if owns_manifest:
         command = shlex.join(plan.command(run_dir.path / RESOLVED))
         run_dir.update_manifest(launch=LaunchRecord(plan.world_size, parallel.nproc_per_node, parallel.nnodes, command))
+        if parallel.nnodes > 1:
+            shared_storage.write_token(run_dir.path)
     try:
         launch.launch(parallel, plan, run_dir.path)
     except launch.WorkersFailed as failure:
@@ -94,7 +97,8 @@ def run_stage(stage: stages.Stage, config: RecipeConfig, run_dir: Optional[RunDi
     except BaseException as error:
         if run_dir is not None and records_failure:
             reason = ("interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt)
-                      else "terminated (SIGTERM)" if isinstance(error, Terminated) else f"{type(error).__name__}: {error}")
+                      else "terminated (SIGTERM)" if isinstance(error, Terminated)
+                      else error.message if isinstance(error, LostPeer) else f"{type(error).__name__}: {error}")
             _record_failure(run_dir, reason)
         raise
 

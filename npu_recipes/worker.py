@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> None:
         config = load_resolved(resolved)
         lock.join(run_dir.path)
         runner.run_worker(config, run_dir, placement.rank)
-    except (UserError, Interrupted, KeyboardInterrupt, errors.Terminated, OSError) as error:
+    except (UserError, errors.LostPeer, Interrupted, KeyboardInterrupt, errors.Terminated, OSError) as error:
         # Every rank reports its own bad input (ranks but 0 into their log); rank 0 says where an
         # interrupted run saved; a signal is reported once, by the launcher.
-        errors.exit_with(error, announce=isinstance(error, (UserError, OSError)) or (placement.rank == 0 and isinstance(error, Interrupted)))
+        errors.exit_with(error, announce=isinstance(error, (UserError, errors.LostPeer, OSError)) or (placement.rank == 0 and isinstance(error, Interrupted)))
 
 
 if __name__ == "__main__":

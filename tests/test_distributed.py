@@ -7,6 +7,7 @@ those runs. A single-process run of the same settings is DDP's reference; DDP is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -70,9 +71,11 @@ test traffic never leaves 127.0.0.0/8; gloo is bound to the loopback interface (
 set for every test in conftest.py)."""
 
 
-TWO_NODES = ("zero3", "lora")
-"""This pair runs as two one-process "nodes" on this machine, started with swift's multi-node variables
-and master address 127.0.0.2: the same world of two ranks as one node of two processes."""
+TWO_NODES = {("zero3", "lora"): "together", ("ddp", "lora"): "node 1 first"}
+"""These pairs run as two one-process "nodes" on this machine, started with swift's multi-node variables
+and master address 127.0.0.2 (the same world of two ranks as one node of two processes): ZeRO-3 with
+both nodes started at the same instant, as srun or a PyTorchJob starts them, and DDP with node 1 started
+first, waiting for node 0 to create the run directory. zero2-lora is their one-node reference."""
 
 
 class Runs:
@@ -91,8 +94,8 @@ class Runs:
                 # The one-process reference runs in this process: only its logged losses are compared.
                 run_in_process(*overrides, "train.gradient_accumulation_steps=4")
                 result = subprocess.CompletedProcess(overrides, 0)
-            elif key == TWO_NODES:
-                result = self._two_nodes(run, [*overrides, "train.gradient_accumulation_steps=2"])
+            elif key in TWO_NODES:
+                result = self._two_nodes(run, [*overrides, "train.gradient_accumulation_steps=2"], TWO_NODES[key])
             elif parallelism.startswith("zero"):
                 # The seed's style: the process count comes from NPROC_PER_NODE.
                 result = run_cli(*overrides, "train.gradient_accumulation_steps=2", f"parallelism.master_port={free_port()}",
@@ -105,29 +108,45 @@ class Runs:
         return self.results[key]
 
     @staticmethod
-    def _two_nodes(run: Path, overrides: list[str]):
-        """Node 0 first (it creates the run directory), then node 1, which joins it; node 0's result is returned."""
-        env = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": SECOND_NODE_ADDRESS, "MASTER_PORT": str(free_port()),
+    def _two_nodes(run: Path, overrides: list[str], order: str):
+        """Start both nodes together, or node 1 first and node 0 once node 1 waits for the run directory;
+        return both nodes' output (the rendezvous decides which node holds global rank 0)."""
+        env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": SECOND_NODE_ADDRESS,
+               "MASTER_PORT": str(free_port()), "NPU_RECIPES_SAME_HOST_NODES": "1",
                # Both "nodes" share this machine's cores: one thread each, as torchrun sets for processes sharing a node.
                "OMP_NUM_THREADS": "1"}
-        # Files, not pipes: node 0 must never block on a full pipe while node 1 waits for it in a collective.
-        outputs = run.parent / f"{run.name}-node0.stdout", run.parent / f"{run.name}-node0.stderr"
-        with open(outputs[0], "w") as stdout, open(outputs[1], "w") as stderr:
-            node0 = subprocess.Popen([sys.executable, "-m", "npu_recipes", *overrides], cwd=REPO,
-                                     env={**os.environ, **env, "NODE_RANK": "0"}, stdout=stdout, stderr=stderr)
-            try:
+        # Files, not pipes: a node must never block on a full pipe while the other waits for it in a collective.
+        outputs = {node: (run.parent / f"{run.name}-node{node}.stdout", run.parent / f"{run.name}-node{node}.stderr")
+                   for node in (0, 1)}
+        nodes = {}
+
+        def start(node: int) -> None:
+            with open(outputs[node][0], "w") as stdout, open(outputs[node][1], "w") as stderr:
+                nodes[node] = subprocess.Popen([sys.executable, "-m", "npu_recipes", *overrides], cwd=REPO,
+                                               env={**env, "NODE_RANK": str(node)}, stdout=stdout, stderr=stderr)
+
+        try:
+            if order == "together":
+                start(0)
+                start(1)
+            else:
+                start(1)
                 deadline = time.monotonic() + 600
-                while not (run / "resolved.yaml").is_file():
-                    assert node0.poll() is None and time.monotonic() < deadline, outputs[1].read_text()[-4000:]
+                while "waiting up to" not in outputs[1][1].read_text():
+                    assert nodes[1].poll() is None and time.monotonic() < deadline, outputs[1][1].read_text()[-4000:]
                     time.sleep(0.2)
-                node1 = run_cli(*overrides, env={**env, "NODE_RANK": "1"})
-                node0.wait(timeout=600)
-            finally:
-                if node0.poll() is None:
-                    node0.kill()
-        assert node1.returncode == 0, node1.stderr[-4000:]
-        assert "--nnodes=2 --node-rank=1" in node1.stderr and "run directory:" not in node1.stdout
-        return subprocess.CompletedProcess(node0.args, node0.returncode, outputs[0].read_text(), outputs[1].read_text())
+                assert not run.exists(), "node 1 must not create the run directory"
+                start(0)
+            for node in (1, 0):
+                nodes[node].wait(timeout=600)
+        finally:
+            for process in nodes.values():
+                if process.poll() is None:
+                    process.kill()
+        text = {node: (outputs[node][0].read_text(), outputs[node][1].read_text()) for node in (0, 1)}
+        assert nodes[1].returncode == 0, text[1][1][-4000:]
+        assert all("--rdzv-backend=c10d" in text[node][1] for node in (0, 1))
+        return subprocess.CompletedProcess(nodes[0].args, nodes[0].returncode, text[0][0] + text[1][0], text[0][1] + text[1][1])
 
     def losses(self, parallelism: str, train_type: str) -> list[float]:
         run, _ = self.get(parallelism, train_type)
@@ -222,15 +241,19 @@ def test_zero3_lora_adapter_is_consolidated_to_full_shapes(runs, tiny_model_path
         assert (tensor - ddp[name]).abs().max() < 1e-3, name
 
 
-def test_two_nodes_share_one_run_directory(runs):
-    """swift's NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT become torchrun's arguments on each node; node 1
-    joins node 0's directory without rewriting it, and its rank writes logs/rank1.log there."""
-    run, _ = runs.get(*TWO_NODES)
+@pytest.mark.parametrize("pair", list(TWO_NODES))
+def test_two_nodes_share_one_run_directory(runs, pair):
+    """swift's NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT become torchrun's c10d rendezvous, the same on each
+    node; whether the nodes start together or node 1 first, node 0 alone creates the run directory, node 1
+    joins it without rewriting it, and the losses equal those of the one-node run of two processes."""
+    run, _ = runs.get(*pair)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     assert manifest["launch"]["nnodes"] == 2 and manifest["launch"]["world_size"] == 2
-    assert "--nnodes=2 --node-rank=0" in manifest["launch"]["command"] and "--master-port=" in manifest["launch"]["command"]
+    assert "--rdzv-backend=c10d --rdzv-endpoint=127.0.0.2:" in manifest["launch"]["command"]
     assert (run / "logs" / "rank1.log").is_file() and not (run / "logs" / "rank0.log").exists()
+    assert sorted(path.name for path in run.parent.iterdir() if path.is_dir() and path.name.startswith(run.name)) == [run.name]
+    assert runs.losses(*pair) == pytest.approx(runs.losses("zero2", "lora"), abs=1e-3)
 
 
 def test_zero3_full_checkpoint_holds_the_ddp_weights(runs):
@@ -349,3 +372,45 @@ def test_deepspeed_skips_a_nan_step_entirely(tmp_path, one_row_repeated, paralle
         assert (tensor - expected[name]).abs().max() < 1e-4, name
     before = load_file(run / "checkpoint-1" / "adapter_model.safetensors")
     assert max((after[name] - before[name]).abs().max() for name in after) > 1e-3, "step 4 must have trained"
+
+
+def test_a_node_that_does_not_share_the_run_directory_is_refused_before_training(tmp_path, variable_length_rows):
+    """Node 1 runs in its own mount namespace, where the runs folder is another directory (its own
+    "disk") holding a stale copy of the run's resolved.yaml, so it joins at once; the workers compare
+    the token node 0 wrote and every node stops with exit 2 before the first step, naming node 1 and the path."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -rm (a user and mount namespace) is not available here")
+    runs, node1_disk = tmp_path / "runs", tmp_path / "node1-disk"
+    run = runs / "run"
+    overrides = [*COMMON, *BY_TRAIN_TYPE["lora"], f"dataset.path={variable_length_rows}", f"output_dir={run}",
+                 "parallelism=ddp", "train.gradient_accumulation_steps=2"]
+    runs.mkdir()
+    (node1_disk / "run").mkdir(parents=True)
+    from npu_recipes.config import compose, resolved
+
+    stale = dataclasses.replace(compose.compose(overrides), output_dir=str(run))
+    (node1_disk / "run" / "resolved.yaml").write_text(resolved.to_yaml(stale))
+    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": SECOND_NODE_ADDRESS,
+           "MASTER_PORT": str(free_port()), "NPU_RECIPES_SAME_HOST_NODES": "1", "OMP_NUM_THREADS": "1"}
+    own_disk = f'mount --bind "{node1_disk}" "{runs}" && exec "$@"'
+    commands = {0: [sys.executable, "-m", "npu_recipes", *overrides],
+                1: ["unshare", "-rm", "sh", "-c", own_disk, "sh", sys.executable, "-m", "npu_recipes", *overrides]}
+    nodes, outputs = {}, {node: tmp_path / f"node{node}.stderr" for node in (0, 1)}
+    try:
+        for node in (0, 1):
+            with open(outputs[node], "w") as stderr:
+                nodes[node] = subprocess.Popen(commands[node], cwd=REPO, env={**env, "NODE_RANK": str(node)},
+                                               stdout=subprocess.DEVNULL, stderr=stderr)
+        for node in (0, 1):
+            nodes[node].wait(timeout=600)
+    finally:
+        for process in nodes.values():
+            if process.poll() is None:
+                process.kill()
+    errors = {node: outputs[node].read_text() for node in (0, 1)}
+    assert (nodes[0].returncode, nodes[1].returncode) == (2, 2), errors[0][-3000:] + errors[1][-3000:]
+    message = f"node 1 (host {socket.gethostname()}) does not see the run directory node 0 writes: {run}/.shared-storage-check is missing there"
+    assert message in errors[0] and message in errors[1], errors[0][-3000:] + errors[1][-3000:]
+    assert "Traceback" not in errors[0] + errors[1]
+    # Nothing trained, and node 0 removed the run it had created.
+    assert not run.exists() and not (node1_disk / "run" / "logging.jsonl").exists()

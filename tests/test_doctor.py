@@ -159,3 +159,35 @@ def test_bad_doctor_format_is_a_user_error(tmp_path):
     result = run_cli("stage=doctor", "doctor.format=yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert "doctor.format='yaml' is not valid" in result.stderr and "table, json" in result.stderr
+
+
+def test_the_master_port_check_of_a_multi_node_run(monkeypatch):
+    """Loopback only: a listener is reachable, a closed port on an answering host is fine before the
+    job starts, a name nobody resolves fails with the fix (the resolver answers as for an unknown name,
+    so no DNS query leaves the machine); one node checks nothing."""
+    import socket
+
+    from npu_recipes.config.schema import ParallelismConfig
+    from npu_recipes.doctor import checks
+
+    def checked(**settings):
+        report = checks.Report("cpu", "device=cpu")
+        checks.check_master_port(report, ParallelismConfig(name="ddp", **settings))
+        return [(check.name, check.status, check.detail, check.fix) for check in report.checks]
+
+    assert checked(nnodes=1) == []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert checked(nnodes=2, master_port=port) == [
+            ("master port", "ok", f"127.0.0.1:{port} accepts connections (a node's rendezvous is up)", None)]
+    assert checked(nnodes=2, master_port=port)[0][1:3] == (
+        "ok", f"127.0.0.1 answers; nothing listens on port {port} yet (the first node to start opens it)")
+    def unknown(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    name, status, detail, fix = checked(nnodes=2, master_addr="no-such-node.invalid", master_port=port)[0]
+    assert status == "fail" and detail.startswith("cannot resolve parallelism.master_addr=no-such-node.invalid") and "MASTER_ADDR" in fix
+    assert checked(nnodes=2)[0][1:3] == ("fail", "2 nodes and no parallelism.master_port")

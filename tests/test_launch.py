@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from npu_recipes.config import compose
+from npu_recipes.config import compose, validate
 from npu_recipes.errors import UserError
 from npu_recipes.runtime import deepspeed_config, devices, launch
 from npu_recipes.runtime.devices import Device
@@ -80,6 +80,12 @@ PLAN_MISTAKES = {
         ["parallelism=ddp", "parallelism.nnodes=2", "device=cpu", "output_dir=/shared/run"],
         "needs the master node's address and a port",
     ),
+    "several nodes on another loopback address": (
+        {},
+        ["parallelism=ddp", "parallelism.nnodes=2", "parallelism.master_addr=127.0.0.2", "parallelism.master_port=29400",
+         "device=cpu", "output_dir=/shared/run"],
+        "parallelism.master_addr=127.0.0.2 is a loopback address, which other machines cannot reach",
+    ),
     "several nodes with a timestamped output_dir": (
         {},
         ["parallelism=ddp", "parallelism.nnodes=2", "parallelism.master_addr=10.0.0.1", "parallelism.master_port=29400"],
@@ -94,7 +100,7 @@ PLAN_MISTAKES = {
 
 
 def _plan(config):
-    return launch.plan_launch(config.parallelism, config.device, config.recipe)
+    return launch.plan_launch(config.parallelism, config.device, config.recipe, config.output_dir)
 
 
 def _check_environment(config):
@@ -104,7 +110,7 @@ def _check_environment(config):
 @pytest.mark.parametrize("case", sorted(PLAN_MISTAKES))
 def test_launch_plan_refuses(case, monkeypatch):
     env, overrides, expected = PLAN_MISTAKES[case]
-    for variable in launch.ENVIRONMENT_SETTINGS:
+    for variable in (*launch.ENVIRONMENT_SETTINGS, validate.SAME_HOST_NODES):
         monkeypatch.delenv(variable, raising=False)
     for variable, value in env.items():
         monkeypatch.setenv(variable, value)
@@ -153,10 +159,28 @@ def test_multi_node_settings_become_torchrun_arguments(monkeypatch):
         monkeypatch.setenv(variable, value)
     config = compose.compose(["parallelism=zero2", "parallelism.nproc_per_node=8", "output_dir=/shared/run"])
     launch.check_environment(config.parallelism, config.recipe)
-    assert launch.torchrun_arguments(config.parallelism) == [
-        "--nproc-per-node=8", "--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29400",
+    # The same arguments on every node: the c10d rendezvous, not NODE_RANK, numbers the nodes.
+    assert launch.torchrun_arguments(config.parallelism, config.output_dir) == [
+        "--nproc-per-node=8", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
+        f"--rdzv-id={launch.rendezvous_id('/shared/run')}", "--rdzv-conf=join_timeout=600", "--shutdown-timeout=300",
+    ]
+    assert launch.rendezvous_id("/shared/run") == launch.rendezvous_id("/shared/run/") != launch.rendezvous_id("/shared/run2")
+    assert launch.torchrun_arguments(compose.compose(
+        ["parallelism=ddp", "parallelism.nnodes=1", "parallelism.node_rank=0", "parallelism.master_addr=127.0.0.1",
+         "parallelism.master_port=29400"]).parallelism, "/r") == [
+        "--nproc-per-node=2", "--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1", "--master-port=29400",
         "--shutdown-timeout=300",
     ]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.2", "127.255.255.254", "::1", "[::1]", "localhost", "LOCALHOST"])
+def test_every_loopback_address_is_loopback(address):
+    assert validate.is_loopback(address)
+
+
+@pytest.mark.parametrize("address", ["10.0.0.1", "128.0.0.1", "126.255.255.255", "::2", "node0.cluster", "0.0.0.0"])
+def test_other_addresses_are_not_loopback(address):
+    assert not validate.is_loopback(address)
 
 
 @pytest.mark.parametrize("value,expected", [("0,1,2,3", ["0", "1", "2", "3"]), ("", []), ("1, 3", ["1", "3"]), ("0,-1,2", ["0"])])
@@ -202,3 +226,106 @@ def test_npu_workers_get_a_600_s_hccl_connect_timeout_unless_one_is_set(monkeypa
     # The launcher updates its environment with this dict: the user's 1800 stays.
     assert Device("npu", 8).worker_environment() == {"DS_ACCELERATOR": "npu"}
     assert Device("cuda", 8).worker_environment() == {"DS_ACCELERATOR": "cuda"}
+
+
+def test_a_node_other_than_node_zero_waits_for_the_run_directory_then_gives_up_by_name(tmp_path):
+    from npu_recipes.run import rundir
+
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as caught:
+        rundir.wait_for_node_zero(run, node_rank=1, timeout_s=0.6)
+    assert caught.value.message == (f"node 1 waited 0.6 s (parallelism.join_timeout) for node 0 to create the run directory "
+                                    f"{run}, and {run}/resolved.yaml did not appear")
+    assert "parallelism.join_timeout" in caught.value.fix and not run.exists()
+    run.mkdir()
+    (run / "resolved.yaml").write_text("{}\n")
+    rundir.wait_for_node_zero(run, node_rank=1, timeout_s=0)
+
+
+def test_a_node_alone_fails_the_rendezvous_with_one_message(tmp_path):
+    """torchrun's c10d rendezvous, in this process, for 2 nodes of which only this one arrives: after
+    join_timeout the launcher raises WorkersFailed naming the endpoint and the timeout (no traceback)."""
+    import socket
+
+    from npu_recipes.config.schema import ParallelismConfig
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    parallel = ParallelismConfig(name="ddp", nnodes=2, master_addr="127.0.0.1", master_port=port, join_timeout=1)
+    plan = launch.LaunchPlan(Device("cpu", 1), 2, False, launch.torchrun_arguments(parallel, str(tmp_path)))
+    with pytest.raises(launch.WorkersFailed) as caught:
+        launch.launch(parallel, plan, tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"node 0: the 2 nodes did not all join the rendezvous at 127.0.0.1:{port} within "
+                              "parallelism.join_timeout=1 s (RendezvousTimeoutError")
+    assert caught.value.exit_code == 1 and "fix: start every node with the same output_dir" in message
+
+
+@pytest.mark.parametrize("global_batch,micro,nproc,nnodes,expected", [
+    (16, 1, 1, 1, 16), (16, 1, 8, 2, 1), (256, 1, 8, 2, 16), (64, 2, 4, 1, 8), (48, 3, 8, 2, 1),
+])
+def test_global_batch_size_sets_accumulation(global_batch, micro, nproc, nnodes, expected):
+    from npu_recipes.config.schema import ParallelismConfig
+
+    parallel = ParallelismConfig(name="ddp", nproc_per_node=nproc, nnodes=nnodes)
+    assert validate.accumulation_steps_for(global_batch, micro, parallel) == expected
+    assert expected * micro * nproc * nnodes == global_batch
+
+
+def test_a_global_batch_size_that_does_not_divide_is_refused_by_name():
+    with pytest.raises(UserError) as caught:
+        compose.compose(["parallelism=ddp", "parallelism.nproc_per_node=8", "parallelism.nnodes=2", "parallelism.node_rank=0",
+                         "parallelism.master_addr=10.0.0.1", "parallelism.master_port=29400", "output_dir=/shared/run",
+                         "train.per_device_train_batch_size=1", "train.global_batch_size=100"])
+    assert caught.value.message == ("train.global_batch_size=100 is not a multiple of train.per_device_train_batch_size=1 x "
+                                    "world size 16 (parallelism=ddp: 8 process(es) x 2 node(s)) = 16 samples per micro-step")
+    assert caught.value.fix.startswith("pass train.global_batch_size=96 or 112")
+    with pytest.raises(UserError, match="train.global_batch_size=3 is not a multiple"):
+        compose.compose(["parallelism=ddp", "parallelism.nproc_per_node=4", "train.global_batch_size=3"])
+    config = compose.compose(["parallelism=ddp", "parallelism.nproc_per_node=4", "train.per_device_train_batch_size=2",
+                              "train.global_batch_size=64", "train.gradient_accumulation_steps=1"])
+    assert config.train.gradient_accumulation_steps == 8 and config.train.global_batch_size == 64
+
+
+def test_nodes_that_read_another_token_than_node_zero_are_named(tmp_path):
+    from npu_recipes.run import shared_storage
+    from npu_recipes.run.shared_storage import Sighting
+
+    token = shared_storage.write_token(tmp_path)
+    assert shared_storage.read_token(tmp_path) == token and len(token) == 32
+    assert shared_storage.read_token(tmp_path / "elsewhere") is None
+    shared = [Sighting(0, "a", token), Sighting(0, "a", token), Sighting(1, "b", token)]
+    assert shared_storage.unshared(shared) == []
+    split = [Sighting(1, "b", None), Sighting(0, "a", token), Sighting(2, "c", "old"), Sighting(2, "c", "old"), Sighting(3, "d", token)]
+    assert shared_storage.unshared(split) == [Sighting(1, "b", None), Sighting(2, "c", "old")]
+    error = shared_storage.refusal(tmp_path, shared_storage.unshared(split))
+    assert error.message == (f"node 1 (host b) (and 1 other node(s)) does not see the run directory node 0 writes: "
+                             f"{tmp_path}/.shared-storage-check is missing there, so checkpoints and records would be "
+                             "split between the nodes' disks")
+    assert "filesystem every node mounts at the same path" in error.fix
+
+
+def test_a_lost_connection_to_another_node_becomes_one_message_naming_the_nodes(tmp_path):
+    from npu_recipes.run import lost_peer
+    from npu_recipes.run.shared_storage import Sighting
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:58568: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
+    try:
+        try:
+            raise gloo
+        except RuntimeError as error:
+            raise ValueError("while saving") from error
+    except ValueError as wrapped:
+        assert lost_peer.library_line(wrapped) == "Read error [10.0.0.2]:58568: Connection reset by peer"
+    assert lost_peer.library_line(ValueError("a bug")) is None
+    sightings = [Sighting(0, "cn017", "t"), Sighting(1, "cn018", "t"), Sighting(1, "cn018", "t")]
+    assert lost_peer.lost_peer(ValueError("a bug"), 0, 0, sightings, tmp_path) is None
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10}')
+    lost = lost_peer.lost_peer(gloo, 0, 0, sightings, tmp_path)
+    assert lost.message == ("rank 0 on node 0 lost its connection to another rank during training (Read error [10.0.0.2]:58568: "
+                            "Connection reset by peer): node 1 (host cn018) of this job stopped or lost its network")
+    assert lost.fix.endswith("then rerun the same command on every node (resume=auto continues from checkpoint-10)")
+    assert str(lost).startswith(lost.message + "\n  fix: see that node's console")

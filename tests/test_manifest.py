@@ -69,3 +69,26 @@ def test_a_merged_models_training_run_must_be_a_path(tmp_path):
     with pytest.raises(UserError) as refused:
         manifest.training_run_of(tmp_path)
     assert "merge again" in refused.value.fix
+
+
+def test_the_recorded_command_sets_the_launch_variables_that_were_set(monkeypatch):
+    """Rerunning the recorded command on a node reproduces its launch: NNODES, NODE_RANK, MASTER_* and
+    the visible devices are part of it; unset ones and unrelated variables are not."""
+    import sys
+    from pathlib import Path
+
+    for name in manifest.LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NNODES", "2")
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setattr("sys.argv", ["npu_recipes", "+recipe=qwen7b_lora_zero3", "output_dir=/shared/run a"])
+    python = Path(sys.executable).name
+    assert manifest.command_line() == (
+        "NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 ASCEND_RT_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 "
+        f"{python} -m npu_recipes +recipe=qwen7b_lora_zero3 'output_dir=/shared/run a'"
+    )
+    assert "HOME" not in manifest.command_line() and "'output_dir=/shared/run a'" in manifest.command_line()

@@ -49,7 +49,7 @@ def _make(tmp_path, overrides):
 def test_every_seed_recipe_plans_offline_from_config_json_alone(tmp_path, recipe):
     config, plan = _make_with_config(tmp_path, [f"+recipe={recipe}"])
     shape, estimate = plan.shape, plan.estimate
-    launch = report.launch_for(config.parallelism, plan.target.device_type, [f"+recipe={recipe}"])
+    launch = report.launch_for(config.parallelism, plan.target.device_type, [f"+recipe={recipe}"], config.output_dir)
     assert shape.params - shape.trainable_params == BASE_PARAMS[config.model.name_or_path]
     world = config.reference["devices"]
     assert config.parallelism.nproc_per_node * config.parallelism.nnodes == world
@@ -126,7 +126,7 @@ def test_plan_json_matches_the_in_process_plan(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     printed = json.loads(result.stdout)
     config, plan = _make_with_config(tmp_path, [a for a in args if a != "plan.format=json"])
-    expected = report.to_dict(config, plan, report.launch_for(config.parallelism, plan.target.device_type, args))
+    expected = report.to_dict(config, plan, report.launch_for(config.parallelism, plan.target.device_type, args, config.output_dir))
     assert printed["memory"] == expected["memory"] and printed["device"] == expected["device"]
     assert printed["settings"]["max_length"] == 512 and printed["settings"]["world_size"] == 4
     assert printed["reference"]["max_memory_gb_per_device"] == 22 and printed["reference"]["runtime_hours"] == 8.5

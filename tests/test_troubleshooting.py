@@ -568,6 +568,27 @@ def _(ws: Workspace) -> Outcome:
     return doctor_findings(ws)
 
 
+# --- several processes and nodes ---------------------------------------------------------------
+
+MULTI_NODE = ("parallelism=ddp", "parallelism.nproc_per_node=1", "parallelism.nnodes=2", "parallelism.master_port=29400")
+
+
+@case("global-batch-not-divisible")
+def _(ws: Workspace) -> Outcome:
+    return ws.train("parallelism=ddp", "parallelism.nproc_per_node=8", "parallelism.nnodes=2", "parallelism.master_addr=10.0.0.1",
+                    "parallelism.master_port=29400", "train.global_batch_size=100")
+
+
+@case("loopback-master-for-several-nodes")
+def _(ws: Workspace) -> Outcome:
+    return ws.train(*MULTI_NODE, "parallelism.master_addr=127.0.0.2")
+
+
+@case("node-zero-never-created-the-run")
+def _(ws: Workspace) -> Outcome:
+    return ws.train(*MULTI_NODE, "parallelism.master_addr=10.0.0.1", "parallelism.node_rank=1", "parallelism.join_timeout=1")
+
+
 # --- the table ----------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import posixpath
 import typing
 from pathlib import Path
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from npu_recipes import paths
-from npu_recipes.config import schema
+from npu_recipes.config import schedulers, schema
 from npu_recipes.config.schema import did_you_mean
 from npu_recipes.config.validate import validate
 from npu_recipes.errors import UserError
@@ -64,6 +65,7 @@ def register(recipes: Iterable[str] = ()) -> None:
     if _SCHEMA not in _stored:
         schema.register()
         OmegaConf.register_new_resolver("npu_cache", lambda name: str(paths.cache_dir() / name), replace=True)
+        OmegaConf.register_new_resolver("launch_env", _launch_env, replace=True)
         _stored[_SCHEMA] = 0
     pending = [name for name in recipes if _recipe_file(name).is_file()]
     while pending:
@@ -244,6 +246,12 @@ def _is_section(dotted: str) -> bool:
         fields = {f.name: _unwrap_optional(f.type) for f in dataclasses.fields(node_type)} if dataclasses.is_dataclass(node_type) else {}
         node_type = fields.get(part)
     return dataclasses.is_dataclass(node_type)
+
+
+def _launch_env(key: str, default=None):
+    """``${launch_env:KEY,DEFAULT}``: torchrun setting ``KEY`` from the scheduler's variables (:mod:`npu_recipes.config.schedulers`)."""
+    found = schedulers.setting(key, os.environ)
+    return default if found is None else found[0]
 
 
 def group_options() -> Dict[str, List[str]]:

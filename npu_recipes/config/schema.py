@@ -39,6 +39,7 @@ ANSWER_FORMATS = ("gsm8k", "blossom")
 SERVE_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 SERVE_ENGINES = ("auto", "static", "continuous")
 PLAN_FORMATS = ("text", "json")
+PLAN_LAUNCHERS = ("none", "slurm", "kubernetes")
 PLAN_TARGETS = (
     "auto", "ascend_910b1", "ascend_910b2", "ascend_910b3", "ascend_910b4",
     "a100_40gb", "a100_80gb", "h100_80gb", "h200", "cpu",
@@ -135,6 +136,9 @@ class TrainConfig:
     ``greater_is_better`` (None: false for a loss, as transformers decides) pick the best saved
     checkpoint, which ``save_total_limit`` spares and the manifest names; ``load_best_model_at_end``
     loads its weights when training ends (transformers' meaning).
+    ``global_batch_size`` (samples per optimizer step over every process; optional, swift's and
+    DeepSpeed's ``train_batch_size`` meaning) replaces ``gradient_accumulation_steps`` with
+    ``global_batch_size / (per_device_train_batch_size x world size)`` at validation.
     """
 
     learning_rate: float = 1e-4
@@ -143,6 +147,7 @@ class TrainConfig:
     per_device_train_batch_size: int = 1
     per_device_eval_batch_size: int = 1
     gradient_accumulation_steps: int = 16
+    global_batch_size: Optional[int] = None
     lr_scheduler_type: str = "cosine"
     warmup_steps: float = 0.0
     weight_decay: float = 0.1
@@ -241,6 +246,9 @@ class ParallelismConfig:
     ``stop_timeout`` (seconds) is how long the training step under way when SIGTERM/SIGINT arrives
     may take to end; a step that takes longer is abandoned and the run stops without saving it
     (see :mod:`npu_recipes.run.stopping`).
+    ``join_timeout`` (seconds, torchrun's c10d rendezvous setting of that name) bounds how long a
+    multi-node run waits for every node to arrive, and how long a node other than node 0 waits for
+    node 0 to create the run directory.
     """
 
     name: str = "single"
@@ -255,6 +263,7 @@ class ParallelismConfig:
     ddp_timeout: int = 1800
     shutdown_timeout: int = 300
     stop_timeout: int = 120
+    join_timeout: int = 600
 
     @property
     def world_size(self) -> int:
@@ -341,12 +350,18 @@ class PlanConfig:
 
     ``target`` is the device type to plan for (``auto``: by ``device``, the seed's Ascend 910B3 for
     npu/auto, A100 80GB for cuda, host RAM for cpu); ``device_memory_gib`` overrides its memory (GiB).
-    ``format: json`` prints one JSON object instead of text.
+    ``format: json`` prints one JSON object instead of text. ``launcher`` also writes a job file for
+    a scheduler: ``slurm`` an sbatch script, ``kubernetes`` a Kubeflow PyTorchJob manifest (see
+    docs/distributed.md), into ``launcher_file`` (default ``<recipe>.sbatch`` /
+    ``<recipe>-pytorchjob.yaml`` in the current directory); ``image`` is the PyTorchJob's container image.
     """
 
     format: str = "text"
     target: str = "auto"
     device_memory_gib: Optional[float] = None
+    launcher: str = "none"
+    launcher_file: Optional[str] = None
+    image: str = "npu-recipes:latest"
 
 
 @dataclass(frozen=True)
@@ -415,6 +430,7 @@ CHOICES: Dict[str, tuple] = {
     "serve.engine": SERVE_ENGINES,
     "plan.format": PLAN_FORMATS,
     "plan.target": PLAN_TARGETS,
+    "plan.launcher": PLAN_LAUNCHERS,
 }
 """Keys whose value must be one of a fixed set; checked by :func:`npu_recipes.config.validate`."""
 

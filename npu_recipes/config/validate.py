@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import math
+import os
 import string
 from typing import List
 
@@ -269,6 +271,17 @@ def _check_resolved_types(config: schema.RecipeConfig) -> None:
         ) from None
 
 
+def _user_error_in(error: BaseException):
+    """The UserError an OmegaConf error wraps (a resolver raised it), following the exception chain; else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def validate(cfg: DictConfig) -> schema.RecipeConfig:
     """Resolve ``cfg`` into a typed :class:`RecipeConfig` and check rules that types cannot express.
 
@@ -281,6 +294,10 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     except MissingMandatoryValue as error:
         raise UserError(f"{error.full_key} has no value", fix=f"pass {error.full_key}=VALUE on the command line") from None
     except OmegaConfBaseException as error:
+        raised = _user_error_in(error)
+        if raised is not None:
+            # A resolver's own message (e.g. a Slurm node list scontrol cannot expand).
+            raise raised from None
         raise UserError(f"invalid config: {error}") from None
     _check_resolved_types(config)
     for dotted in schema.CHOICES:
@@ -332,6 +349,9 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
     train = dataclasses.replace(train, gradient_checkpointing=_gradient_checkpointing(train.gradient_checkpointing))
     config = dataclasses.replace(config, train=train)
     _check_parallelism(config, timestamped_output_dir="${now:" in str(OmegaConf.to_container(cfg, resolve=False)["output_dir"]))
+    if train.global_batch_size is not None:
+        accumulation = accumulation_steps_for(train.global_batch_size, train.per_device_train_batch_size, config.parallelism)
+        config = dataclasses.replace(config, train=dataclasses.replace(train, gradient_accumulation_steps=accumulation))
     _check_positive("nan_guard.max_consecutive_bad_steps", config.nan_guard.max_consecutive_bad_steps)
     if config.mfu.peak_tflops is not None:
         _check_positive("mfu.peak_tflops", config.mfu.peak_tflops)
@@ -367,6 +387,44 @@ def _gradient_checkpointing(value):
     )
 
 
+def accumulation_steps_for(global_batch_size: int, per_device_train_batch_size: int, parallelism: schema.ParallelismConfig) -> int:
+    """Gradient accumulation steps that make ``global_batch_size`` samples per optimizer step:
+    ``global_batch_size / (per_device_train_batch_size x parallelism.world_size)``.
+
+    Raises:
+        UserError: ``global_batch_size`` is not a positive multiple of micro-batch x world size
+            (names the three numbers and the nearest sizes that divide).
+    """
+    _check_positive("train.global_batch_size", global_batch_size)
+    world = parallelism.world_size
+    per_step = per_device_train_batch_size * world
+    if global_batch_size % per_step:
+        below, above = global_batch_size // per_step * per_step, (global_batch_size // per_step + 1) * per_step
+        nearest = f"{below} or {above}" if below else str(above)
+        raise UserError(
+            f"train.global_batch_size={global_batch_size} is not a multiple of train.per_device_train_batch_size="
+            f"{per_device_train_batch_size} x world size {world} (parallelism={parallelism.name}: "
+            f"{parallelism.nproc_per_node} process(es) x {parallelism.nnodes} node(s)) = {per_step} samples per micro-step",
+            fix=f"pass train.global_batch_size={nearest}, or change train.per_device_train_batch_size or the process count",
+        )
+    return global_batch_size // per_step
+
+
+SAME_HOST_NODES = "NPU_RECIPES_SAME_HOST_NODES"
+"""Set to 1 to allow a loopback ``master_addr`` for several nodes: every "node" runs on this one machine
+(a rehearsal, as the tests do on 127.0.0.2)."""
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``localhost`` and every loopback IP address (all of 127.0.0.0/8, ``::1``, ``[::1]``)."""
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool) -> None:
     """Rules of ``parallelism.*`` and its combination with ``model.device_map`` (see docs/distributed.md)."""
     parallel = config.parallelism
@@ -387,6 +445,7 @@ def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool
             "its weights and optimizer partitions together",
             fix="resume from a checkpoint that holds its DeepSpeed states (global_step*/), or start a new run from step 0",
         )
+    _check_positive("parallelism.join_timeout", parallel.join_timeout)
     if not 0 <= parallel.node_rank < parallel.nnodes:
         raise UserError(
             f"parallelism.node_rank={parallel.node_rank} must be in [0, parallelism.nnodes={parallel.nnodes})",
@@ -411,12 +470,16 @@ def _check_parallelism(config: schema.RecipeConfig, timestamped_output_dir: bool
             f"but parallelism.zero_stage={parallel.zero_stage}",
             fix="choose parallelism=zero3_offload, or set parallelism.offload_param_device=none",
         )
-    if parallel.nnodes > 1:
-        if parallel.master_addr in ("127.0.0.1", "localhost", "::1") or parallel.master_port is None:
+    if parallel.nnodes > 1 and config.stage != "plan":  # the plan (and its job files) start nothing
+        loopback = is_loopback(parallel.master_addr) and os.environ.get(SAME_HOST_NODES) != "1"
+        if loopback or parallel.master_port is None:
             raise UserError(
                 f"a run over parallelism.nnodes={parallel.nnodes} nodes needs the master node's address and a port "
-                f"(parallelism.master_addr={parallel.master_addr}, parallelism.master_port={parallel.master_port})",
-                fix="pass parallelism.master_addr=<node 0's IP> parallelism.master_port=<free port>, the same on every node",
+                f"(parallelism.master_addr={parallel.master_addr}"
+                + (" is a loopback address, which other machines cannot reach" if loopback else "")
+                + f", parallelism.master_port={parallel.master_port})",
+                fix="pass parallelism.master_addr=<node 0's IP> parallelism.master_port=<free port>, the same on every node "
+                f"(to rehearse several nodes on this one machine, set {SAME_HOST_NODES}=1)",
             )
         if timestamped_output_dir:
             raise UserError(

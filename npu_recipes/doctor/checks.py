@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -403,6 +404,39 @@ def _check_nvidia_smi(report: Report, nproc_per_node: int, warn_fraction: float,
     return len(info.chips)
 
 
+MASTER_CONNECT_TIMEOUT_S = 3.0
+"""How long the doctor waits for a TCP connection to ``master_addr:master_port`` (s)."""
+
+
+def check_master_port(report: Report, parallelism: ParallelismConfig) -> None:
+    """Several nodes: can this node open a TCP connection to ``master_addr:master_port``, where torchrun's
+    rendezvous meets? A listener there (a node's rendezvous already up) or a refusal (the host answered;
+    nothing listens until the first node starts) is fine; no name resolution, a timeout or no route fails."""
+    parallel = parallelism
+    if parallel.nnodes <= 1:
+        return
+    name = "master port"
+    if parallel.master_port is None:
+        report.add(name, FAIL, f"{parallel.nnodes} nodes and no parallelism.master_port",
+                   "pass parallelism.master_port=<free port> (or export MASTER_PORT), the same on every node")
+        return
+    endpoint = f"{parallel.master_addr}:{parallel.master_port}"
+    try:
+        with socket.create_connection((parallel.master_addr, parallel.master_port), timeout=MASTER_CONNECT_TIMEOUT_S):
+            report.add(name, OK, f"{endpoint} accepts connections (a node's rendezvous is up)")
+    except ConnectionRefusedError:
+        report.add(name, OK, f"{parallel.master_addr} answers; nothing listens on port {parallel.master_port} yet "
+                   "(the first node to start opens it)")
+    except socket.gaierror as error:
+        report.add(name, FAIL, f"cannot resolve parallelism.master_addr={parallel.master_addr}: {error.strerror}",
+                   "pass node 0's IP address or a name every node resolves as parallelism.master_addr (or MASTER_ADDR)")
+    except OSError as error:
+        why = "timed out" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__)
+        report.add(name, FAIL, f"{endpoint} is unreachable from this node ({why} after at most {MASTER_CONNECT_TIMEOUT_S:g} s)",
+                   f"open TCP port {parallel.master_port} between the nodes (firewall, security group) and check "
+                   "that master_addr is an address of one of the job's nodes on the network they share")
+
+
 def _check_host(report: Report) -> None:
     import psutil
 
@@ -434,5 +468,6 @@ def diagnose(device: str, parallelism: ParallelismConfig, memory_used_warn: floa
         report.add("matmul", SKIP, "no usable device to compute on")
     _check_visibility(report, parallelism.nproc_per_node, resolved, chips)
     _check_collective_settings(report, parallelism.nnodes)
+    check_master_port(report, parallelism)
     _check_host(report)
     return report

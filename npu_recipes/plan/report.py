@@ -69,8 +69,9 @@ def user_arguments(argv: Sequence[str], model: ModelConfig) -> Tuple[List[str], 
     return [f"model.name_or_path={hub_id}" if arg.startswith("model.name_or_path=") else arg for arg in arguments], None
 
 
-def launch_for(parallelism: ParallelismConfig, device_type: str, user_args: Sequence[str], note: Optional[str] = None) -> Launch:
-    """The :class:`Launch` of a run with ``parallelism`` on ``device_type`` machines, built by the
+def launch_for(parallelism: ParallelismConfig, device_type: str, user_args: Sequence[str], output_dir: str,
+               note: Optional[str] = None) -> Launch:
+    """The :class:`Launch` of a run with ``parallelism`` on ``device_type`` machines writing ``output_dir``, built by the
     launcher's own functions (:func:`npu_recipes.runtime.launch.torchrun_arguments`,
     :meth:`npu_recipes.runtime.launch.LaunchPlan.command`)."""
     device = devices.Device(device_type, parallelism.nproc_per_node)
@@ -80,7 +81,7 @@ def launch_for(parallelism: ParallelismConfig, device_type: str, user_args: Sequ
     command = ["python", "-m", "npu_recipes", *user_args]
     if runs_in_process(parallelism):
         return Launch(environment, command, None, {}, note)
-    workers = LaunchPlan(device, parallelism.world_size, False, torchrun_arguments(parallelism)).command(
+    workers = LaunchPlan(device, parallelism.world_size, False, torchrun_arguments(parallelism, output_dir)).command(
         Path(RUN_DIR) / RESOLVED)
     return Launch(environment, command, ["python", *workers[1:]], device.worker_environment(), note)
 
@@ -224,7 +225,9 @@ def render_text(config: RecipeConfig, plan: Plan, launch: Launch) -> str:
         row("workers", f"{shlex.join(launch.workers)}  ({RUN_DIR}: the run directory)")
         row("worker env", " ".join(f"{k}={v}" for k, v in launch.worker_environment.items()) + " (set by the launcher)")
     if config.parallelism.nnodes > 1:
-        row("nodes", f"run the command on each of the {config.parallelism.nnodes} nodes with parallelism.node_rank=0..{config.parallelism.nnodes - 1}")
+        row("nodes", f"run the same command on each of the {config.parallelism.nnodes} nodes, in any order, with "
+            f"parallelism.node_rank=0 (NODE_RANK=0) on one of them and 1..{config.parallelism.nnodes - 1} on the others, "
+            "or let plan.launcher=slurm|kubernetes write the job file")
 
     lines += ["", "memory per device (estimate of peak allocated; formulas in docs/memory.md)"]
     for component in estimate.components.values():

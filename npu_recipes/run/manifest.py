@@ -15,6 +15,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import shlex
 import subprocess
@@ -66,9 +67,19 @@ def git_commit() -> Optional[str]:
     return result.stdout.strip() or None
 
 
+LAUNCH_VARIABLES = (
+    "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "ASCEND_RT_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES", "HCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NPU_RECIPES_SAME_HOST_NODES",
+)
+"""Environment variables that change what the same arguments launch (process count, node numbering, master,
+visible devices, network interfaces): the recorded command sets those that were set."""
+
+
 def command_line() -> str:
-    """The command that started this process, as a user would retype it (``python -m npu_recipes ...``)."""
-    return shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]])
+    """The command that started this process, as a user would retype it: the :data:`LAUNCH_VARIABLES`
+    that are set, then ``python -m npu_recipes ...`` (e.g. ``NNODES=2 NODE_RANK=1 python -m npu_recipes ...``)."""
+    variables = [f"{name}={shlex.quote(os.environ[name])}" for name in LAUNCH_VARIABLES if name in os.environ]
+    return " ".join([*variables, shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]])])
 
 
 def finite_or_null(value: Any) -> Any:
@@ -153,6 +164,19 @@ class CheckpointingRecord:
     without_checkpointing_gib: float
     usable_gib: float
     margin: float
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """Samples per optimizer step: ``per_device_train_batch_size`` (micro-batch) x
+    ``gradient_accumulation_steps`` x ``world_size`` = ``global_batch_size``; ``from_global_batch_size``
+    is True when ``train.global_batch_size`` set the accumulation."""
+
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    global_batch_size: int
+    from_global_batch_size: bool
 
 
 @dataclass(frozen=True)
@@ -245,6 +269,7 @@ class RunManifest:
     attention: Optional[AttentionRecord] = None
     gradient_checkpointing: Optional[CheckpointingRecord] = None
     launch: Optional[LaunchRecord] = None
+    batch: Optional[BatchRecord] = None
     resume_from: Optional[str] = None
     resume_weights_only: bool = False
     branched_from: Optional[str] = None

@@ -355,7 +355,10 @@ def open_run_dir(config: RecipeConfig, fresh_output_dir: bool,
         NothingToDo: the run in ``output_dir`` completed with these very settings.
     """
     path = Path(config.output_dir).expanduser().absolute()
-    own_directory = not fresh_output_dir and config.parallelism.node_rank == 0
+    if config.parallelism.node_rank > 0:
+        # Node 0 decides how the run starts or resumes and records it; other nodes join its directory.
+        return rundir.create(config, fresh_output_dir)
+    own_directory = not fresh_output_dir
     if config.resume not in (AUTO, NEVER):
         checkpoint = _checked_checkpoint(config.resume)
         if own_directory and _branch_of(path) == str(checkpoint):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import shutil
@@ -29,8 +30,10 @@ from npu_recipes import atomic
 from npu_recipes.config.resolved import RESOLVED, to_yaml
 from npu_recipes.config.schema import RecipeConfig
 from npu_recipes.errors import UserError
-from npu_recipes.run import checkpoints, lock, manifest
+from npu_recipes.run import checkpoints, lock, manifest, shared_storage
 from npu_recipes.runtime.launch import DEEPSPEED_CONFIG, LOGS
+
+log = logging.getLogger(__name__)
 
 LOGGING = "logging.jsonl"
 LOSS_PLOT = "loss.png"
@@ -114,7 +117,7 @@ class RunDir:
                 except OSError:
                     break
             return
-        for name in (RESOLVED, manifest.MANIFEST, LOGGING, LOSS_PLOT, DEEPSPEED_CONFIG, lock.LOCK):
+        for name in (RESOLVED, manifest.MANIFEST, LOGGING, LOSS_PLOT, DEEPSPEED_CONFIG, lock.LOCK, shared_storage.TOKEN_FILE):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / LOGS, ignore_errors=True)
 
@@ -243,24 +246,53 @@ def _claim(path: Path, fresh_output_dir: bool) -> "RunDir":
             raise UserError(f"cannot create output_dir {candidate}: {error.strerror}", fix="pass a writable output_dir=DIR") from None
 
 
+_POLL_S = 0.5
+
+
+def wait_for_node_zero(path: Path, node_rank: int, timeout_s: float) -> None:
+    """Wait until node 0 has written ``path/resolved.yaml`` (polling every 0.5 s, at most ``timeout_s`` seconds).
+
+    A directory that holds an earlier run's ``resolved.yaml`` counts as there at once: node 0
+    resumes it or refuses, and the workers of this node read resolved.yaml only after every node
+    has joined torchrun's rendezvous, which node 0 enters after it has finished writing.
+
+    Raises:
+        UserError: ``resolved.yaml`` did not appear in time (names the node, the path and the two likely causes).
+    """
+    deadline = time.monotonic() + timeout_s
+    if not (path / RESOLVED).is_file():
+        log.info("node %d: waiting up to %d s for node 0 to create the run directory %s", node_rank, timeout_s, path)
+    while not (path / RESOLVED).is_file():
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"node {node_rank} waited {timeout_s:g} s (parallelism.join_timeout) for node 0 to create the run "
+                f"directory {path}, and {path / RESOLVED} did not appear",
+                fix="start node 0 (parallelism.node_rank=0) with the same output_dir, on a filesystem every node shares; "
+                "or raise parallelism.join_timeout",
+            )
+        time.sleep(_POLL_S)
+
+
 def create(config: RecipeConfig, fresh_output_dir: bool) -> Tuple[RunDir, RecipeConfig]:
     """Create the run directory for ``config`` and write resolved.yaml and an initial manifest.
 
     With ``fresh_output_dir`` (the default ``outputs/<recipe>/<timestamp>``), a ``-2``, ``-3``...
     suffix avoids two runs started in the same second colliding. An explicit ``output_dir`` that
-    already holds files is refused, except on a node other than node 0 of a multi-node run, which
-    joins the directory node 0 created on a shared filesystem (writing nothing to it).
+    already holds files is refused. On a node other than node 0 of a multi-node run nothing is
+    created: that node waits (:func:`wait_for_node_zero`) for node 0 to write ``resolved.yaml`` into
+    the shared directory, then joins it (writing nothing to it), so the nodes may start in any order.
 
     Returns:
         The run directory, and ``config`` with ``output_dir`` its absolute path (as resolved.yaml holds it).
 
     Raises:
-        UserError: output_dir exists and is not empty, or cannot be created (names the path).
+        UserError: output_dir exists and is not empty, or cannot be created (names the path); node 0
+            did not create it within ``parallelism.join_timeout``.
     """
     path = Path(config.output_dir).expanduser().absolute()
-    if config.parallelism.node_rank > 0 and (path / RESOLVED).is_file():
-        # Another node of a multi-node run on a shared filesystem: node 0 created the directory and
-        # owns resolved.yaml and the manifest; this node's workers read them.
+    if config.parallelism.node_rank > 0:
+        # Node 0 alone creates the directory and owns resolved.yaml and the manifest; this node's workers read them.
+        wait_for_node_zero(path, config.parallelism.node_rank, config.parallelism.join_timeout)
         return RunDir(path), dataclasses.replace(config, output_dir=str(path))
     run_dir = _claim(path, fresh_output_dir)
     config = dataclasses.replace(config, output_dir=str(run_dir.path))

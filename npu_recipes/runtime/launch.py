@@ -4,11 +4,13 @@ The launching process composes once and writes ``resolved.yaml``; :func:`plan_la
 that can be checked before a worker exists, and :func:`launch` runs torchrun's launcher in this
 process with the argument list of the equivalent command line::
 
-    python -m torch.distributed.run --nproc-per-node N --nnodes M --node-rank R --master-addr A \\
+    python -m torch.distributed.run --nproc-per-node N --nnodes 1 --node-rank 0 --master-addr A \\
         [--master-port P] -m npu_recipes.worker RUN_DIR/resolved.yaml
 
-Each worker loads ``resolved.yaml`` (workers never compose again). Running the launcher
-in-process, rather than as a child ``torchrun``, lets the exit status of the worker that failed
+on one node, and on several nodes the same command on every node, with torchrun's c10d rendezvous
+(``--rdzv-backend=c10d --rdzv-endpoint=A:P --rdzv-id=<from output_dir>``) instead of a fixed master,
+so the nodes may start in any order (see :func:`torchrun_arguments`). Each worker loads
+``resolved.yaml`` (workers never compose again). Running the launcher in-process, rather than as a child ``torchrun``, lets the exit status of the worker that failed
 first reach the user (torchrun itself exits 1 for every failure), while torchrun's agent still
 forwards SIGINT/SIGTERM to every worker and kills what does not stop.
 
@@ -19,6 +21,7 @@ command lines keep working; a variable that contradicts the composed config is a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -43,6 +46,8 @@ DEEPSPEED_CONFIG = "deepspeed.json"
 """The generated DeepSpeed config in the run directory; workers hand its path to the Trainer."""
 LAUNCHER_PID = "NPU_RECIPES_LAUNCHER_PID"
 """Environment variable naming the launching process to its workers (see :mod:`npu_recipes.worker`)."""
+NODE_RANK_VARIABLE = "NPU_RECIPES_NODE_RANK"
+"""Environment variable naming this node's ``parallelism.node_rank`` to its workers (see :mod:`npu_recipes.run.shared_storage`)."""
 LOGS = "logs"
 """Run-directory folder where every rank but 0 writes its output, as ``rank<N>.log``."""
 
@@ -121,25 +126,46 @@ def runs_in_process(parallelism: ParallelismConfig) -> bool:
     return parallelism.world_size == 1 and not deepspeed_config.uses_deepspeed(parallelism)
 
 
-def torchrun_arguments(parallelism: ParallelismConfig) -> List[str]:
-    """torchrun's arguments for ``parallelism`` (the same on every node but ``--node-rank``).
+def rendezvous_id(output_dir: str) -> str:
+    """The c10d rendezvous id of the run writing ``output_dir``: the same on every node that names the
+    same directory, different for another run that happens to use the same master address and port."""
+    path = str(Path(output_dir).expanduser().absolute())
+    return "npu-recipes-" + hashlib.sha256(path.encode()).hexdigest()[:16]
 
-    ``--master-port`` is left out when ``parallelism.master_port`` is null, so on one node torchrun
-    rendezvouses on a free port of its own choosing. ``--shutdown-timeout`` is passed where torchrun
-    has it (older torch versions give workers a fixed 30 s after SIGTERM).
+
+def torchrun_arguments(parallelism: ParallelismConfig, output_dir: str) -> List[str]:
+    """torchrun's arguments for ``parallelism``, for the run writing ``output_dir``.
+
+    One node: a static rendezvous on this node; ``--master-port`` is left out when
+    ``parallelism.master_port`` is null, so torchrun rendezvouses on a free port of its own choosing.
+    Several nodes: torchrun's c10d rendezvous hosted at ``master_addr:master_port`` by whichever
+    node gets there first, with an id from ``output_dir`` (:func:`rendezvous_id`) and
+    ``join_timeout``; the arguments are the same on every node, the nodes may start in any order,
+    and the rendezvous, not ``node_rank``, numbers the nodes (global rank 0 may be on any node).
+    ``--shutdown-timeout`` is passed where torchrun has it (older torch versions give workers a
+    fixed 30 s after SIGTERM).
     """
     parallel = parallelism
-    arguments = [
-        f"--nproc-per-node={parallel.nproc_per_node}",
-        f"--nnodes={parallel.nnodes}",
-        f"--node-rank={parallel.node_rank}",
-        f"--master-addr={parallel.master_addr}",
-    ]
-    if parallel.master_port is not None:
-        arguments.append(f"--master-port={parallel.master_port}")
+    arguments = [f"--nproc-per-node={parallel.nproc_per_node}", f"--nnodes={parallel.nnodes}"]
+    if parallel.nnodes > 1:
+        arguments += [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={_endpoint(parallel.master_addr, parallel.master_port)}",
+            f"--rdzv-id={rendezvous_id(output_dir)}",
+            f"--rdzv-conf=join_timeout={parallel.join_timeout}",
+        ]
+    else:
+        arguments += [f"--node-rank={parallel.node_rank}", f"--master-addr={parallel.master_addr}"]
+        if parallel.master_port is not None:
+            arguments.append(f"--master-port={parallel.master_port}")
     if _torchrun_has_option("--shutdown-timeout"):
         arguments.append(f"--shutdown-timeout={parallel.shutdown_timeout}")
     return arguments
+
+
+def _endpoint(address: str, port: int | None) -> str:
+    # An IPv6 address is bracketed, as torchrun's endpoint parser expects.
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _torchrun_has_option(option: str) -> bool:
@@ -148,9 +174,9 @@ def _torchrun_has_option(option: str) -> bool:
     return option in torchrun.get_args_parser().format_help()
 
 
-def plan_launch(parallelism: ParallelismConfig, device: str, recipe: str) -> LaunchPlan:
+def plan_launch(parallelism: ParallelismConfig, device: str, recipe: str, output_dir: str) -> LaunchPlan:
     """Check the launch of ``parallelism`` on ``device`` (``device=...``) against the environment and
-    the devices, before any worker or run directory exists.
+    the devices, before any worker or run directory exists (``output_dir`` names the rendezvous).
 
     Raises:
         UserError: a launch variable contradicts the config; DeepSpeed is asked for but not
@@ -171,7 +197,7 @@ def plan_launch(parallelism: ParallelismConfig, device: str, recipe: str) -> Lau
         world_size=parallel.world_size,
         in_process=in_process,
         # Asking torchrun which options it has imports torch: not for a run that never starts it.
-        torchrun_args=[] if in_process else torchrun_arguments(parallel),
+        torchrun_args=[] if in_process else torchrun_arguments(parallel, output_dir),
     )
 
 
@@ -224,6 +250,31 @@ def _failure(error, run_dir: Path, world_size: int) -> WorkersFailed:
     )
 
 
+EXIT_RENDEZVOUS = 1
+"""Exit status when the nodes never met: not bad input on this node (2), the job as a whole did not form."""
+
+
+def _rendezvous_failure(error: Exception, parallelism: ParallelismConfig) -> WorkersFailed:
+    """torchrun's rendezvous did not complete: a node never arrived, or node 0's endpoint was unreachable."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+
+    parallel = parallelism
+    endpoint = _endpoint(parallel.master_addr, parallel.master_port)
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, RendezvousTimeoutError):
+        what = (f"the {parallel.nnodes} nodes did not all join the rendezvous at {endpoint} within "
+                f"parallelism.join_timeout={parallel.join_timeout} s")
+        fix = ("start every node with the same output_dir, parallelism.master_addr and parallelism.master_port "
+               "(an address of one node that every node reaches: stage=doctor checks it), or raise parallelism.join_timeout")
+    else:
+        # The node hosting the rendezvous store stopped (its workers failed: its own output says why) or is unreachable.
+        what = f"lost the rendezvous at {endpoint}: the node hosting it stopped or cannot be reached"
+        fix = ("read the other nodes' output for why they stopped; if none did, check that every node reaches "
+               f"{endpoint} (stage=doctor checks it) and start them all again")
+    return WorkersFailed(f"node {parallel.node_rank}: {what} ({type(error).__name__}: {cause})\n  fix: {fix}",
+                         EXIT_RENDEZVOUS, None, reported=False)
+
+
 def launch(parallelism: ParallelismConfig, plan: LaunchPlan, run_dir: Path) -> None:
     """Start ``plan.world_size`` workers on this node through torchrun and wait for all of them.
 
@@ -231,12 +282,15 @@ def launch(parallelism: ParallelismConfig, plan: LaunchPlan, run_dir: Path) -> N
     DeepSpeed), and exports the device's worker environment (``DS_ACCELERATOR``).
 
     Raises:
-        WorkersFailed: a worker failed (its exit status, rank and log), or SIGINT/SIGTERM stopped
-            the run after torchrun forwarded the signal to every worker.
+        WorkersFailed: a worker failed (its exit status, rank and log), SIGINT/SIGTERM stopped
+            the run after torchrun forwarded the signal to every worker, or the nodes of a
+            multi-node run did not all join torchrun's rendezvous within ``join_timeout``.
     """
+    from torch.distributed import DistError
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     (run_dir / LOGS).mkdir(exist_ok=True)
     if deepspeed_config.uses_deepspeed(parallelism):
@@ -244,13 +298,19 @@ def launch(parallelism: ParallelismConfig, plan: LaunchPlan, run_dir: Path) -> N
     command = plan.command(run_dir / RESOLVED)
     os.environ.update(plan.device.worker_environment())
     os.environ[LAUNCHER_PID] = str(os.getpid())
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # The rendezvous numbers the nodes its own way; workers learn this node's node_rank from here.
+    os.environ[NODE_RANK_VARIABLE] = str(parallelism.node_rank)
+    # Its warnings and errors when a node is lost carry C++ stack frames; the failure is summarised in one message instead.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     count = parallelism.nproc_per_node
     log.info("launching %d worker process%s: %s", count, "" if count == 1 else "es", shlex.join(command))
     try:
         torchrun.run(torchrun.parse_args(command[3:]))
     except ChildFailedError as error:
         raise _failure(error, run_dir, plan.world_size) from None
+    except (RendezvousError, DistError) as error:
+        # DistError: the agent's store calls failed (the node hosting the rendezvous store is gone).
+        raise _rendezvous_failure(error, parallelism) from None
     except SignalException as error:
         name = signal.Signals(error.sigval).name
         raise WorkersFailed(f"stopped by {name}; every worker was sent {name}", 128 + int(error.sigval), None, reported=False) from None

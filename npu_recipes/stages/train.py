@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import signal
 from typing import Optional
 
@@ -21,9 +22,9 @@ from npu_recipes.data import messages, packing, sources, tokenize
 from npu_recipes.errors import UserError, raise_terminated
 from npu_recipes.model import attention, flops, kernels, pretrained
 from npu_recipes.plan import planner
-from npu_recipes.run import checkpoints, heldout, manifest, resume, summary
+from npu_recipes.run import checkpoints, heldout, lost_peer, manifest, resume, shared_storage, summary
 from npu_recipes.run.rundir import RunDir
-from npu_recipes.runtime import deepspeed_config, devices
+from npu_recipes.runtime import deepspeed_config, devices, launch
 from npu_recipes.stages import Prepared
 from npu_recipes.train.arguments import training_arguments
 
@@ -68,13 +69,33 @@ class TrainStage:
         if deepspeed_config.uses_deepspeed(config.parallelism):
             deepspeed_config.announce_op_builds()
         device.init_process_group(config.parallelism.ddp_timeout, deepspeed_config.uses_deepspeed(config.parallelism))
+        node_rank, sightings = int(os.environ.get(launch.NODE_RANK_VARIABLE, "0")), []
+        if _spans_nodes():
+            sightings = shared_storage.check(run_dir.path, node_rank)
         device.seed(config.train.seed)
         tokenizer = pretrained.load_tokenizer(config.model, config.model.name_or_path)
         tokenizer.padding_side = "right"
-        fit(config, run_dir, device, tokenizer, _tokenized(config, tokenizer, announce=False))
+        try:
+            fit(config, run_dir, device, tokenizer, _tokenized(config, tokenizer, announce=False))
+        except Exception as error:
+            lost = lost_peer.lost_peer(error, devices.process_placement().rank, node_rank, sightings, run_dir.path) if sightings else None
+            if lost is None:
+                raise
+            raise lost from None
 
 
 STAGE = TrainStage()
+
+
+def _spans_nodes() -> bool:
+    """True in a torchrun worker whose job has processes on other nodes (torchrun's WORLD_SIZE > LOCAL_WORLD_SIZE):
+    read from torchrun, not from resolved.yaml, so every rank agrees even if a node read another copy of it."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def _batch_record(train, world_size: int) -> manifest.BatchRecord:
+    micro, accumulation = train.per_device_train_batch_size, train.gradient_accumulation_steps
+    return manifest.BatchRecord(micro, accumulation, world_size, micro * accumulation * world_size, train.global_batch_size is not None)
 
 
 def _terminate_with_a_record() -> None:
@@ -143,6 +164,7 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
             device=manifest.DeviceRecord(type=device.type, count=device.count, name=device.name(), dtype=str(dtype).replace("torch.", ""),
                                          world_size=placement.world_size, peak_tflops=peak.tflops, peak_source=peak.source,
                                          dtype_fallback=dtype_fallback),
+            batch=_batch_record(config.train, placement.world_size),
             dataset=manifest.DatasetRecord(name=config.dataset.name, path=config.dataset.path, fingerprint=splits.fingerprint, **splits.counts),
             packing=None if packing_stats is None else manifest.PackingRecord(**packing_stats, attention=chosen.train_as),
             attention=manifest.AttentionRecord(requested=config.model.attn_implementation, loaded_as=chosen.load_as,
