@@ -90,23 +90,31 @@ def run_stage(stage: stages.Stage, config: RecipeConfig, run_dir: Optional[RunDi
         raise
     except UserError as error:
         if run_dir is not None and records_failure:
-            _record_failure(run_dir, str(error))
+            _record(run_dir, manifest.FAILED, str(error))
             if not isinstance(error, RunStopped):
                 run_dir.discard_if_empty_of_results()
         raise
+    except (KeyboardInterrupt, Terminated) as error:
+        if run_dir is not None and records_failure:
+            # Stopped by the user outside a step's end (loading, tokenizing, or a second Ctrl-C that
+            # abandoned the save): not a failure; the newest complete checkpoint is where a rerun resumes.
+            _record(run_dir, manifest.INTERRUPTED, "interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt) else "terminated (SIGTERM)")
+        raise
     except BaseException as error:
         if run_dir is not None and records_failure:
-            reason = ("interrupted (SIGINT)" if isinstance(error, KeyboardInterrupt)
-                      else "terminated (SIGTERM)" if isinstance(error, Terminated)
-                      else error.message if isinstance(error, LostPeer) else f"{type(error).__name__}: {error}")
-            _record_failure(run_dir, reason)
+            _record(run_dir, manifest.FAILED, error.message if isinstance(error, LostPeer) else f"{type(error).__name__}: {error}")
         raise
 
 
-def _record_failure(run_dir: RunDir, reason: str) -> None:
-    """Mark the manifest ``failed`` with ``reason``; on a full disk, where even that write fails, say so instead."""
+def _record(run_dir: RunDir, status: str, reason: str) -> None:
+    """Mark the manifest ``status`` (failed or interrupted) with ``reason`` and, when interrupted, the newest
+    complete checkpoint; on a full disk, where even that write fails, say so instead."""
     try:
-        run_dir.update_manifest(status=manifest.FAILED, finished_at=manifest.now(), error=reason)
+        extra = {}
+        if status == manifest.INTERRUPTED:
+            saved = run_dir.checkpoints()
+            extra["last_checkpoint"] = str(saved[-1]) if saved else None
+        run_dir.update_manifest(status=status, finished_at=manifest.now(), error=reason, **extra)
     except OSError as error:
         print(f"npu_recipes: warning: could not record the failure in {run_dir.manifest_path}: {error.strerror}",
               file=sys.stderr, flush=True)

@@ -307,7 +307,7 @@ def test_sigterm_before_training_exits_143_and_says_so(tmp_path):
     stderr = Path(f"{run}.stderr").read_text()
     assert "npu_recipes: terminated (SIGTERM)" in stderr and "Traceback" not in stderr
     manifest = _manifest(run)
-    assert manifest["status"] == "failed" and manifest["error"] == "terminated (SIGTERM)"
+    assert manifest["status"] == "interrupted" and manifest["error"] == "terminated (SIGTERM)" and manifest["last_checkpoint"] is None
 
 
 def _config(*overrides: str):

@@ -243,7 +243,8 @@ class RunManifest:
     """A training run's ``manifest.json`` (see the README's run-directory table).
 
     ``status`` is :data:`RUNNING`, :data:`COMPLETED`, :data:`FAILED` or :data:`INTERRUPTED` (then
-    ``stopped_at_step`` and ``last_checkpoint`` say where it saved); ``error`` is why it failed.
+    ``stopped_at_step`` says where it stopped); ``last_checkpoint`` is the newest complete checkpoint of
+    a completed or interrupted run; ``error`` is why it failed or stopped.
     ``resume_from`` is the checkpoint this launch continues (None: step 0), ``resume_weights_only``
     whether it took that checkpoint's weights alone (fresh optimizer moments, ``resume_weights_only=true``),
     ``branched_from`` the checkpoint a ``resume=PATH`` run started from, ``resumes`` every rerun.

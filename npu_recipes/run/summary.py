@@ -45,7 +45,8 @@ def finish(run_dir: RunDir, title: str, loaded_best: bool = False) -> FinalMetri
     best = run_dir.read_manifest().best_checkpoint
     if best is not None:
         best = dataclasses.replace(best, loaded_at_end=loaded_best)
-    run_dir.update_manifest(status=manifest.COMPLETED, finished_at=manifest.now(), final_metrics=metrics, best_checkpoint=best)
+    run_dir.update_manifest(status=manifest.COMPLETED, finished_at=manifest.now(), final_metrics=metrics, best_checkpoint=best,
+                            last_checkpoint=metrics.last_checkpoint)
     best_line = "" if best is None else (
         f"best:          {best.checkpoint} ({best.metric} {best.value:.4f}{', loaded at the end' if loaded_best else ''})\n")
     print(

@@ -208,7 +208,7 @@ async def chat(backend: Backend, body: protocol.ChatCompletionRequest, request: 
                 content, calls = replies.tool_message(filters[event.index].held(), names)
                 if content:
                     out.append(chunk([protocol.ChatChunkChoice(index=event.index, delta=protocol.ChatDelta(content=content))]))
-                if calls:
+                if calls and reason != "length":  # a reply cut at max_tokens says so, calls or not (as OpenAI's does)
                     reason = "tool_calls"
                     deltas = [protocol.ToolCallDelta(index=i, id=call.id, type="function",
                                                      function=protocol.FunctionCallDelta(name=call.function.name,
@@ -230,7 +230,8 @@ async def chat(backend: Backend, body: protocol.ChatCompletionRequest, request: 
     choices = []
     for job in jobs:
         content, calls = replies.tool_message(texts[job.index].text, names)
-        reason = "tool_calls" if calls else finished[job.index].finish_reason
+        reason = finished[job.index].finish_reason
+        reason = "tool_calls" if calls and reason != "length" else reason
         choices.append(protocol.ChatChoice(index=job.index, message=protocol.AssistantMessage(content=content, tool_calls=calls),
                                            finish_reason=reason, logprobs=logprobs(texts[job.index].logprobs)))
     return protocol.ChatCompletion(id=reply_id, created=created, model=body.model, choices=choices,
