@@ -107,6 +107,7 @@ def test_defaults_equal_swift_sft():
         (("train.lr_scheduler_type=greedy", "dataset.val_split_ratio=0"),
          "changes the learning rate on evaluation results, but dataset.val_split_ratio=0.0"),
         ('dataset.user_template="{question"', "not a valid str.format template"),
+        ("nan_guard.inject_nan_at_steps=[0,-1,3]", "holds [0, -1]: optimizer steps are numbered from 1"),
     ],
 )
 def test_bad_overrides_name_the_key_and_the_closest_match(override, expected):

@@ -161,3 +161,26 @@ def test_flash_attention_3_on_an_npu_is_refused_with_the_choice_that_works():
         kernels.check("auto", "flash_attention_3", Device("npu", 8))
     assert "model.attn_implementation=auto" in refused.value.fix
     kernels.check("auto", "auto", Device("npu", 8))
+
+
+@pytest.mark.parametrize(("attention", "device", "message"), [
+    ("flash_attention_3", "cpu", "needs a CUDA GPU with the flash-attn-3 package"),
+    ("flex_attention", "cpu", "no CPU backward"),
+])
+def test_attention_that_cannot_train_on_this_device_is_refused_before_loading(attention, device, message):
+    with pytest.raises(UserError, match=message):
+        kernels.check("auto", attention, Device(device, 1))
+
+
+@pytest.mark.parametrize(("optim", "device", "message"), [
+    ("adamw_torch_npu_fused", "cpu", "torch_npu's fused AdamW, but this run's device is cpu"),
+    ("paged_adamw_8bit", "cpu", "needs the bitsandbytes package"),
+    ("galore_adamw", "cuda", "needs the galore-torch package"),
+])
+def test_an_optimizer_that_cannot_be_built_here_is_refused_before_loading(optim, device, message):
+    missing = {"bitsandbytes", "galore_torch"}
+    assert all(importlib.util.find_spec(module) is None for module in missing), "the test needs these packages absent"
+    with pytest.raises(UserError, match=message):
+        kernels.check_optimizer(optim, Device(device, 1))
+    kernels.check_optimizer("adamw_torch_fused", Device(device, 1))
+    kernels.check_optimizer("adafactor", Device(device, 1))

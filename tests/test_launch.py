@@ -154,6 +154,16 @@ def test_seed_environment_sets_the_process_count(monkeypatch):
     assert compose.compose(["parallelism=ddp"]).parallelism.nproc_per_node == 2
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "1.5"])
+def test_a_launch_variable_that_is_not_a_count_is_named(monkeypatch, value):
+    monkeypatch.setenv("NPROC_PER_NODE", "")  # set to nothing: as if unset
+    config = compose.compose([])
+    launch.check_environment(config.parallelism, config.recipe)
+    monkeypatch.setenv("NPROC_PER_NODE", value)
+    with pytest.raises(UserError, match=rf"NPROC_PER_NODE='{value}' is not a whole number >= 1"):
+        launch.check_environment(config.parallelism, config.recipe)
+
+
 def test_multi_node_settings_become_torchrun_arguments(monkeypatch):
     for variable, value in {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}.items():
         monkeypatch.setenv(variable, value)

@@ -353,6 +353,10 @@ def validate(cfg: DictConfig) -> schema.RecipeConfig:
         accumulation = accumulation_steps_for(train.global_batch_size, train.per_device_train_batch_size, config.parallelism)
         config = dataclasses.replace(config, train=dataclasses.replace(train, gradient_accumulation_steps=accumulation))
     _check_positive("nan_guard.max_consecutive_bad_steps", config.nan_guard.max_consecutive_bad_steps)
+    not_steps = [step for step in config.nan_guard.inject_nan_at_steps if step < 1]
+    if not_steps:
+        raise UserError(f"nan_guard.inject_nan_at_steps holds {not_steps}: optimizer steps are numbered from 1",
+                        fix="list steps >= 1, e.g. nan_guard.inject_nan_at_steps=[3,4]")
     if config.mfu.peak_tflops is not None:
         _check_positive("mfu.peak_tflops", config.mfu.peak_tflops)
     if config.dataset.answer_format is not None and config.dataset.answer_format not in schema.ANSWER_FORMATS:

@@ -74,6 +74,9 @@ def _safe_name(text: str) -> str:
 def _best_of(path: Path) -> Path:
     """``RUN/best`` as the checkpoint directory the run's manifest names as its best."""
     run = path.parent
+    if not (run / manifest.MANIFEST).is_file():
+        raise UserError(f"adapters: {path} names the best checkpoint of a training run, but {run} has no manifest.json",
+                        fix="pass the run directory of a training run (where manifest.json is), or a checkpoint as adapters=RUN/checkpoint-N")
     best = manifest.read(run).best_checkpoint
     saved = ", ".join(c.name for c in complete(run)) or "none"
     if best is None:

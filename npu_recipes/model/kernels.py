@@ -48,7 +48,8 @@ def check(kernels: str, attn_implementation: str, device: Device) -> None:
     Raises:
         UserError: ``kernels=npu`` off an NPU; ``kernels=liger`` without the liger-kernel package or a
             CUDA device; ``flash_attention_2`` on a CPU, or on CUDA without the flash-attn package;
-            ``flash_attention_3`` on an NPU.
+            ``flash_attention_3`` anywhere but CUDA with flash-attn-3 installed; ``flex_attention`` on the CPU
+            (no backward there).
     """
     if kernels == "npu" and device.type != "npu":
         raise UserError(
@@ -72,6 +73,18 @@ def check(kernels: str, attn_implementation: str, device: Device) -> None:
             "to torch_npu's npu_fusion_attention)",
             fix="use model.attn_implementation=auto (flash_attention_2 on an NPU when packing) or flash_attention_2",
         )
+    if attn_implementation == "flash_attention_3" and device.type != "npu" and (device.type != "cuda" or _missing("flash_attn_interface")):
+        raise UserError(
+            f"model.attn_implementation=flash_attention_3 needs a CUDA GPU with the flash-attn-3 package "
+            f"(flash_attn_interface), but this run's device is {device.type}"
+            + ("" if device.type != "cuda" else " and the package is not installed"),
+            fix="use model.attn_implementation=auto (sdpa, or one varlen call per layer for packs on CUDA)",
+        )
+    if attn_implementation == "flex_attention" and device.type == "cpu":
+        raise UserError(
+            "model.attn_implementation=flex_attention cannot train on the CPU: torch's FlexAttention has no CPU backward",
+            fix="use model.attn_implementation=auto (sdpa) or eager on the CPU",
+        )
     if attn_implementation == "flash_attention_2":
         if device.type == "cpu":
             raise UserError(
@@ -83,6 +96,38 @@ def check(kernels: str, attn_implementation: str, device: Device) -> None:
                 "model.attn_implementation=flash_attention_2 on CUDA needs the flash-attn package, which is not installed",
                 fix="pip install flash-attn --no-build-isolation, or use model.attn_implementation=sdpa",
             )
+
+
+OPTIMIZER_PACKAGES = (
+    (("adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_", "rmsprop_bnb"), "bitsandbytes", "bitsandbytes"),
+    (("galore_",), "galore_torch", "galore-torch"),
+    (("apollo_",), "apollo_torch", "apollo-torch"),
+    (("lomo", "adalomo"), "lomo_optim", "lomo-optim"),
+    (("grokadamw",), "grokadamw", "grokadamw"),
+    (("schedule_free_",), "schedulefree", "schedulefree"),
+    (("adamw_torch_4bit", "adamw_torch_8bit"), "torchao", "torchao"),
+    (("adamw_anyprecision",), "torchdistx", "torchdistx"),
+    (("adamw_torch_xla",), "torch_xla", "torch-xla"),
+    (("stable_adamw",), "optimi", "torch-optimi"),
+)
+"""``train.optim`` names (exact, or prefixes ending in ``_``) -> (module transformers imports for them,
+the pip package): transformers' ``Trainer.get_optimizer_cls_and_kwargs`` needs it when the optimizer is built."""
+
+
+def check_optimizer(optim: str, device: Device) -> None:
+    """Check that ``train.optim`` can be built here, before anything loads (transformers would fail only
+    when it creates the optimizer, after the model has loaded).
+
+    Raises:
+        UserError: its package is missing, or ``adamw_torch_npu_fused`` off an NPU.
+    """
+    if optim == "adamw_torch_npu_fused" and device.type != "npu":
+        raise UserError(f"train.optim=adamw_torch_npu_fused is torch_npu's fused AdamW, but this run's device is {device.type}",
+                        fix="use train.optim=adamw_torch_fused (the default), which runs on every device with a kernel")
+    for names, module, package in OPTIMIZER_PACKAGES:
+        if any(optim == name or (name.endswith("_") and optim.startswith(name)) for name in names) and _missing(module):
+            raise UserError(f"train.optim={optim} needs the {package} package, which is not installed",
+                            fix=f"pip install {package}, or use train.optim=adamw_torch_fused (the default)")
 
 
 def training_arguments(kernels: str) -> Dict[str, Any]:
@@ -185,3 +230,6 @@ def apply(kernels: str, model: torch.nn.Module, device_type: str) -> None:
     if kernels == "npu" or (kernels == "auto" and device_type == "npu" and patchable(model)):
         patched = patch_model(model, npu_ops())
         log.info("kernels=%s: torch_npu's fused RMSNorm, rotary embedding and SwiGLU in %d places", kernels, patched)
+    elif kernels == "auto":
+        log.info("kernels=auto: transformers' own implementations (torch_npu's fused kernels apply to Qwen2-family "
+                 "models on an NPU; this run: %s, %s)", type(model).__name__, device_type)

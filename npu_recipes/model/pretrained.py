@@ -48,7 +48,8 @@ BUILDERS: Dict[str, Callable[[Path], None]] = {
     **{f"tiny_{family}": _tiny_family_builder(family) for family in TINY_FAMILIES},
 }
 """Local model builders by name: ``model.builder=NAME`` creates ``model.name_or_path`` on first use
-(inside the cache, e.g. ``model.name_or_path=${npu_cache:tiny_llama3-v1}``)."""
+(inside the cache: conf/model/tiny_qwen2.yaml's ``${npu_cache:${.builder}-v1}``, so ``model.builder=tiny_llama3``
+alone builds and loads ``tiny_llama3-v1``, never into another builder's directory)."""
 
 BUILT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 """Files every locally built model has; a cached build missing any of them is rebuilt."""

@@ -62,6 +62,9 @@ ENVIRONMENT_SETTINGS: Dict[str, str] = {
 
 _SINGLE_PROCESS_SETTINGS = ("NPROC_PER_NODE", "NNODES")
 
+_LOWEST = {"NPROC_PER_NODE": 1, "NNODES": 1, "NODE_RANK": 0, "MASTER_PORT": 1}
+"""The smallest value of each whole-number launch variable."""
+
 
 def rank_log(run_dir: Path, rank: int) -> Path:
     """Where global rank ``rank`` (> 0) writes its stdout and stderr."""
@@ -108,10 +111,14 @@ def check_environment(parallelism: ParallelismConfig, recipe: str) -> None:
     parallel = parallelism
     names = _SINGLE_PROCESS_SETTINGS if runs_in_process(parallelism) else tuple(ENVIRONMENT_SETTINGS)
     for variable in names:
-        if variable not in os.environ:
+        if not os.environ.get(variable, "").strip():  # unset, or set to nothing as `VAR= command` does
             continue
         key = ENVIRONMENT_SETTINGS[variable]
         configured = getattr(parallel, key)
+        lowest = _LOWEST.get(variable)
+        if lowest is not None and not (os.environ[variable].strip().isdigit() and int(os.environ[variable]) >= lowest):
+            raise UserError(f"{variable}={os.environ[variable]!r} is not a whole number >= {lowest}",
+                            fix=f"set {variable} to a whole number such as {max(lowest, 1)}, or unset it")
         if os.environ[variable].strip() != str(configured):
             raise UserError(
                 f"{variable}={os.environ[variable]} contradicts parallelism.{key}={configured} "

@@ -66,6 +66,7 @@ class TrainStage:
         _terminate_with_a_record()
         device = devices.resolve(config.device)
         kernels.check(config.kernels, config.model.attn_implementation, device)
+        kernels.check_optimizer(config.train.optim, device)
         if deepspeed_config.uses_deepspeed(config.parallelism):
             deepspeed_config.announce_op_builds()
         device.init_process_group(config.parallelism.ddp_timeout, deepspeed_config.uses_deepspeed(config.parallelism))
