@@ -482,6 +482,12 @@ def _(ws: Workspace) -> Outcome:
     return Outcome(run_cli(f"+recipe={recipe}", cwd=ws.path), [ws.path / "outputs"])
 
 
+@case("recipe-file-without-plus")
+def _(ws: Workspace) -> Outcome:
+    (ws.path / "mine.yaml").write_text("train:\n  max_steps: 1\n")
+    return Outcome(run_cli("train", "mine.yaml", cwd=ws.path), [ws.path / "outputs"])
+
+
 @case("several-values-without-multirun")
 def _(ws: Workspace) -> Outcome:
     return ws.train("train.learning_rate=1e-4,2e-4")

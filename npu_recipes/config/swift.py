@@ -401,6 +401,44 @@ def hydra_hint(argument: str, following: Optional[str]) -> Optional[str]:
     return None
 
 
+SECRET_KEYS = ("serve.api_key",)
+"""Config keys whose values are secrets: never printed or recorded (:func:`mask_secrets`)."""
+MASK = "***"
+
+
+def mask_secrets(argv: List[str]) -> List[str]:
+    """``argv`` (overrides or swift-style flags) with the value of every secret (:data:`SECRET_KEYS`,
+    and the swift flags that set one) replaced by ``***``, for the command lines npu_recipes prints
+    and records."""
+    secret_flags = {name for name, flag in FLAGS.items() if flag.key in SECRET_KEYS}
+
+    def is_secret_flag(key: str) -> bool:
+        return key.startswith("--") and key[2:].replace("-", "_") in secret_flags
+
+    masked: List[str] = []
+    for argument in argv:
+        key, equals, _ = argument.partition("=")
+        if masked and is_secret_flag(masked[-1]) and not argument.startswith("--"):
+            masked.append(MASK)
+        elif equals and (key.lstrip("+") in SECRET_KEYS or is_secret_flag(key)):
+            masked.append(f"{key}={MASK}")
+        else:
+            masked.append(argument)
+    return masked
+
+
+def usage(command: str) -> str:
+    """``npu-recipes COMMAND --help``: the command's usage line and every flag it accepts (:data:`FLAGS`)."""
+    lines = [f"usage: npu-recipes {command} --flag value ...   (swift {command}; runs stage={COMMANDS[command]})", "",
+             "flags (docs/swift.md has the whole table):"]
+    for name, flag in FLAGS.items():
+        if command in flag.commands:
+            values = " V..." if flag.kind == "list" else " true|false" if flag.kind == "bool" else " V"
+            lines.append(f"  --{name + values:<28} {flag.means.replace('`', '')}")
+    lines += ["", "any other npu_recipes setting: python -m npu_recipes key=value ... (npu-recipes --help)"]
+    return "\n".join(lines)
+
+
 def flags_table() -> str:
     """The Markdown table of :data:`FLAGS` that docs/swift.md carries (tests/test_swift.py checks it is there)."""
     lines = ["| flag | subcommands | becomes |", "|---|---|---|"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from npu_recipes import atomic
+from npu_recipes.config import swift
 from npu_recipes.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -67,8 +68,9 @@ def git_commit() -> Optional[str]:
 
 
 def command_line() -> str:
-    """The command that started this process, as a user would retype it (``python -m npu_recipes ...``)."""
-    return shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]])
+    """The command that started this process, as a user would retype it (``python -m npu_recipes ...``),
+    secrets masked (``serve.api_key=***``)."""
+    return shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *swift.mask_secrets(sys.argv[1:])])
 
 
 def finite_or_null(value: Any) -> Any:
