@@ -71,11 +71,25 @@ def test_subcommand_mistakes_are_one_clear_error(argv, message, tmp_path, monkey
     assert message in str(caught.value)
 
 
-def test_a_recipe_file_that_is_not_yaml_names_its_line(tmp_path):
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("train:\n  learning_rate: [1\n")
-    with pytest.raises(UserError, match=rf"recipe file {broken} line 3: not valid YAML"):
-        compose.compose([f"+recipe={broken}"])
+@pytest.mark.parametrize("text,message,fix", [
+    ("train:\n  learning_rate: [1\n", "line 2: not valid YAML (expected ',' or ']'", "fix that line of"),
+    ("# @package _global_\ndefaults:\n  - base/seed_sft\ntrain:\n  learnin_rate: 2e-4\n",
+     "line 5: unknown config key 'train.learnin_rate' (did you mean 'train.learning_rate'?)", "correct that key in"),
+    ("train.learnin_rate: 1\n", "line 1: unknown config key 'train.learnin_rate' (did you mean 'train.learning_rate'?)", "correct that key in"),
+    ("train.learning_rate: 1\n", "line 1: 'train.learning_rate' is a dotted key", "nest it in"),
+    ("defaults:\n  - override /model: tiny_qwen\n", "line 2: unknown option for model 'tiny_qwen' (did you mean 'tiny_qwen2'?)",
+     "correct that entry of the defaults list in"),
+    ("defaults:\n  - base/seed_sfd\n", "line 2: the defaults list includes 'base/seed_sfd', which is not a recipe", "correct that entry"),
+    ("train:\n  max_length: long\n", "line 2: train.max_length='long': Value 'long' of type 'str' could not be converted", "correct the value"),
+])
+def test_a_recipe_file_of_your_own_is_checked_as_a_shipped_recipe_is(text, message, fix, tmp_path, monkeypatch):
+    """+recipe=FILE runs load_recipe's checks: Hydra's raw ConfigKeyError named an internal recipe name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.yaml").write_text(text)
+    with pytest.raises(UserError) as caught:
+        compose.compose(["+recipe=./my.yaml", "stage=plan"])
+    assert caught.value.message.startswith(f"my.yaml {message}") and caught.value.fix.startswith(f"{fix} ")
+    assert "my.yaml" in caught.value.fix
 
 
 @pytest.mark.parametrize("argv,meant", [

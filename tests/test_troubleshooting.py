@@ -529,6 +529,13 @@ def _(ws: Workspace) -> Outcome:
     return Outcome(ws.with_recipe("# @package _global_\ntrain:\n  max_length: long\n"))
 
 
+@case("recipe-dotted-key")
+def _(ws: Workspace) -> Outcome:
+    """A recipe file of the user's own (+recipe=FILE) is checked as the shipped ones are."""
+    (ws.path / "mine.yaml").write_text("train.learning_rate: 1.0e-4\n")
+    return Outcome(run_cli("+recipe=./mine.yaml", cwd=ws.path), [ws.path / "outputs"])
+
+
 # --- doctor findings ------------------------------------------------------------------------------
 
 DOCTOR_CARDS = {0: 65500, 1: 20000}
