@@ -153,6 +153,11 @@ def _(ws: Workspace) -> Outcome:
     return ws.train_on(ws.rows([{"question": "2+2?", "answer": "4"}]))
 
 
+@case("columns-in-no-known-layout")
+def _(ws: Workspace) -> Outcome:
+    return ws.train("dataset=local", f"dataset.path={ws.rows([{'prompt_text': '2+2?', 'reply_text': '4'}])}")
+
+
 @case("field-missing")
 def _(ws: Workspace) -> Outcome:
     return ws.train_on(ws.rows([GOOD_ROW, {"input": "q", "output": "o"}]))

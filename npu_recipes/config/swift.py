@@ -74,7 +74,8 @@ FLAGS: Dict[str, Flag] = {
     "torch_dtype": _flag("model.torch_dtype", *_ALL),
     "attn_impl": Flag(_ALL, means="`model.attn_implementation=VALUE` (`flash_attn` is `flash_attention_2`)"),
     "dataset": Flag((SFT, INFER), kind="list", means="`dataset=OPTION` when a shipped option names the id; else "
-                    "`dataset=local dataset.path=FILE_OR_ID` (OpenAI `messages` rows); `ID#N` adds `dataset.max_samples=N`"),
+                    "`dataset=local dataset.path=FILE_OR_ID` (OpenAI `messages` rows, or a file's question/answer-like column pair); "
+                    "`ID#N` adds `dataset.max_samples=N`"),
     "split_dataset_ratio": _flag("dataset.val_split_ratio", SFT),
     "max_length": _flag("train.max_length", SFT),
     "truncation_strategy": Flag((SFT,), means="`delete`: `train.truncation_strategy=drop`; `right`: `truncate`"),
