@@ -95,11 +95,12 @@ def main() -> None:
     try:
         if argv[0] in commands.SUBCOMMANDS:
             argv = commands.dispatch(argv)
-            if argv is None:
-                return
         elif "-h" in argv or "--help" in argv:
             print(commands.help_text())
-            return
-        run_overrides(argv)
+            argv = None
+        if argv is not None:
+            run_overrides(argv)
+        # Inside the try: a reader that closed stdout early (`| head`) fails this flush.
+        sys.stdout.flush()
     except (errors.UserError, errors.Interrupted, errors.NothingToDo, OSError, KeyboardInterrupt, errors.Terminated) as error:
         errors.exit_with(error)

@@ -21,6 +21,7 @@ from npu_recipes.config.schema import STAGES, did_you_mean
 from npu_recipes.errors import UserError
 
 DISCOVERY = ("ls", "show", "cp")
+_RECIPE_SUFFIXES = (".yaml", ".yml")
 SUBCOMMANDS = DISCOVERY + tuple(swift.COMMANDS)
 """First arguments that select a subcommand instead of Hydra overrides."""
 
@@ -76,11 +77,14 @@ def dispatch(argv: List[str]) -> Optional[List[str]]:
         UserError: wrong arguments for the subcommand, or anything the translation or composition refuses.
     """
     command, arguments = argv[0], argv[1:]
+    if command in swift.COMMANDS and ("-h" in arguments or "--help" in arguments):
+        print(swift.usage(command))
+        return None
     if command in swift.COMMANDS:
         translation = swift.translate(command, arguments, os.environ)
         for note in translation.notes:
             print(f"npu_recipes: {note}", file=sys.stderr)
-        line = shlex.join(["python", "-m", "npu_recipes", *translation.overrides])
+        line = shlex.join(["python", "-m", "npu_recipes", *swift.mask_secrets(translation.overrides)])
         print(f"npu_recipes: {command} runs as: {line}", file=sys.stderr, flush=True)
         return translation.overrides
     if arguments in (["-h"], ["--help"]):
@@ -159,15 +163,19 @@ def _cp(arguments: List[str]) -> None:
 
 
 def check_hydra_arguments(argv: List[str]) -> None:
-    """Refuse swift-style ``--flag`` arguments on the Hydra entry point with the override they mean.
+    """Refuse swift-style ``--flag`` arguments on the Hydra entry point with the override they mean,
+    and other tools' command forms (``npu-recipes train my.yaml``) with the line to type instead.
 
-    ``python -m npu_recipes --model X`` would otherwise get Hydra's argparse usage screen.
+    ``python -m npu_recipes --model X`` would otherwise get Hydra's argparse usage screen, and a bare
+    ``my.yaml`` Hydra's "missing EQUAL".
 
     Raises:
-        UserError: an argument starting with ``--`` that is none of Hydra's options.
+        UserError: an argument starting with ``--`` that is none of Hydra's options; a bare recipe
+            file (``*.yaml``/``*.yml``), ``help``, or a stage name as a word.
     """
     from hydra._internal.utils import get_args_parser
 
+    _check_bare_words(argv)
     _, unknown = get_args_parser().parse_known_args(argv)
     for argument in unknown:
         if not argument.startswith("-") or argument.lstrip("-")[:1].isdigit():
@@ -185,3 +193,28 @@ def check_hydra_arguments(argv: List[str]) -> None:
             f"unknown option {name}",
             fix="overrides are key=value (npu-recipes --help); swift-style flags go after npu-recipes sft|infer|export|deploy",
         )
+
+
+def _check_bare_words(argv: List[str]) -> None:
+    """Refuse the bare words other tools take (LLaMA-Factory's ``train my.yaml``, a recipe file, ``help``,
+    a stage name), saying what to type: ``+recipe=FILE``, ``--help`` or ``stage=NAME``."""
+    meant: List[str] = []
+    problems: List[str] = []
+    for index, argument in enumerate(argv):
+        after_option = index > 0 and argv[index - 1].startswith("-") and "=" not in argv[index - 1]
+        if argument.startswith(("-", "+", "~")) or "=" in argument or after_option:  # after_option: --cfg job, -cn NAME
+            meant.append(argument)
+        elif argument.endswith(_RECIPE_SUFFIXES):
+            problems.append(f"{argument!r} is a recipe file, which is selected with +recipe=FILE")
+            meant.append(f"+recipe={argument}")
+        elif argument == "help":
+            raise UserError("'help' is not a subcommand", fix="write npu-recipes --help")
+        elif argument == "train":
+            problems.append("'train' is not a subcommand (training is what a run does unless stage= says otherwise)")
+        elif argument in STAGES:
+            problems.append(f"{argument!r} is a stage, which is chosen with stage={argument}")
+            meant.append(f"stage={argument}")
+        else:
+            meant.append(argument)
+    if problems:
+        raise UserError("; ".join(problems), fix=f"write {shlex.join(['npu-recipes', *meant])}")

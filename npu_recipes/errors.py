@@ -6,6 +6,7 @@ A leaf module: it imports nothing of the package, and every other module may imp
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 from typing import NamedTuple, NoReturn, Optional
@@ -119,10 +120,14 @@ def exit_for(error: BaseException) -> Optional[Exit]:
     :class:`LostPeer`             1       ``npu_recipes: error: MESSAGE`` and its ``fix:`` line
     :class:`Interrupted`          128+N   where the run stopped and saved
     :class:`NothingToDo`          0       why there is nothing to do
+    ``BrokenPipeError``           141     nothing: stdout was closed (``npu-recipes ls | head``)
     ``KeyboardInterrupt``         130     ``npu_recipes: interrupted``
     :class:`Terminated`           143     ``npu_recipes: terminated (SIGTERM)``
     ============================  ======  =====================================================
     """
+    if isinstance(error, BrokenPipeError):
+        # The reader of stdout stopped reading; end as a program that SIGPIPE killed would, silently.
+        return Exit(128 + signal.SIGPIPE, None)
     if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:
         # Outside training (which names its checkpoint): building the demo data or a tiny model,
         # tokenizing into HF datasets' cache, writing run records.
@@ -166,6 +171,9 @@ def exit_with(error: BaseException, announce: bool = True) -> NoReturn:
     ending = exit_for(error)
     if ending is None:
         raise error
+    if isinstance(error, BrokenPipeError):
+        # Python flushes stdout once more at exit, which would fail again and print a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if announce and ending.message:
         print_block(ending.message)
     sys.exit(ending.status)

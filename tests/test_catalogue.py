@@ -102,6 +102,26 @@ def test_make_install_and_demo_install_no_test_tools(tmp_path):
     assert '-m pip install -e ".[test]"' in test.stdout and "-m pytest" in test.stdout
 
 
+def test_later_targets_use_the_interpreter_the_install_stamp_names(tmp_path):
+    """After `make install VENV=DIR` (or PY=), plain `make list`/`demo`/recipe targets run DIR's python,
+    which the stamp names; a stamp naming an interpreter that is gone stops make with one line."""
+    stamp = tmp_path / "install-stamp"
+    stamp.write_text(f"{sys.executable}\n")
+    (tmp_path / "test-stamp").touch()
+    make = ["make", "-n", "--no-print-directory", "-C", str(REPO), f"STAMP={stamp}", f"TEST_STAMP={tmp_path}/test-stamp"]
+    dry = subprocess.run([*make, "list", "demo", "qwen7b-lora-zero3"], capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [f'"{sys.executable}" -m npu_recipes {arguments}'.rstrip() + suffix for arguments, suffix in
+                                       (("ls", ""), ("+recipe=demo", " "), ("+recipe=qwen7b_lora_zero3", " "))]
+    other = subprocess.run([*make, f"PY={tmp_path}/python", "list"], capture_output=True, text=True)
+    assert f'"{tmp_path}/python" -m pip install -e ".[serve,deepspeed]"' in other.stdout, "another interpreter is installed into first"
+    stamp.write_text(f"{tmp_path}/gone/bin/python\n")
+    gone = subprocess.run([*make, "list"], capture_output=True, text=True)
+    assert gone.returncode != 0 and gone.stdout == ""
+    assert f"installed with {tmp_path}/gone/bin/python, which no longer exists: pass VENV=DIR or PY=PYTHON" in gone.stderr
+    assert subprocess.run([*make, "clean"], capture_output=True, text=True).returncode == 0
+
+
 @pytest.mark.cli
 def test_recipe_targets_are_generated_from_recipes_and_pass_args(tmp_path):
     model = tmp_path / "qwen2-7b"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from npu_recipes import commands
-from npu_recipes.config import compose, schema
+from npu_recipes.config import compose, schema, swift
 from npu_recipes.errors import UserError
 from tests.helpers import REPO
 
@@ -71,11 +71,25 @@ def test_subcommand_mistakes_are_one_clear_error(argv, message, tmp_path, monkey
     assert message in str(caught.value)
 
 
-def test_a_recipe_file_that_is_not_yaml_names_its_line(tmp_path):
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("train:\n  learning_rate: [1\n")
-    with pytest.raises(UserError, match=rf"recipe file {broken} line 3: not valid YAML"):
-        compose.compose([f"+recipe={broken}"])
+@pytest.mark.parametrize("text,message,fix", [
+    ("train:\n  learning_rate: [1\n", "line 2: not valid YAML (expected ',' or ']'", "fix that line of"),
+    ("# @package _global_\ndefaults:\n  - base/seed_sft\ntrain:\n  learnin_rate: 2e-4\n",
+     "line 5: unknown config key 'train.learnin_rate' (did you mean 'train.learning_rate'?)", "correct that key in"),
+    ("train.learnin_rate: 1\n", "line 1: unknown config key 'train.learnin_rate' (did you mean 'train.learning_rate'?)", "correct that key in"),
+    ("train.learning_rate: 1\n", "line 1: 'train.learning_rate' is a dotted key", "nest it in"),
+    ("defaults:\n  - override /model: tiny_qwen\n", "line 2: unknown option for model 'tiny_qwen' (did you mean 'tiny_qwen2'?)",
+     "correct that entry of the defaults list in"),
+    ("defaults:\n  - base/seed_sfd\n", "line 2: the defaults list includes 'base/seed_sfd', which is not a recipe", "correct that entry"),
+    ("train:\n  max_length: long\n", "line 2: train.max_length='long': Value 'long' of type 'str' could not be converted", "correct the value"),
+])
+def test_a_recipe_file_of_your_own_is_checked_as_a_shipped_recipe_is(text, message, fix, tmp_path, monkeypatch):
+    """+recipe=FILE runs load_recipe's checks: Hydra's raw ConfigKeyError named an internal recipe name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.yaml").write_text(text)
+    with pytest.raises(UserError) as caught:
+        compose.compose(["+recipe=./my.yaml", "stage=plan"])
+    assert caught.value.message.startswith(f"my.yaml {message}") and caught.value.fix.startswith(f"{fix} ")
+    assert "my.yaml" in caught.value.fix
 
 
 @pytest.mark.parametrize("argv,meant", [
@@ -89,6 +103,53 @@ def test_swift_flags_on_the_hydra_entry_point_name_the_override(argv, meant):
     assert meant in str(caught.value)
 
 
+@pytest.mark.parametrize("argv,problem,meant", [
+    (["my_recipe.yaml"], "'my_recipe.yaml' is a recipe file, which is selected with +recipe=FILE", "npu-recipes +recipe=my_recipe.yaml"),
+    (["train", "./my.yml", "train.max_steps=3"], "'train' is not a subcommand", "npu-recipes +recipe=./my.yml train.max_steps=3"),
+    (["plan", "+recipe=demo"], "'plan' is a stage, which is chosen with stage=plan", "npu-recipes stage=plan +recipe=demo"),
+    (["help"], "'help' is not a subcommand", "npu-recipes --help"),
+])
+def test_other_tools_command_forms_say_what_to_type(argv, problem, meant):
+    """LLaMA-Factory's `train FILE`, a bare recipe file, `help` or a stage name as a word: Hydra's
+    "missing EQUAL" said nothing useful about them."""
+    with pytest.raises(UserError) as caught:
+        commands.check_hydra_arguments(argv)
+    assert problem in caught.value.message and caught.value.fix == f"write {meant}"
+    commands.check_hydra_arguments(["--cfg", "job", "-cn", "config.yaml", "+recipe=demo"])
+
+
+def test_swift_subcommand_help_lists_that_subcommands_flags(capsys):
+    assert commands.dispatch(["sft", "--help"]) is None
+    shown = capsys.readouterr().out
+    flags = {line.split()[0] for line in shown.splitlines() if line.startswith("  --")}
+    assert flags == {f"--{name}" for name, flag in swift.FLAGS.items() if "sft" in flag.commands}
+    assert "  --learning_rate V" in shown and "train.learning_rate=VALUE" in shown and "--api_key" not in shown
+    assert commands.dispatch(["deploy", "--port", "8000", "-h"]) is None
+    assert "  --api_key V" in capsys.readouterr().out
+
+
+def test_secrets_are_masked_in_printed_and_recorded_command_lines(capsys, monkeypatch):
+    overrides = commands.dispatch(["deploy", "--api_key", "sekrit", "--port", "8001"])
+    assert "serve.api_key=sekrit" in overrides, "the run itself gets the key"
+    printed = capsys.readouterr().err
+    assert "serve.api_key=***" in printed and "serve.port=8001" in printed and "sekrit" not in printed
+    monkeypatch.setattr(sys, "argv", ["npu-recipes", "deploy", "--api-key=sekrit", "--api_key", "sekrit", "+serve.api_key=sekrit"])
+    from npu_recipes.run import manifest
+
+    assert manifest.command_line().endswith("-m npu_recipes deploy '--api-key=***' --api_key '***' '+serve.api_key=***'")
+
+
+@pytest.mark.cli
+def test_a_reader_that_closes_stdout_early_ends_the_command_quietly():
+    """`npu-recipes ls | head -1`: the pipe closes before ls writes; no BrokenPipeError traceback, and
+    the exit status of a program SIGPIPE ended (141)."""
+    process = subprocess.Popen([sys.executable, "-m", "npu_recipes", "ls"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and stderr == ""
+
+
 @pytest.mark.cli
 def test_help_ls_show_and_a_config_error_import_no_torch_transformers_or_datasets(tmp_path):
     """What answers in about a second must not pay for the heavy imports: the four commands run in one
@@ -96,7 +157,8 @@ def test_help_ls_show_and_a_config_error_import_no_torch_transformers_or_dataset
     script = (
         "import sys, contextlib, io\n"
         "from npu_recipes import cli\n"
-        "for argv in (['--help'], ['ls'], ['show', 'qwen7b_lora_zero3'], ['train.learnin_rate=1'], ['sft', '--lerning_rate', '1']):\n"
+        "for argv in (['--help'], ['sft', '--help'], ['ls'], ['show', 'qwen7b_lora_zero3'], ['train.learnin_rate=1'],\n"
+        "             ['sft', '--lerning_rate', '1']):\n"
         "    sys.argv = ['npu-recipes', *argv]\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
         "        try:\n"

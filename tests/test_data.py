@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -101,6 +102,44 @@ def test_column_absent_from_the_file_lists_the_columns_found(tmp_path):
     path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     with pytest.raises(UserError, match=r"no column 'input' \(needed by dataset.user_template\); columns found: question, answer"):
         messages.check_columns(_blossom_config(path), sources.load_rows(_blossom_config(path)).column_names)
+
+
+@pytest.mark.parametrize("row,user,assistant", [
+    ({"question": "1+1?", "answer": "2", "id": 7}, "1+1?", "2"),
+    ({"query": "q", "response": "r"}, "q", "r"),
+    ({"instruction": "Add.", "input": "1+1", "output": "2"}, "Add.\n\n1+1", "2"),
+    ({"instruction": "Add 1 and 1.", "output": "2"}, "Add 1 and 1.", "2"),
+    ({"prompt": "p", "completion": "c"}, "p", "c"),
+    ({"prompt": "p", "response": "r"}, "p", "r"),
+])
+def test_a_local_file_without_messages_is_read_in_a_known_column_layout(row, user, assistant, tmp_path, caplog):
+    """dataset=local (messages_column: messages) on a file of question/answer-like columns: mapped as
+    ms-swift maps them, logged, and kept in the templates (resolved.yaml, the tokenization key)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    config = DatasetConfig(name="local", path=str(path), messages_column="messages", val_split_ratio=0.0)
+    caplog.set_level(logging.INFO, logger=messages.__name__)
+    mapped = messages.known_layout(config, sources.local_columns(config))
+    assert mapped.messages_column is None and "mapping its columns as dataset.user_template=" in caplog.text
+    loaded = tokenize.load_checked(mapped)
+    assert messages.to_messages(loaded[0], mapped) == [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def test_known_column_layouts_leave_configured_and_hub_data_alone(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("question,answer\n1+1?,2\n")
+    config = DatasetConfig(name="local", path=str(path), messages_column="messages")
+    assert sources.local_columns(config) == ["question", "answer"]
+    assert messages.known_layout(config, sources.local_columns(config)).user_template == "{question}"
+    assert messages.known_layout(config, None) is config, "hub data (no local columns) stays as configured"
+    templated = DatasetConfig(name="t", path=str(path), user_template="{answer}", assistant_template="{question}")
+    assert messages.known_layout(templated, ["question", "answer"]) is templated
+    assert messages.known_layout(config, ["messages", "question", "answer"]) is config
+    unknown = DatasetConfig(name="local", path=str(path), messages_column="messages")
+    with pytest.raises(UserError) as caught:
+        messages.check_columns(messages.known_layout(unknown, ["a", "b"]), ["a", "b", sources.ROW_ID])
+    assert caught.value.fix.startswith("map two of the columns above to the user and assistant turns: dataset.messages_column=null "
+                                       "dataset.user_template='{a}' dataset.assistant_template='{b}'")
 
 
 def test_messages_rows_with_a_system_turn(tmp_path, tokenizer):

@@ -153,6 +153,11 @@ def _(ws: Workspace) -> Outcome:
     return ws.train_on(ws.rows([{"question": "2+2?", "answer": "4"}]))
 
 
+@case("columns-in-no-known-layout")
+def _(ws: Workspace) -> Outcome:
+    return ws.train("dataset=local", f"dataset.path={ws.rows([{'prompt_text': '2+2?', 'reply_text': '4'}])}")
+
+
 @case("field-missing")
 def _(ws: Workspace) -> Outcome:
     return ws.train_on(ws.rows([GOOD_ROW, {"input": "q", "output": "o"}]))
@@ -482,6 +487,12 @@ def _(ws: Workspace) -> Outcome:
     return Outcome(run_cli(f"+recipe={recipe}", cwd=ws.path), [ws.path / "outputs"])
 
 
+@case("recipe-file-without-plus")
+def _(ws: Workspace) -> Outcome:
+    (ws.path / "mine.yaml").write_text("train:\n  max_steps: 1\n")
+    return Outcome(run_cli("train", "mine.yaml", cwd=ws.path), [ws.path / "outputs"])
+
+
 @case("several-values-without-multirun")
 def _(ws: Workspace) -> Outcome:
     return ws.train("train.learning_rate=1e-4,2e-4")
@@ -521,6 +532,13 @@ def _(ws: Workspace) -> Outcome:
 @case("recipe-value-of-wrong-type")
 def _(ws: Workspace) -> Outcome:
     return Outcome(ws.with_recipe("# @package _global_\ntrain:\n  max_length: long\n"))
+
+
+@case("recipe-dotted-key")
+def _(ws: Workspace) -> Outcome:
+    """A recipe file of the user's own (+recipe=FILE) is checked as the shipped ones are."""
+    (ws.path / "mine.yaml").write_text("train.learning_rate: 1.0e-4\n")
+    return Outcome(run_cli("+recipe=./mine.yaml", cwd=ws.path), [ws.path / "outputs"])
 
 
 # --- doctor findings ------------------------------------------------------------------------------

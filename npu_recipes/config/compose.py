@@ -121,7 +121,12 @@ def load_recipe(name: str) -> DictConfig:
     Raises:
         UserError: as above.
     """
-    path = _recipe_file(name)
+    return _read_recipe(_recipe_file(name), name)
+
+
+def _read_recipe(path: Path, name: str) -> DictConfig:
+    """:func:`load_recipe` of the file at ``path``, stored as recipe ``name`` (whose group its defaults
+    list's plain entries are relative to); messages name ``path`` as given."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -213,6 +218,13 @@ def _check_recipe_defaults(name: str, path: Path, node: DictConfig, lines: Dict[
 
 def _check_recipe_keys(path: Path, node: DictConfig, lines: Dict[str, int]) -> None:
     body = OmegaConf.masked_copy(node, [key for key in node if key != "defaults"])
+    for key in body:
+        if "." in str(key) and _check_key(str(key), where=(path, lines.get(str(key), 1))):
+            # YAML keeps `train.learning_rate: 1` as one key named with a dot, which no section has.
+            *sections, leaf = str(key).split(".")
+            raise UserError(f"{path} line {lines.get(str(key), 1)}: {key!r} is a dotted key, which a YAML file keeps as one name",
+                            fix=f"nest it in {path}: {' then '.join(f'`{part}:`' for part in sections)} on a line of its own, "
+                            f"then `{leaf}: VALUE` below, each indented under the line before")
     for dotted in _leaf_keys(body):
         line = lines.get(dotted, 1)
         _check_key(dotted, where=(path, line))
@@ -281,12 +293,13 @@ def recipe_file_overrides(overrides: List[str]) -> List[str]:
     """``overrides`` with ``+recipe=FILE`` (a copy made by ``npu-recipes cp``, or any recipe file)
     registered as a recipe and replaced by the name it was registered under.
 
-    The file is read like a shipped recipe: a mapping in the ``_global_`` package, whose defaults
-    list may include the shared blocks (``- base/seed_sft``); its ``recipe`` key is the file's stem,
-    so runs go to ``outputs/<stem>/<time>``.
+    The file is read and checked like a shipped recipe (:func:`load_recipe`: file and line, the
+    closest key or option): a mapping in the ``_global_`` package, whose defaults list may include
+    the shared blocks (``- base/seed_sft``); its ``recipe`` key is the file's stem, so runs go to
+    ``outputs/<stem>/<time>``.
 
     Raises:
-        UserError: the file does not exist, is not YAML, or does not hold a mapping.
+        UserError: the file does not exist, or anything :func:`load_recipe` refuses.
     """
     rewritten = []
     for override in overrides:
@@ -294,33 +307,17 @@ def recipe_file_overrides(overrides: List[str]) -> List[str]:
         if key != f"+{RECIPE_GROUP}" or not equals or not is_recipe_file(value):
             rewritten.append(override)
             continue
-        path = Path(value).expanduser().absolute()
+        path = Path(value).expanduser()
         if not path.is_file():
             raise UserError(f"recipe file {value} does not exist", fix="check the path (npu-recipes cp NAME FILE makes one)")
-        name = "file-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-        node = _load_recipe_file(path)
+        name = "file-" + hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:12]
+        node = _read_recipe(path, name)
+        node.recipe = path.stem
         register([_included(name, entry) for entry, _ in _included_recipes(node)])
         ConfigStore.instance().store(group=RECIPE_GROUP, name=name, node=node, package="_global_")
-        _recipe_files[name] = str(path)
+        _recipe_files[name] = str(path.absolute())
         rewritten.append(f"+{RECIPE_GROUP}={name}")
     return rewritten
-
-
-def _load_recipe_file(path: Path) -> DictConfig:
-    import yaml
-
-    try:
-        node = OmegaConf.load(path)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"recipe file {path}{where}: not valid YAML ({problem})", fix="fix that line of the file") from None
-    if not isinstance(node, DictConfig):
-        raise UserError(f"recipe file {path} holds a {type(node).__name__}, not a mapping of settings",
-                        fix="write the recipe as key: value lines (npu-recipes cp NAME FILE gives an example)")
-    node.recipe = path.stem
-    return node
 
 
 def _unwrap_optional(annotation):

@@ -74,7 +74,8 @@ FLAGS: Dict[str, Flag] = {
     "torch_dtype": _flag("model.torch_dtype", *_ALL),
     "attn_impl": Flag(_ALL, means="`model.attn_implementation=VALUE` (`flash_attn` is `flash_attention_2`)"),
     "dataset": Flag((SFT, INFER), kind="list", means="`dataset=OPTION` when a shipped option names the id; else "
-                    "`dataset=local dataset.path=FILE_OR_ID` (OpenAI `messages` rows); `ID#N` adds `dataset.max_samples=N`"),
+                    "`dataset=local dataset.path=FILE_OR_ID` (OpenAI `messages` rows, or a file's question/answer-like column pair); "
+                    "`ID#N` adds `dataset.max_samples=N`"),
     "split_dataset_ratio": _flag("dataset.val_split_ratio", SFT),
     "max_length": _flag("train.max_length", SFT),
     "truncation_strategy": Flag((SFT,), means="`delete`: `train.truncation_strategy=drop`; `right`: `truncate`"),
@@ -399,6 +400,44 @@ def hydra_hint(argument: str, following: Optional[str]) -> Optional[str]:
     if flag.key is not None:
         return f"{flag.key}={value}"
     return None
+
+
+SECRET_KEYS = ("serve.api_key",)
+"""Config keys whose values are secrets: never printed or recorded (:func:`mask_secrets`)."""
+MASK = "***"
+
+
+def mask_secrets(argv: List[str]) -> List[str]:
+    """``argv`` (overrides or swift-style flags) with the value of every secret (:data:`SECRET_KEYS`,
+    and the swift flags that set one) replaced by ``***``, for the command lines npu_recipes prints
+    and records."""
+    secret_flags = {name for name, flag in FLAGS.items() if flag.key in SECRET_KEYS}
+
+    def is_secret_flag(key: str) -> bool:
+        return key.startswith("--") and key[2:].replace("-", "_") in secret_flags
+
+    masked: List[str] = []
+    for argument in argv:
+        key, equals, _ = argument.partition("=")
+        if masked and is_secret_flag(masked[-1]) and not argument.startswith("--"):
+            masked.append(MASK)
+        elif equals and (key.lstrip("+") in SECRET_KEYS or is_secret_flag(key)):
+            masked.append(f"{key}={MASK}")
+        else:
+            masked.append(argument)
+    return masked
+
+
+def usage(command: str) -> str:
+    """``npu-recipes COMMAND --help``: the command's usage line and every flag it accepts (:data:`FLAGS`)."""
+    lines = [f"usage: npu-recipes {command} --flag value ...   (swift {command}; runs stage={COMMANDS[command]})", "",
+             "flags (docs/swift.md has the whole table):"]
+    for name, flag in FLAGS.items():
+        if command in flag.commands:
+            values = " V..." if flag.kind == "list" else " true|false" if flag.kind == "bool" else " V"
+            lines.append(f"  --{name + values:<28} {flag.means.replace('`', '')}")
+    lines += ["", "any other npu_recipes setting: python -m npu_recipes key=value ... (npu-recipes --help)"]
+    return "\n".join(lines)
 
 
 def flags_table() -> str:

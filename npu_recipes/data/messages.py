@@ -8,16 +8,52 @@ chat template, with every token that is not the assistant's own reply labelled
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import dataclasses
+import logging
+from typing import Any, Dict, List, Optional, Tuple
 
 from npu_recipes.config.schema import DatasetConfig, template_columns
 from npu_recipes.data.sources import ROW_ID
 from npu_recipes.errors import UserError
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
 """Label value that transformers' cross-entropy ignores (``ignore_index`` of ``nn.CrossEntropyLoss``)."""
 
 _ROLES = ("system", "user", "assistant")
+
+
+KNOWN_LAYOUTS: Tuple[Tuple[str, str, str], ...] = (
+    ("question", "{question}", "{answer}"),
+    ("query", "{query}", "{response}"),
+    ("instruction", "{instruction}\n\n{input}", "{output}"),
+    ("instruction", "{instruction}", "{output}"),
+    ("prompt", "{prompt}", "{completion}"),
+    ("prompt", "{prompt}", "{response}"),
+)
+"""Column layouts a local file without a messages column is read in when no template is set, first
+match wins: (name, user template, assistant template). The pairs ms-swift's preprocessors map to its
+query/response (``swift/llm/dataset/preprocessor``); ``input`` joins ``instruction`` when present."""
+
+
+def known_layout(dataset: DatasetConfig, column_names: Optional[List[str]]) -> DatasetConfig:
+    """``dataset`` mapped to the first of :data:`KNOWN_LAYOUTS` whose columns ``column_names`` has,
+    when it reads a ``messages_column`` the data lacks and sets no template; else ``dataset`` unchanged.
+
+    ``column_names`` are a local file's columns (None for hub data, which is left as configured).
+    The mapping becomes the dataset's templates, so it is logged, recorded in ``resolved.yaml`` and
+    part of the tokenization cache's key like any template.
+    """
+    templates = (dataset.system_template, dataset.user_template, dataset.assistant_template)
+    if column_names is None or dataset.messages_column is None or dataset.messages_column in column_names or any(templates):
+        return dataset
+    for _, user, assistant in KNOWN_LAYOUTS:
+        if all(column in column_names for column in template_columns(user) + template_columns(assistant)):
+            log.info("dataset %s has no column %r; mapping its columns as dataset.user_template=%r dataset.assistant_template=%r",
+                     dataset.path, dataset.messages_column, user, assistant)
+            return dataclasses.replace(dataset, messages_column=None, user_template=user, assistant_template=assistant)
+    return dataset
 
 
 def check_columns(dataset: DatasetConfig, column_names: List[str]) -> None:
@@ -41,9 +77,15 @@ def check_columns(dataset: DatasetConfig, column_names: List[str]) -> None:
     found = [c for c in column_names if c != ROW_ID]
     for column, key in needed.items():
         if column not in column_names:
+            fix = f"set {key} to use the columns above, or pick the dataset option that matches this file"
+            if key == "dataset.messages_column" and len(found) >= 2:
+                # A messages column cannot be any of these; templates over two of them can.
+                fix = (f"map two of the columns above to the user and assistant turns: dataset.messages_column=null "
+                       f"dataset.user_template='{{{found[0]}}}' dataset.assistant_template='{{{found[1]}}}' "
+                       f"(put these overrides on the python -m npu_recipes line npu-recipes sft prints)")
             raise UserError(
                 f"dataset {dataset.path} has no column {column!r} (needed by {key}); columns found: {', '.join(found)}",
-                fix=f"set {key} to use the columns above, or pick the dataset option that matches this file",
+                fix=fix,
             )
 
 

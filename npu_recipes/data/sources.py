@@ -89,6 +89,33 @@ def _file_columns(path: Path, builder: str) -> List[str]:
     return list(dict.fromkeys(key for record in records if isinstance(record, dict) for key in record))
 
 
+def local_columns(dataset: DatasetConfig) -> Optional[List[str]]:
+    """The columns of a resolved local ``dataset.path`` (its first data file for a directory), from its
+    first JSON record, CSV header or Parquet schema; None for hub data or a file that does not read
+    (:func:`load_rows` then says what is wrong with it)."""
+    path = Path(dataset.path or "")
+    if dataset.path is None or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in _LOCAL_FORMATS)
+    builder = _LOCAL_FORMATS.get(files[0].suffix) if files else None
+    if builder is None:
+        return None
+    try:
+        if builder != "json" or (files[0].suffix == ".json" and _starts_with(files[0], b"[")):
+            return _file_columns(files[0], builder)
+        with open(files[0], encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "{}")
+        record = json.loads(first)
+        return list(record) if isinstance(record, dict) else None
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(1 << 12).lstrip().startswith(prefix)
+
+
 def _check_same_columns(files: List[Path], builder: str, directory: Path) -> None:
     """Refuse a dataset directory whose files have different columns, naming the first that differs
     (HF datasets casts every file to the first one's columns and reports only that generation failed)."""
@@ -136,9 +163,7 @@ def _json_document_problem(path: Path) -> Optional[Tuple[Optional[int], str]]:
 
 def _json_problem(path: Path) -> Optional[Tuple[Optional[int], str]]:
     """Where a JSON or JSON lines file is malformed, as (line number or None, problem), or None."""
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 12).lstrip()
-    if path.suffix == ".json" and head.startswith(b"["):
+    if path.suffix == ".json" and _starts_with(path, b"["):
         return _json_document_problem(path)
     return _first_bad_json_line(path)
 

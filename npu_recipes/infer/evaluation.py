@@ -89,6 +89,7 @@ def batch_source(dataset: DatasetConfig, infer: InferConfig, training_run: Optio
         return None
     else:
         dataset = dataclasses.replace(dataset, path=sources.resolve_path(dataset))
+        dataset = messages.known_layout(dataset, sources.local_columns(dataset))
         rows = sources.load_rows(dataset)
         origin = f"dataset {dataset.name} ({dataset.path})"
     messages.check_columns(dataset, rows.column_names)
@@ -171,7 +172,8 @@ def evaluate(loaded: LoadedModel, source: BatchSource, infer: InferConfig, devic
         "model": model_location(loaded.base.name_or_path),
         "adapters": [str(a.path) for a in loaded.adapters],
         "data": source.origin,
-        "dataset": {"name": source.dataset.name, "path": source.dataset.path, "answer_format": answer_format},
+        "dataset": {"name": source.dataset.name, "path": source.dataset.path, "answer_format": answer_format,
+                    **{key: getattr(source.dataset, key) for key in ("messages_column", "user_template", "assistant_template")}},
         "training_run": str(source.training_run) if source.training_run else None,
         "samples": len(rows),
         "scored": len(scored),

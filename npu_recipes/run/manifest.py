@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from npu_recipes import atomic
+from npu_recipes.config import swift
 from npu_recipes.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -77,9 +78,10 @@ visible devices, network interfaces): the recorded command sets those that were 
 
 def command_line() -> str:
     """The command that started this process, as a user would retype it: the :data:`LAUNCH_VARIABLES`
-    that are set, then ``python -m npu_recipes ...`` (e.g. ``NNODES=2 NODE_RANK=1 python -m npu_recipes ...``)."""
+    that are set, then ``python -m npu_recipes ...`` (e.g. ``NNODES=2 NODE_RANK=1 python -m npu_recipes ...``),
+    secrets masked (``serve.api_key=***``)."""
     variables = [f"{name}={shlex.quote(os.environ[name])}" for name in LAUNCH_VARIABLES if name in os.environ]
-    return " ".join([*variables, shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *sys.argv[1:]])])
+    return " ".join([*variables, shlex.join([Path(sys.executable).name, "-m", "npu_recipes", *swift.mask_secrets(sys.argv[1:])])])
 
 
 def finite_or_null(value: Any) -> Any:

@@ -49,6 +49,8 @@ class TrainStage:
             config, model=dataclasses.replace(config.model, name_or_path=pretrained.resolve_path(config.model)),
             dataset=dataclasses.replace(config.dataset, path=sources.resolve_path(config.dataset)),
         )
+        # Before the resume checks: a rerun compares the mapped dataset with the one its run recorded.
+        config = dataclasses.replace(config, dataset=messages.known_layout(config.dataset, sources.local_columns(config.dataset)))
         pretrained.check_max_length(config.train.max_length, pretrained.fetch_config(config.model), config.model.name_or_path)
         resume.check_before_data(config, fresh_output_dir)  # a run that cannot start fails before tokenizing
         rows = tokenize.load_checked(config.dataset)  # bad files fail here, before the tokenizer loads torch
