@@ -144,10 +144,14 @@ def _cp(arguments: List[str]) -> None:
         raise _usage_error("cp", f"needs a recipe and a file, got {len(arguments)} argument(s)")
     name, target = arguments
     source = paths.recipes_dir() / f"{name}.yaml"
-    if name not in compose.recipe_names():
-        _recipe_argument("cp", name)
+    names = compose.recipe_names()
+    if name not in names:
+        raise UserError(f"npu-recipes cp: no recipe {name!r}{did_you_mean(name, names)}; recipes: {', '.join(names)}",
+                        fix="npu-recipes ls lists them (cp copies a shipped recipe; a file of your own is copied with cp itself)")
     destination = Path(target).expanduser()
-    if destination.suffix not in (".yaml", ".yml"):
+    if destination.is_dir():
+        destination = destination / f"{name}.yaml"
+    elif destination.suffix not in (".yaml", ".yml"):
         destination = destination.with_suffix(".yaml")
     if destination.exists():
         raise UserError(f"npu-recipes cp: {destination} exists already", fix="choose another file name, or delete that file first")

@@ -56,6 +56,9 @@ def test_a_copied_recipe_runs_with_plus_recipe_file(tmp_path, monkeypatch, capsy
     assert compose.compose([f"+recipe={tmp_path / 'mine.yaml'}", "train.max_length=512"]).train.max_length == 512
     with pytest.raises(UserError, match="exists already"):
         commands.dispatch(["cp", "demo", "mine.yaml"])
+    (tmp_path / "into").mkdir()
+    commands.dispatch(["cp", "demo", "into"])
+    assert (tmp_path / "into" / "demo.yaml").is_file(), "a directory as target receives NAME.yaml"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -63,6 +66,8 @@ def test_a_copied_recipe_runs_with_plus_recipe_file(tmp_path, monkeypatch, capsy
     (["cp", "demo"], "needs a recipe and a file"),
     (["ls", "extra"], "takes no arguments"),
     (["show", "./missing.yaml"], "recipe file ./missing.yaml does not exist"),
+    (["cp", "base/train", "x.yaml"], "npu-recipes cp: no recipe 'base/train'"),
+    (["cp", "/etc/hostname", "x.yaml"], "npu-recipes cp: no recipe '/etc/hostname'"),
 ])
 def test_subcommand_mistakes_are_one_clear_error(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -73,6 +78,7 @@ def test_subcommand_mistakes_are_one_clear_error(argv, message, tmp_path, monkey
 
 @pytest.mark.parametrize("text,message,fix", [
     ("train:\n  learning_rate: [1\n", "line 2: not valid YAML (expected ',' or ']'", "fix that line of"),
+    ("foo: &a [*a]\n", "holds a YAML alias (*name) that refers to the value containing it", "remove that alias"),
     ("# @package _global_\ndefaults:\n  - base/seed_sft\ntrain:\n  learnin_rate: 2e-4\n",
      "line 5: unknown config key 'train.learnin_rate' (did you mean 'train.learning_rate'?)", "correct that key in"),
     ("train.learnin_rate: 1\n", "line 1: unknown config key 'train.learnin_rate' (did you mean 'train.learning_rate'?)", "correct that key in"),

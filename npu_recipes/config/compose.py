@@ -139,6 +139,8 @@ def _read_recipe(path: Path, name: str) -> DictConfig:
                         fix=f"fix that line of {path} (a recipe is a YAML mapping of config keys, like recipes/demo.yaml)") from None
     except OmegaConfBaseException as error:
         raise UserError(f"{path}: {str(error).splitlines()[0]}", fix=f"fix {path} (a recipe is a YAML mapping of config keys)") from None
+    except RecursionError:
+        raise UserError(f"{path} holds a YAML alias (*name) that refers to the value containing it", fix=f"remove that alias from {path}") from None
     if tree is None:  # empty, or comments only: a recipe that changes nothing
         return OmegaConf.create({})
     if not isinstance(tree, yaml.MappingNode) or not isinstance(node, DictConfig):
