@@ -323,6 +323,7 @@ class ServeConfig:
     ``max_model_len`` (tokens, prompt plus completion) defaults to the model's
     ``max_position_embeddings``. ``timeout_graceful_shutdown`` (seconds, None: wait for every
     in-flight request) and ``log_level`` are uvicorn's settings of the same names.
+    ``max_request_bytes`` is the largest request body accepted (bytes; larger: 413).
     ``allow_base_mismatch`` lets adapters be served on a base model other than the one they were
     trained on. ``engine``: ``static`` (the server's batcher, one ``generate`` call per batch),
     ``continuous`` (transformers' continuous batching, where it supports the model and adapters),
@@ -342,6 +343,7 @@ class ServeConfig:
     log_level: str = "info"
     allow_base_mismatch: bool = False
     engine: str = "auto"
+    max_request_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)

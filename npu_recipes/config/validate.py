@@ -535,6 +535,7 @@ def _validate_serve(serve: schema.ServeConfig) -> None:
     _check_positive("serve.batch_wait_ms", serve.batch_wait_ms, inclusive=True)
     _check_positive("serve.default_max_tokens", serve.default_max_tokens)
     _check_positive("serve.max_tokens_limit", serve.max_tokens_limit)
+    _check_positive("serve.max_request_bytes", serve.max_request_bytes)
     if serve.default_max_tokens > serve.max_tokens_limit:
         raise UserError(
             f"serve.default_max_tokens={serve.default_max_tokens} exceeds serve.max_tokens_limit={serve.max_tokens_limit}",

@@ -153,12 +153,18 @@ def _validation_message(errors) -> tuple:
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", first.get("msg"))
         return f"The request body is not valid JSON: {reason}", None
-    parts = []
+    parts, params = [], []
     for error in errors[:5]:
-        location = ".".join(str(part) for part in error["loc"][1:]) or "body"
-        parts.append(f"{location}: {error['msg']}")
-    param = ".".join(str(part) for part in first["loc"][1:]) or None
-    return "Invalid request: " + "; ".join(parts), param
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, protocol.FieldError):
+            # A check across fields runs on the whole body; the field at fault is the one it names.
+            params.append(cause.param)
+            parts.append(str(cause))
+            continue
+        location = ".".join(str(part) for part in error["loc"][1:])
+        params.append(location or None)
+        parts.append(f"{location or 'body'}: {error['msg']}")
+    return "Invalid request: " + "; ".join(parts), params[0]
 
 
 async def events(request: Request, channel: Channel, jobs: List[Job]) -> AsyncIterator[Event]:
@@ -215,6 +221,57 @@ class _CountRequests:
             self._metrics.requests.labels(getattr(route, "path", "unmatched"), str(status[0] if status else 500)).inc()
 
 
+class _LimitBody:
+    """Refuses a request body over ``limit`` bytes with 413 before any route reads it.
+
+    A declared ``Content-Length`` over the limit is refused at once; a chunked body is read up to
+    the limit, then handed to the route in one piece (the routes read whole bodies anyway). A plain
+    ASGI middleware, like :class:`_CountRequests`, so later ``receive`` calls still see a disconnect.
+    """
+
+    def __init__(self, app, limit: int):
+        self._app, self._limit = app, limit
+
+    async def _refuse(self, scope, receive, send) -> None:
+        error = ApiError(413, f"The request body is larger than this server's limit of {self._limit} bytes "
+                              "(serve.max_request_bytes); send a shorter prompt or raise the limit.",
+                         code="request_too_large")
+        await error.response()(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self._app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._limit:
+            await self._refuse(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self._app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self._limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        await self._app(scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive),
+                        send)
+
+
+def _replay(messages: List[dict], receive):
+    """An ASGI ``receive`` that gives ``messages`` first, then defers to ``receive``."""
+    pending = list(messages)
+
+    async def replayed():
+        return pending.pop(0) if pending else await receive()
+    return replayed
+
+
 def create_app(backend: Backend) -> FastAPI:
     """Build the application; its lifespan starts the engine and closes it at shutdown."""
     from npu_recipes.serving import completions
@@ -237,7 +294,8 @@ def create_app(backend: Backend) -> FastAPI:
         if not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    app.add_middleware(_CountRequests, metrics=backend.metrics)
+    app.add_middleware(_LimitBody, limit=backend.serve.max_request_bytes)
+    app.add_middleware(_CountRequests, metrics=backend.metrics)  # added last: outermost, so it counts the 413s too
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
@@ -293,12 +351,16 @@ def create_app(backend: Backend) -> FastAPI:
         if body.model is not None:
             backend.adapter_for(body.model)
         tokenizer = backend.tokenizer
-        if body.messages is not None:
-            text = completions.render(backend, body.messages, None, add_generation_prompt=body.add_generation_prompt)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
-        strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+
+        def encode() -> tuple:
+            if body.messages is not None:
+                text = completions.render(backend, body.messages, None, add_generation_prompt=body.add_generation_prompt)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+            return ids, tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+
+        ids, strs = await asyncio.to_thread(encode)
         return protocol.TokenizeResponse(count=len(ids), max_model_len=backend.max_model_len, tokens=ids, token_strs=strs)
 
     @vllm.post("/detokenize", response_model=protocol.DetokenizeResponse)

@@ -142,6 +142,15 @@ def render(backend: Backend, messages: List[protocol.ChatMessage], tool_list: Op
         raise ApiError(400, f"The model's chat template rejected the messages: {error}", param="messages") from None
 
 
+def _chat_prompt(backend: Backend, messages: List[protocol.ChatMessage], tool_list: Optional[List[dict]]) -> List[int]:
+    """The chat prompt's token ids (run off the event loop: a long prompt takes seconds to render and tokenize).
+
+    Raises:
+        ApiError: 400 when the chat template rejects the messages.
+    """
+    return backend.tokenizer(render(backend, messages, tool_list), add_special_tokens=False)["input_ids"]
+
+
 async def _chat_matcher(backend: Backend, body: protocol.ChatCompletionRequest, tools_on: bool) -> Optional[Callable]:
     """A factory of grammar matchers for the request (None: unconstrained), compiled once here so a bad schema is a 400."""
     forced = tools_on and (body.tool_choice == "required" or isinstance(body.tool_choice, protocol.NamedToolChoice))
@@ -176,8 +185,7 @@ async def chat(backend: Backend, body: protocol.ChatCompletionRequest, request: 
     names = [tool.function.name for tool in body.tools] if tools_on else None
     tool_list = [tool.model_dump(exclude_none=True) for tool in body.tools] if tools_on else None
     _check_fields(backend, body)
-    text = render(backend, body.messages, tool_list)
-    prompts = [backend.tokenizer(text, add_special_tokens=False)["input_ids"]]
+    prompts = [await asyncio.to_thread(_chat_prompt, backend, body.messages, tool_list)]
     matcher = await _chat_matcher(backend, body, tools_on)
     top = (body.top_logprobs or 0) if body.logprobs else None
     channel, jobs = _jobs(backend, body, prompts, "messages", top, matcher)
@@ -245,8 +253,14 @@ async def complete(backend: Backend, body: protocol.CompletionRequest, request: 
     if problem is not None:
         raise ApiError(400, problem[1], param=problem[0])
     given = body.prompts()
-    prompts = [backend.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in given]
-    echoes = [(p if isinstance(p, str) else backend.tokenizer.decode(p)) if body.echo else "" for p in given]
+
+    def encode() -> tuple:
+        ids = [backend.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in given]
+        texts = [(p if isinstance(p, str) else backend.tokenizer.decode(p)) if body.echo else "" for p in given]
+        return ids, texts
+
+    # Off the event loop: a long prompt takes seconds to tokenize, and /health must answer meanwhile.
+    prompts, echoes = await asyncio.to_thread(encode)
     top = body.logprobs
     scored = top if body.echo and top is not None else None
     channel, jobs = _jobs(backend, body, prompts, "prompt", top, prompt_logprobs=scored)

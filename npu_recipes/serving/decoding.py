@@ -18,6 +18,7 @@ distribution (log-softmax of the logits before any processor), as vLLM reports t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,6 +34,12 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+log = logging.getLogger(__name__)
+
+SAMPLING_EPS = 1e-5
+"""A temperature below this is greedy decoding (vLLM's ``_SAMPLING_EPS``): dividing logits by a
+near-zero temperature overflows them to inf, and softmax of inf is NaN, not an arg max."""
 
 
 @dataclass(frozen=True)
@@ -63,15 +70,13 @@ class Decoding:
     @classmethod
     def resolve(cls, model_defaults, *, temperature: Optional[float], top_p: Optional[float], top_k: Optional[int],
                 **settings) -> "Decoding":
-        """Settings for a request, OpenAI's way: ``temperature`` 0 is greedy, any other given
-        ``temperature``/``top_p``/``top_k`` samples; what the request leaves unset comes from
-        ``model_defaults`` (the model's ``GenerationConfig``: ``do_sample``, ``temperature``,
-        ``top_p``, ``top_k``, ``repetition_penalty``), as vLLM does."""
+        """Settings for a request, OpenAI's way: ``temperature`` 0 (below :data:`SAMPLING_EPS`) is
+        greedy, any other given ``temperature``/``top_p``/``top_k`` samples; what the request leaves
+        unset comes from ``model_defaults`` (the model's ``GenerationConfig``: ``do_sample``,
+        ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``), as vLLM does."""
         if settings.get("repetition_penalty") is None:
             default_penalty = getattr(model_defaults, "repetition_penalty", None)
             settings["repetition_penalty"] = default_penalty if default_penalty not in (None, 1.0) else None
-        if temperature == 0:
-            return cls(do_sample=False, **settings)
         given = temperature is not None or top_p is not None or top_k is not None
         if not given and not getattr(model_defaults, "do_sample", False):
             return cls(do_sample=False, **settings)
@@ -79,8 +84,11 @@ class Decoding:
         def pick(value, name):
             return value if value is not None else getattr(model_defaults, name, None)
 
-        return cls(do_sample=True, temperature=pick(temperature, "temperature"), top_p=pick(top_p, "top_p"),
-                   top_k=pick(top_k, "top_k"), **settings)
+        temperature = pick(temperature, "temperature")
+        if temperature is not None and temperature < SAMPLING_EPS:
+            return cls(do_sample=False, **settings)
+        return cls(do_sample=True, temperature=temperature, top_p=pick(top_p, "top_p"), top_k=pick(top_k, "top_k"),
+                   **settings)
 
     def warpers(self) -> List[LogitsProcessor]:
         """The sampling warpers, in transformers' order (temperature, top-k, top-p, min-p); none when greedy."""
@@ -141,7 +149,11 @@ class Row:
     ``grammar`` is a :class:`npu_recipes.serving.grammar.Matcher` or None. ``eos`` holds the
     end-of-turn token ids (``min_tokens`` suppresses them). ``stopped`` is set once the row's job
     has ended (its later tokens are padding). ``choices`` collects the generated tokens'
-    log-probabilities when the settings ask for them.
+    log-probabilities when the settings ask for them. ``error`` says why choosing this row's token
+    raised (the row is stopped then, and its job is failed alone, its batch goes on).
+
+    Raises:
+        ValueError/RuntimeError: from the constructor, a seed ``torch.Generator`` does not take.
     """
 
     decoding: Decoding
@@ -152,6 +164,7 @@ class Row:
     generated: List[int] = field(default_factory=list)
     choices: List[TokenChoice] = field(default_factory=list)
     stopped: bool = False
+    error: Optional[str] = None
 
     def __post_init__(self):
         settings = self.decoding
@@ -213,6 +226,8 @@ class Row:
 class RowsProcessor(LogitsProcessor):
     """The one logits processor ``generate`` runs: every row picks its own token (module docstring).
 
+    A row whose choice raises is stopped with its ``error`` set (the other rows carry on).
+
     Args:
         rows: one :class:`Row` per batch row; a stopped row gets ``fallback_token``, which
             ``generate`` pads over.
@@ -234,9 +249,14 @@ class RowsProcessor(LogitsProcessor):
             if row.stopped:
                 chosen[index] = self._fallback
                 continue
-            if not row.plain_greedy:
-                chosen[index] = row.choose(input_ids[index:index + 1, self._pad[index]:], scores[index].float())
-            row.record(chosen[index], scores[index], None if logprobs is None else logprobs[index])
+            try:
+                if not row.plain_greedy:
+                    chosen[index] = row.choose(input_ids[index:index + 1, self._pad[index]:], scores[index].float())
+                row.record(chosen[index], scores[index], None if logprobs is None else logprobs[index])
+            except Exception as error:  # one row's bad settings must not fail the batch
+                log.exception("choosing the next token of batch row %d failed", index)
+                row.error, row.stopped = f"{type(error).__name__}: {error}", True
+                chosen[index] = self._fallback
         out = torch.full_like(scores, -math.inf)
         out[torch.arange(len(chosen), device=scores.device), torch.tensor(chosen, device=scores.device)] = 0
         return out

@@ -12,6 +12,7 @@ Each row's token is chosen by its own settings in :class:`~npu_recipes.serving.d
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from typing import List, Optional, Sequence, Tuple
 
@@ -23,6 +24,8 @@ from npu_recipes.infer.loading import LoadedModel
 from npu_recipes.runtime.devices import Device
 from npu_recipes.serving.decoding import Row, RowsProcessor, prompt_logprobs
 from npu_recipes.serving.jobs import Job
+
+log = logging.getLogger(__name__)
 
 REPLACEMENT_CHARACTER = "\ufffd"
 
@@ -89,7 +92,8 @@ class BatchProgress(StoppingCriteria):
     generated so far); the last column holds the token each row just produced (padding for
     rows ``generate`` already finished). Returns a bool tensor of shape (batch,). A row ends at an
     end-of-turn token, a stop string, its ``max_tokens``, a completed grammar or a cancelled client;
-    its :class:`~npu_recipes.serving.decoding.Row` is then marked stopped.
+    its :class:`~npu_recipes.serving.decoding.Row` is then marked stopped. A row whose token could
+    not be chosen (``Row.error``) fails its job.
     """
 
     def __init__(self, jobs: List[Job], rows: List[Row], tokenizer, eos_token_ids: set):
@@ -115,6 +119,9 @@ class BatchProgress(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         for position, (job, row, token) in enumerate(zip(self._jobs, self._texts, input_ids[:, -1].tolist())):
             if job.done:
+                continue
+            if self._rows[position].error is not None:
+                job.fail(f"generation failed: {self._rows[position].error}")
                 continue
             if job.cancelled.is_set():
                 job.abandon()
@@ -189,10 +196,25 @@ class Generator:
             if jobs:
                 self._generate(jobs, target)
 
+    def _rows(self, jobs: List[Job], target) -> List[Row]:
+        """Each job's decoding state; a job whose state cannot be made (a seed the generator
+        refuses, a grammar that fails to compile) is failed alone and left out."""
+        rows = []
+        for job in jobs:
+            try:
+                rows.append(Row(job.decoding, len(job.prompt_ids), self.eos, target,
+                                grammar=job.grammar() if job.grammar else None))
+            except Exception as error:  # one job's bad settings must not fail the batch
+                log.exception("preparing a job's decoding failed")
+                job.fail(f"generation failed: {type(error).__name__}: {error}")
+        return rows
+
     def _generate(self, jobs: List[Job], target) -> None:
+        rows = self._rows(jobs, target)
+        jobs = [job for job in jobs if not job.done]
+        if not jobs:
+            return
         ids, mask, pads = self._pad([job.prompt_ids for job in jobs], target)
-        rows = [Row(job.decoding, len(job.prompt_ids), self.eos, target, grammar=job.grammar() if job.grammar else None)
-                for job in jobs]
         progress = BatchProgress(jobs, rows, self._tokenizer, set(self.eos))
         # Every row picks its own token in RowsProcessor; generate's own processors stay neutral.
         config = generation.generation_config(

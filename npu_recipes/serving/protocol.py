@@ -11,9 +11,10 @@ commonly do, so newer clients keep working. docs/serving.md has the table of eve
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -54,28 +55,94 @@ UNSUPPORTED: Dict[str, str] = {
 _NEUTRAL = (None, False, "", [], {})
 _ALSO_NEUTRAL = {"service_tier": ("auto", "default")}
 
+SEED_RANGE = (-2**63, 2**64 - 1)
+"""The seeds ``torch.Generator.manual_seed`` takes (a signed or unsigned 64-bit integer); choice i
+of a request is seeded with ``seed + i``, so every one of them must lie in this range."""
 
-class TextPart(BaseModel):
+
+class FieldError(ValueError):
+    """A request check that failed because of one field: ``param`` is its dotted path in the body
+    (``messages.0.content``, ``tools.1.function.name``), reported as the error's ``param``."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _lone_surrogate(value, path: str) -> Optional[tuple]:
+    """``(path, text)`` of the first string (key or value) in a parsed JSON body that UTF-8 cannot
+    encode (a lone UTF-16 surrogate such as ``"\\ud800"``, which JSON allows), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path, value
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        found = _lone_surrogate(key, where) if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, where)
+        if found:
+            return found
+    return None
+
+
+class RequestModel(BaseModel):
+    """Base of the request bodies and their parts.
+
+    An explicit ``null`` for a field that has a default means "not given" (OpenAI's API reference
+    marks most optional fields nullable, and the openai client sends ``null`` for an argument
+    passed as None), so ``{"stream": null}`` is ``stream: false``.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if not isinstance(data, dict):
+            return data
+        defaulted = {name for name, info in cls.model_fields.items() if not info.is_required() and info.default is not None}
+        defaulted |= {info.alias for name, info in cls.model_fields.items() if info.alias and name in defaulted}
+        return {key: value for key, value in data.items() if not (value is None and key in defaulted)}
+
+
+class RequestBody(RequestModel):
+    """A whole request body: every string in it must encode as UTF-8 (tokenizers and the chat
+    template take no lone surrogates); a 400 names the first one that does not."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data):
+        found = _lone_surrogate(data, "")
+        if found:
+            path, text = found
+            bad = next(index for index, char in enumerate(text) if 0xD800 <= ord(char) <= 0xDFFF)
+            raise FieldError(path or "body", f"{path or 'body'} holds a lone UTF-16 surrogate (\\u{ord(text[bad]):04x} at "
+                                             f"character {bad}), which is not valid Unicode text; send UTF-8 text")
+        return data
+
+
+class TextPart(RequestModel):
     """A ``{"type": "text", "text": ...}`` content part (the only part type a text model takes)."""
 
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(RequestModel):
     """A called function: its name and its arguments as a JSON text (OpenAI's wire format)."""
 
     name: str
     arguments: str
 
 
-class ToolCall(BaseModel):
+class ToolCall(RequestModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestModel):
     """One conversation turn.
 
     ``content`` is a string or a list of text parts (joined without separator); an assistant turn
@@ -127,34 +194,34 @@ def _arguments(text: str):
         return text
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
     """``stream_options``: ``include_usage`` adds a last chunk carrying token counts."""
 
     include_usage: bool = False
 
 
-class FunctionDefinition(BaseModel):
+class FunctionDefinition(RequestModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: Optional[str] = None
     parameters: Optional[Dict[str, Any]] = None
     strict: Optional[bool] = None
 
 
-class Tool(BaseModel):
+class Tool(RequestModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(RequestModel):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(RequestModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(RequestModel):
     name: str = "response"
     description: Optional[str] = None
     schema_: Optional[Dict[str, Any]] = Field(default=None, alias="schema")
@@ -163,7 +230,7 @@ class JsonSchemaFormat(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(RequestModel):
     """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema``."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -176,10 +243,16 @@ class ResponseFormat(BaseModel):
         return self
 
 
-TokenBias = Annotated[float, Field(ge=-100, le=100)]
+def _bias_in_range(value: float) -> float:
+    if not (math.isfinite(value) and -100 <= value <= 100):
+        raise ValueError(f"must be a number in [-100, 100], not {value}")
+    return value
 
 
-class GenerationRequest(BaseModel):
+TokenBias = Annotated[float, AfterValidator(_bias_in_range)]
+
+
+class GenerationRequest(RequestBody):
     """Fields shared by chat completions and completions.
 
     ``temperature`` 0 means greedy decoding; unset ``temperature``/``top_p``/``top_k`` take the
@@ -209,6 +282,15 @@ class GenerationRequest(BaseModel):
     repetition_penalty: Optional[float] = Field(default=None, gt=0, le=2)
     logit_bias: Optional[Dict[str, TokenBias]] = None
     min_tokens: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _seeds_in_range(self) -> "GenerationRequest":
+        low, high = SEED_RANGE
+        if self.seed is not None and not low <= self.seed <= high - (self.n - 1):
+            raise FieldError("seed", f"seed={self.seed} is outside the seeds this server takes with n={self.n}: "
+                                     f"{low} to {high - (self.n - 1)} (seed + n - 1 seeds the last choice, and "
+                                     f"torch.Generator takes 64-bit seeds)")
+        return self
 
     def unsupported(self) -> Optional[tuple]:
         """``(field, why)`` of the first field in :data:`UNSUPPORTED` given with a non-neutral value, else None."""
@@ -248,14 +330,21 @@ class ChatCompletionRequest(GenerationRequest):
     @model_validator(mode="after")
     def _chat_rules(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.max_tokens == 0:
-            raise ValueError("max_tokens must be at least 1")
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
-                tool.function.name for tool in self.tools or []}:
-            raise ValueError(f"tool_choice names the function {self.tool_choice.function.name!r}, which is not in tools")
+            raise FieldError("max_tokens", "max_tokens must be at least 1")
+        names: Dict[str, int] = {}
+        for index, tool in enumerate(self.tools or []):
+            name = tool.function.name
+            if name in names:
+                raise FieldError(f"tools.{index}.function.name", f"tools.{index}.function.name {name!r} is also the "
+                                                                 f"name of tools.{names[name]}; function names must be unique")
+            names[name] = index
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise FieldError("tool_choice.function.name", f"tool_choice names the function "
+                                                          f"{self.tool_choice.function.name!r}, which is not in tools")
         if self.tool_choice == "required" and not self.tools:
-            raise ValueError("tool_choice 'required' needs tools")
+            raise FieldError("tool_choice", "tool_choice 'required' needs tools")
         return self
 
     def requested_max_tokens(self) -> Optional[int]:
@@ -282,9 +371,9 @@ class CompletionRequest(GenerationRequest):
     @model_validator(mode="after")
     def _completion_rules(self) -> "CompletionRequest":
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens 0 is allowed only with echo (scoring the prompt)")
+            raise FieldError("max_tokens", "max_tokens 0 is allowed only with echo (scoring the prompt)")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of={self.best_of} differs from n={self.n}; best_of > n is not implemented")
+            raise FieldError("best_of", f"best_of={self.best_of} differs from n={self.n}; best_of > n is not implemented")
         return self
 
     def prompts(self) -> List[Union[str, List[int]]]:
@@ -315,7 +404,7 @@ class CompletionRequest(GenerationRequest):
         return self.max_tokens
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     """vLLM's ``POST /tokenize``: a ``prompt``, or ``messages`` rendered by the chat template."""
 
     model_config = ConfigDict(extra="ignore")
@@ -330,7 +419,7 @@ class TokenizeRequest(BaseModel):
     @model_validator(mode="after")
     def _one_input(self) -> "TokenizeRequest":
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("send exactly one of prompt and messages")
+            raise FieldError("prompt", "send exactly one of prompt and messages")
         return self
 
 
@@ -341,7 +430,7 @@ class TokenizeResponse(BaseModel):
     token_strs: Optional[List[str]] = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None

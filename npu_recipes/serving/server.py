@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from pathlib import Path
@@ -11,6 +12,7 @@ from npu_recipes.config.schema import ModelConfig, ServeConfig
 from npu_recipes.errors import UserError
 from npu_recipes.infer.adapters import Adapter, base_model_config
 from npu_recipes.infer.loading import LoadedModel
+from npu_recipes.model import pretrained
 from npu_recipes.run import manifest
 from npu_recipes.runtime.devices import Device
 from npu_recipes.serving.launcher import READY_MESSAGE
@@ -84,7 +86,8 @@ def bind(host: str, port: int) -> socket.socket:
     own ``Config.bind_socket`` would announce "Uvicorn running" at this point already.)
 
     Raises:
-        UserError: the address is in use or not available on this machine.
+        UserError: the host is not an address of this machine (the fix is about ``serve.host``),
+            or the port is in use or privileged (the fix is about ``serve.port``).
     """
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -92,10 +95,15 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise UserError(
-            f"cannot listen on {host}:{port} ({error.strerror})",
-            fix="pass another serve.port (0 picks a free one) or stop the process using it",
-        ) from None
+        if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+            # The host is at fault: not an address or name at all, or not one of this machine's.
+            fix = (f"pass a serve.host this machine has: 127.0.0.1 (this machine only), 0.0.0.0 (every network "
+                   f"interface), or one of its own addresses or names; {host!r} is not")
+        elif error.errno == errno.EACCES:
+            fix = "pass a serve.port of 1024 or above (lower ports need administrator rights), or 0 for a free one"
+        else:
+            fix = "pass another serve.port (0 picks a free one) or stop the process using it"
+        raise UserError(f"cannot listen on {host}:{port} ({error.strerror})", fix=fix) from None
     return sock
 
 
@@ -126,11 +134,37 @@ def serve(loaded: LoadedModel, settings: ServeConfig, device: Device, sock: sock
 
 
 
+def check_max_model_len(max_model_len: Optional[int], loaded: LoadedModel) -> None:
+    """Refuse a ``serve.max_model_len`` longer than the model's context, as training refuses such a
+    ``train.max_length``: positions beyond it were never trained, and requests would be admitted
+    only to produce garbage. The context is :func:`npu_recipes.model.pretrained.context_length` of
+    the model's directory (rope scaling counted), else its ``max_position_embeddings``.
+
+    Raises:
+        UserError: names both lengths and the fix.
+    """
+    if max_model_len is None:
+        return
+    config = loaded.model.config
+    directory = Path(str(getattr(config, "_name_or_path", "")))
+    if (directory / "config.json").is_file():
+        context, source = pretrained.context_length(str(directory))
+    else:
+        context = config.max_position_embeddings
+        source = f"max_position_embeddings={context} in its config"
+    if max_model_len > context:
+        raise UserError(
+            f"serve.max_model_len={max_model_len} exceeds the context of {loaded.base.name_or_path}: {context} tokens ({source})",
+            fix=f"pass serve.max_model_len={context} or less, or leave it unset to serve the model's whole context",
+        )
+
+
 def build_backend(loaded: LoadedModel, settings: ServeConfig, device: Device):
     """The routes' :class:`~npu_recipes.serving.app.Backend`: model ids, engine, grammars, metrics.
 
     Raises:
-        UserError: an adapter is named like the base model.
+        UserError: an adapter is named like the base model, or ``serve.max_model_len`` exceeds the
+            model's context (:func:`check_max_model_len`).
     """
     from npu_recipes.serving import engines, tools
     from npu_recipes.serving.app import Backend
@@ -145,6 +179,7 @@ def build_backend(loaded: LoadedModel, settings: ServeConfig, device: Device):
             fix="rename the adapter in adapters={name: path} or set serve.served_model_name",
         )
     max_model_len = settings.max_model_len or loaded.model.config.max_position_embeddings
+    check_max_model_len(settings.max_model_len, loaded)
     metrics = Metrics(settings.max_batch_size)
     engine = engines.create(loaded, settings, device, metrics)
     return Backend(
