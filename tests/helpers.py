@@ -53,6 +53,33 @@ def load_for_generation(config, device):
     return loading.load(adapters.base_model_config(config.model, parsed, compose.command_line_keys()), parsed, device)
 
 
+FIXED_PROMPTS = [
+    [{"role": "user", "content": "Ava has 12 apples and gets 30 more. How many apples does Ava have now?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 * 8?"}],
+]
+"""The chat prompts :func:`fixed_batch_logits` runs."""
+
+
+def fixed_batch_logits(*overrides: str):
+    """Logits ``[2, tokens, vocab]`` of :data:`FIXED_PROMPTS` (left-padded) in fp32 on the CPU, padding
+    positions zeroed, for the model ``overrides`` name (several adapters are stacked, as the infer stage
+    applies them): merge tests compare these before and after a merge."""
+    import torch
+
+    from npu_recipes.config import compose
+    from npu_recipes.infer import loading
+    from npu_recipes.runtime import devices
+
+    loaded = load_for_generation(compose.compose(["device=cpu", *overrides]), devices.resolve("cpu"))
+    loading.stack_adapters(loaded)
+    texts = [loaded.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in FIXED_PROMPTS]
+    batch = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert loaded.model.dtype == torch.float32
+    with torch.no_grad():
+        logits = loaded.model(**batch).logits
+    return logits * batch["attention_mask"].unsqueeze(-1)
+
+
 def run_in_process(*overrides: str) -> None:
     """Compose, validate and run a stage in this process, as the CLI does once it has parsed its
     arguments: for tests of what a stage produces. The CLI contract (exit status, the printed error

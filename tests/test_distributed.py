@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from npu_recipes.data import demo
-from tests.helpers import REPO, read_jsonl, run_cli, run_in_process
+from tests.helpers import REPO, fixed_batch_logits, read_jsonl, run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -414,3 +414,14 @@ def test_a_node_that_does_not_share_the_run_directory_is_refused_before_training
     assert "Traceback" not in errors[0] + errors[1]
     # Nothing trained, and node 0 removed the run it had created.
     assert not run.exists() and not (node1_disk / "run" / "logging.jsonl").exists()
+
+
+def test_merge_of_a_zero3_lora_equals_base_plus_adapter(runs, tmp_path):
+    """A LoRA trained under DeepSpeed ZeRO-3 (two processes over gloo: this module's two-node run) merges
+    like a single-process one: merged logits equal base plus adapter within 1e-4."""
+    run, _ = runs.get("zero3", "lora")
+    checkpoint, merged = run / f"checkpoint-{STEPS}", tmp_path / "merged"
+    run_in_process("stage=merge", "device=cpu", f"adapters={checkpoint}", "merge.torch_dtype=float32", f"merge.output_dir={merged}")
+    with_adapter = fixed_batch_logits(f"adapters={checkpoint}")
+    assert (with_adapter - fixed_batch_logits()).abs().max() > 0.05, "the ZeRO-3 LoRA should change the logits"
+    assert (fixed_batch_logits("model=local", f"model.name_or_path={merged}") - with_adapter).abs().max() <= 1e-4

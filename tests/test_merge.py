@@ -7,14 +7,10 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from npu_recipes.config import compose
-from npu_recipes.infer import loading
 from npu_recipes.model import tiny
 from npu_recipes.run import lock
-from npu_recipes.runtime import devices
-from tests.helpers import load_for_generation, run_cli, run_in_process
+from tests.helpers import fixed_batch_logits, run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -23,38 +19,14 @@ pytestmark = pytest.mark.slow
 TRAIN = ("device=cpu", "train.max_steps=8", "train.save_steps=8", "train.gradient_accumulation_steps=1",
          "train.learning_rate=1e-2", "train.logging_steps=4", "dataset.val_split_ratio=0", "lora.lora_dropout=0")
 
-PROMPTS = [
-    [{"role": "user", "content": "Ava has 12 apples and gets 30 more. How many apples does Ava have now?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 * 8?"}],
-]
-
-
 def _train(run, *extra):
-    """A LoRA of 8 steps: in this process, or through the CLI (torchrun) for a multi-process parallelism."""
-    if any(argument.startswith("parallelism=") for argument in extra):
-        result = run_cli(*TRAIN, *extra, f"output_dir={run}")
-        assert result.returncode == 0, result.stderr[-3000:]
-    else:
-        run_in_process(*TRAIN, *extra, f"output_dir={run}")
+    """A LoRA of 8 steps, trained in this process (the ZeRO-3 merge test lives in test_distributed.py, on its run)."""
+    run_in_process(*TRAIN, *extra, f"output_dir={run}")
     return run / "checkpoint-8"
 
 
 def _merge(*args):
     run_in_process("stage=merge", "device=cpu", *args)
-
-
-def _logits(*overrides):
-    """Logits of the fixed batch (2 chat prompts, left-padded) in fp32 on the CPU, padding positions zeroed.
-
-    Several adapters are stacked, as the infer stage applies them."""
-    loaded = load_for_generation(compose.compose(["device=cpu", *overrides]), devices.resolve("cpu"))
-    loading.stack_adapters(loaded)
-    texts = [loaded.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in PROMPTS]
-    batch = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    assert loaded.model.dtype == torch.float32
-    with torch.no_grad():
-        logits = loaded.model(**batch).logits
-    return logits * batch["attention_mask"].unsqueeze(-1)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +41,9 @@ def merged(lora_checkpoint):
 
 
 def test_merged_logits_equal_base_plus_adapter(lora_checkpoint, merged):
-    with_adapter = _logits(f"adapters={lora_checkpoint}")
-    base = _logits()
-    merged_logits = _logits("model=local", f"model.name_or_path={merged}")
+    with_adapter = fixed_batch_logits(f"adapters={lora_checkpoint}")
+    base = fixed_batch_logits()
+    merged_logits = fixed_batch_logits("model=local", f"model.name_or_path={merged}")
     assert (with_adapter - base).abs().max() > 0.05, "the trained LoRA should change the logits"
     assert (merged_logits - with_adapter).abs().max() <= 1e-4
 
@@ -121,7 +93,7 @@ def test_merge_with_nproc_per_node_set_runs_once_and_replaces_with_exist_ok(lora
     assert json.loads((target / "manifest.json").read_text())["base_model"] == json.loads(
         (merged / "manifest.json").read_text())["base_model"]
     assert not list(tmp_path.glob(".*"))
-    assert (_logits("model=local", f"model.name_or_path={target}") - _logits(f"adapters={lora_checkpoint}")).abs().max() <= 1e-4
+    assert (fixed_batch_logits("model=local", f"model.name_or_path={target}") - fixed_batch_logits(f"adapters={lora_checkpoint}")).abs().max() <= 1e-4
 
 
 def test_lora_trained_on_a_merged_model_merges_again(merged, tmp_path):
@@ -130,9 +102,9 @@ def test_lora_trained_on_a_merged_model_merges_again(merged, tmp_path):
     merged_again = checkpoint.with_name(checkpoint.name + "-merged")
     manifest = json.loads((merged_again / "manifest.json").read_text())
     assert manifest["base_model"] == str(merged)
-    with_adapter = _logits(f"adapters={checkpoint}")
-    assert (with_adapter - _logits("model=local", f"model.name_or_path={merged}")).abs().max() > 0.05
-    assert (_logits("model=local", f"model.name_or_path={merged_again}") - with_adapter).abs().max() <= 1e-4
+    with_adapter = fixed_batch_logits(f"adapters={checkpoint}")
+    assert (with_adapter - fixed_batch_logits("model=local", f"model.name_or_path={merged}")).abs().max() > 0.05
+    assert (fixed_batch_logits("model=local", f"model.name_or_path={merged_again}") - with_adapter).abs().max() <= 1e-4
 
 
 def test_stacked_adapters_merge_into_what_infer_applies(lora_checkpoint, tmp_path):
@@ -141,9 +113,9 @@ def test_stacked_adapters_merge_into_what_infer_applies(lora_checkpoint, tmp_pat
     target = tmp_path / "stacked"
     _merge(stacked, f"merge.output_dir={target}", "merge.torch_dtype=float32")
     assert [a["name"] for a in json.loads((target / "manifest.json").read_text())["adapters"]] == ["checkpoint-8", "checkpoint-8_2"]
-    with_both = _logits(stacked)
-    assert (with_both - _logits(f"adapters={lora_checkpoint}")).abs().max() > 0.05
-    assert (_logits("model=local", f"model.name_or_path={target}") - with_both).abs().max() <= 1e-4
+    with_both = fixed_batch_logits(stacked)
+    assert (with_both - fixed_batch_logits(f"adapters={lora_checkpoint}")).abs().max() > 0.05
+    assert (fixed_batch_logits("model=local", f"model.name_or_path={target}") - with_both).abs().max() <= 1e-4
 
 
 def test_merge_without_adapters_says_what_to_pass():
@@ -151,13 +123,3 @@ def test_merge_without_adapters_says_what_to_pass():
     assert result.returncode == 2
     assert "stage=merge needs the LoRA checkpoint to merge" in result.stderr and "adapters=RUN_DIR/checkpoint-N" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_merge_of_a_zero3_lora_equals_base_plus_adapter(tmp_path):
-    """A LoRA trained under DeepSpeed ZeRO-3 (2 CPU processes over gloo) merges like a single-process one."""
-    checkpoint = _train(tmp_path / "zero3", "parallelism=zero3", "parallelism.nproc_per_node=2")
-    _merge(f"adapters={checkpoint}", "merge.torch_dtype=float32")
-    with_adapter = _logits(f"adapters={checkpoint}")
-    merged_logits = _logits("model=local", f"model.name_or_path={checkpoint.with_name(checkpoint.name + '-merged')}")
-    assert (with_adapter - _logits()).abs().max() > 0.05, "the ZeRO-3 LoRA should change the logits"
-    assert (merged_logits - with_adapter).abs().max() <= 1e-4
