@@ -20,7 +20,7 @@ from fastapi.sse import EventSourceResponse
 from jinja2.exceptions import TemplateError
 
 from npu_recipes.serving import grammar, protocol, replies, tools
-from npu_recipes.serving.app import CLIENT_CLOSED_REQUEST, ApiError, Backend, events, sse
+from npu_recipes.serving.backend import CLIENT_CLOSED_REQUEST, ApiError, Backend, events, sse
 from npu_recipes.serving.decoding import Decoding, bias_table
 from npu_recipes.serving.jobs import Channel, Delta, Failed, Finished, Job, PromptScored
 

@@ -160,14 +160,14 @@ def check_max_model_len(max_model_len: Optional[int], loaded: LoadedModel) -> No
 
 
 def build_backend(loaded: LoadedModel, settings: ServeConfig, device: Device):
-    """The routes' :class:`~npu_recipes.serving.app.Backend`: model ids, engine, grammars, metrics.
+    """The routes' :class:`~npu_recipes.serving.backend.Backend`: model ids, engine, grammars, metrics.
 
     Raises:
         UserError: an adapter is named like the base model, or ``serve.max_model_len`` exceeds the
             model's context (:func:`check_max_model_len`).
     """
     from npu_recipes.serving import engines, tools
-    from npu_recipes.serving.app import Backend
+    from npu_recipes.serving.backend import Backend
     from npu_recipes.serving.grammar import Grammars
     from npu_recipes.serving.metrics import Metrics
 
