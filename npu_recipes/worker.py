@@ -52,6 +52,20 @@ def _stop_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _leave_process_group() -> None:
+    """Wait for every rank, then close the process group, as the last step of a rank whose stage ended well.
+
+    Without it a rank that had finished while rank 0 still wrote the final checkpoint exited with the
+    group open, and tearing down gloo's threads under DeepSpeed aborted it ("terminate called without an
+    active exception"): torchrun then stopped rank 0 mid-save (2 ZeRO runs in about 6 runs of the suite).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Load ``resolved.yaml`` (the only argument) and run its stage in this rank.
 
@@ -74,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_resolved(resolved)
         lock.join(run_dir.path)
         runner.run_worker(config, run_dir, placement.rank)
+        _leave_process_group()
     except (UserError, errors.LostPeer, Interrupted, KeyboardInterrupt, errors.Terminated, OSError) as error:
         # Every rank reports its own bad input (ranks but 0 into their log); rank 0 says where an
         # interrupted run saved; a signal is reported once, by the launcher.

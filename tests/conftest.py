@@ -80,15 +80,3 @@ def npu_smi_texts() -> dict:
 settings.register_profile("full", max_examples=50)
 settings.register_profile("fast", max_examples=25, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "full"))
-
-
-LONGEST_FILES_FIRST = ("test_distributed.py", "test_troubleshooting.py", "test_resume_faults.py", "test_resume.py")
-"""Test files that take longest (about 245, 100, 90 and 55 s on 2 idle cores), run first."""
-
-
-def pytest_collection_modifyitems(config, items):
-    """Order the longest files first. `make test` hands whole files to 2 workers (--dist loadfile) in
-    collection order; the longest one (a third of the suite's time) collected in the middle left one
-    worker busy about 30 s after the other had finished. Stable: the order within a file is kept."""
-    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
