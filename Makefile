@@ -33,7 +33,7 @@ PY ?= $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 PYTEST_ARGS ?= -n 2 --dist loadfile
-FAST_PYTEST_ARGS ?= -m "not slow and not cli" -p no:cacheprovider
+FAST_PYTEST_ARGS ?= -n 2 -m "not slow and not cli" -p no:cacheprovider
 RECIPE_TARGETS := $(subst _,-,$(filter-out demo,$(basename $(notdir $(wildcard recipes/*.yaml)))))
 
 .PHONY: install demo test test-fast lint clean list docs other-interpreter $(RECIPE_TARGETS)
