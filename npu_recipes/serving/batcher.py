@@ -36,6 +36,16 @@ class BatchStats:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def record(self, job: Job) -> None:
+        """Count a job that has ended, by its outcome, and the tokens generated for it."""
+        if job.outcome == "cancelled":
+            self.cancelled += 1
+        elif job.outcome == "failed":
+            self.failed += 1
+        else:
+            self.completed += 1
+        self.completion_tokens += job.completion_tokens
+
 
 class Batcher:
     """Queue jobs from any thread; run them in batches of equal ``batch_key`` on one worker thread.
@@ -136,13 +146,7 @@ class Batcher:
                     if not job.done:
                         job.fail(f"generation failed: {type(error).__name__}: {error}")
             for job in batch:
-                if job.outcome == "cancelled":
-                    self.stats.cancelled += 1
-                elif job.outcome == "failed":
-                    self.stats.failed += 1
-                else:
-                    self.stats.completed += 1
-                self.stats.completion_tokens += job.completion_tokens
+                self.stats.record(job)
             if self._metrics is not None:
                 self._metrics.generation_tokens.inc(sum(job.completion_tokens for job in batch))
                 self._metrics.batch_ended()

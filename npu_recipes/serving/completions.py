@@ -151,15 +151,15 @@ def _chat_prompt(backend: Backend, messages: List[protocol.ChatMessage], tool_li
     return backend.tokenizer(render(backend, messages, tool_list), add_special_tokens=False)["input_ids"]
 
 
-async def _chat_matcher(backend: Backend, body: protocol.ChatCompletionRequest, tools_on: bool) -> Optional[Callable]:
-    """A factory of grammar matchers for the request (None: unconstrained), compiled once here so a bad schema is a 400."""
-    forced = tools_on and (body.tool_choice == "required" or isinstance(body.tool_choice, protocol.NamedToolChoice))
+async def _chat_matcher(backend: Backend, body: protocol.ChatCompletionRequest, tool_list: Optional[List[dict]]) -> Optional[Callable]:
+    """A factory of grammar matchers for the request (None: unconstrained), compiled once here so a bad schema is a 400.
+    ``tool_list``: the request's tools as dicts, None when tools are off."""
+    forced = tool_list is not None and (body.tool_choice == "required" or isinstance(body.tool_choice, protocol.NamedToolChoice))
     schema = grammar.json_schema_of(body.response_format)
     if forced and schema is not None:
         raise ApiError(400, "response_format cannot be combined with tool_choice 'required' or a named function",
                        param="response_format")
     if forced:
-        tool_list = [tool.model_dump(exclude_none=True) for tool in body.tools]
         choice = body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump()
 
         def make():
@@ -186,7 +186,7 @@ async def chat(backend: Backend, body: protocol.ChatCompletionRequest, request: 
     tool_list = [tool.model_dump(exclude_none=True) for tool in body.tools] if tools_on else None
     _check_fields(backend, body)
     prompts = [await asyncio.to_thread(_chat_prompt, backend, body.messages, tool_list)]
-    matcher = await _chat_matcher(backend, body, tools_on)
+    matcher = await _chat_matcher(backend, body, tool_list)
     top = (body.top_logprobs or 0) if body.logprobs else None
     channel, jobs = _jobs(backend, body, prompts, "messages", top, matcher)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -192,13 +192,7 @@ class ContinuousEngine:
         with self._lock:
             self._in_flight -= 1
             self._occupancy()
-            if job.outcome == "cancelled":
-                self._stats.cancelled += 1
-            elif job.outcome == "failed":
-                self._stats.failed += 1
-            else:
-                self._stats.completed += 1
-            self._stats.completion_tokens += job.completion_tokens
+            self._stats.record(job)
         self._metrics.generation_tokens.inc(job.completion_tokens)
 
     def _occupancy(self) -> None:
