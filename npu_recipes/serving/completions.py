@@ -42,11 +42,11 @@ def _check_fields(backend: Backend, body: protocol.GenerationRequest) -> tuple:
 
 
 def _jobs(backend: Backend, body: protocol.GenerationRequest, prompts: List[List[int]], prompt_param: str,
-          top_logprobs: Optional[int], matcher: Optional[Callable[[], object]] = None,
+          top_logprobs: Optional[int], logit_bias: tuple, matcher: Optional[Callable[[], object]] = None,
           prompt_logprobs: Optional[int] = None) -> tuple:
-    """One job per choice of every prompt (``n`` each), queued; returns (channel, jobs)."""
+    """One job per choice of every prompt (``n`` each), queued; returns (channel, jobs). ``logit_bias``
+    is :func:`_check_fields`' table."""
     adapter = backend.adapter_for(body.model)
-    logit_bias = _check_fields(backend, body)
     budgets = [backend.completion_budget(len(ids), body.requested_max_tokens(), prompt_param) for ids in prompts]
     channel = Channel()
     jobs = []
@@ -184,11 +184,11 @@ async def chat(backend: Backend, body: protocol.ChatCompletionRequest, request: 
     tools_on = bool(body.tools) and body.tool_choice != "none"
     names = [tool.function.name for tool in body.tools] if tools_on else None
     tool_list = [tool.model_dump(exclude_none=True) for tool in body.tools] if tools_on else None
-    _check_fields(backend, body)
+    logit_bias = _check_fields(backend, body)
     prompts = [await asyncio.to_thread(_chat_prompt, backend, body.messages, tool_list)]
     matcher = await _chat_matcher(backend, body, tool_list)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    channel, jobs = _jobs(backend, body, prompts, "messages", top, matcher)
+    channel, jobs = _jobs(backend, body, prompts, "messages", top, logit_bias, matcher)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     token_text = replies.TokenText(backend.tokenizer)
 
@@ -252,6 +252,7 @@ async def complete(backend: Backend, body: protocol.CompletionRequest, request: 
     problem = body.prompt_problem(backend.vocab_size)
     if problem is not None:
         raise ApiError(400, problem[1], param=problem[0])
+    logit_bias = _check_fields(backend, body)
     given = body.prompts()
 
     def encode() -> tuple:
@@ -263,7 +264,7 @@ async def complete(backend: Backend, body: protocol.CompletionRequest, request: 
     prompts, echoes = await asyncio.to_thread(encode)
     top = body.logprobs
     scored = top if body.echo and top is not None else None
-    channel, jobs = _jobs(backend, body, prompts, "prompt", top, prompt_logprobs=scored)
+    channel, jobs = _jobs(backend, body, prompts, "prompt", top, logit_bias, prompt_logprobs=scored)
     reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     token_text = replies.TokenText(backend.tokenizer)
 

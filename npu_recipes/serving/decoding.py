@@ -214,7 +214,7 @@ class Row:
         probabilities = torch.softmax(scores[0], dim=-1)
         return int(torch.multinomial(probabilities, 1, generator=self._generator))
 
-    def record(self, token: int, raw: torch.Tensor, logprobs: Optional[torch.Tensor]) -> None:
+    def record(self, token: int, logprobs: Optional[torch.Tensor]) -> None:
         """Note the chosen token (advancing the grammar) and, when asked for, its log-probabilities."""
         self.generated.append(token)
         if self.grammar is not None:
@@ -252,7 +252,7 @@ class RowsProcessor(LogitsProcessor):
             try:
                 if not row.plain_greedy:
                     chosen[index] = row.choose(input_ids[index:index + 1, self._pad[index]:], scores[index].float())
-                row.record(chosen[index], scores[index], None if logprobs is None else logprobs[index])
+                row.record(chosen[index], None if logprobs is None else logprobs[index])
             except Exception as error:  # one row's bad settings must not fail the batch
                 log.exception("choosing the next token of batch row %d failed", index)
                 row.error, row.stopped = f"{type(error).__name__}: {error}", True

@@ -89,10 +89,6 @@ class Grammars:
                 banned[token] = True
         return banned
 
-    def json_object(self) -> Matcher:
-        """Any JSON object (``response_format: {"type": "json_object"}``)."""
-        return self.json_schema({"type": "object"})
-
     def json_schema(self, schema: dict) -> Matcher:
         """JSON valid against ``schema``, without free whitespace (a small model would otherwise pad forever).
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple, Union
 
@@ -40,7 +39,6 @@ class Finished:
 
     index: int
     finish_reason: str
-    prompt_tokens: int
     completion_tokens: int
 
 
@@ -113,8 +111,6 @@ class Job:
         self.cancelled = threading.Event()
         self.outcome: Optional[str] = None
         self.completion_tokens = 0
-        self.queued_at = time.monotonic()
-        self.first_token_at: Optional[float] = None
 
     @property
     def batch_key(self) -> Optional[str]:
@@ -129,8 +125,6 @@ class Job:
     def emit(self, text: str, logprobs: Tuple[TokenChoice, ...] = ()) -> None:
         """Send new text and the new tokens' log-probabilities (nothing when both are empty)."""
         if text or logprobs:
-            if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
             self.channel.put(Delta(self.index, text, logprobs))
 
     def scored(self, logprobs: Tuple[TokenChoice, ...]) -> None:
@@ -140,7 +134,7 @@ class Job:
     def finish(self, finish_reason: str) -> None:
         """Mark complete and send :class:`Finished`."""
         self.outcome = finish_reason
-        self.channel.put(Finished(self.index, finish_reason, len(self.prompt_ids), self.completion_tokens))
+        self.channel.put(Finished(self.index, finish_reason, self.completion_tokens))
 
     def fail(self, message: str) -> None:
         """Mark failed and send :class:`Failed`."""
