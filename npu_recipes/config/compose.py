@@ -15,7 +15,7 @@ import os
 import posixpath
 import typing
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -280,8 +280,8 @@ def group_options() -> Dict[str, List[str]]:
 
 
 _RECIPE_FILE_SUFFIXES = (".yaml", ".yml")
-_recipe_files: Dict[str, str] = {}
-"""Recipe files registered by :func:`recipe_file_overrides` in this process: option name -> absolute path."""
+_recipe_files: Set[str] = set()
+"""Option names of the recipe files registered by :func:`recipe_file_overrides` in this process."""
 
 
 def is_recipe_file(value: str) -> bool:
@@ -317,7 +317,7 @@ def recipe_file_overrides(overrides: List[str]) -> List[str]:
         node.recipe = path.stem
         register([_included(name, entry) for entry, _ in _included_recipes(node)])
         ConfigStore.instance().store(group=RECIPE_GROUP, name=name, node=node, package="_global_")
-        _recipe_files[name] = str(path.absolute())
+        _recipe_files.add(name)
         rewritten.append(f"+{RECIPE_GROUP}={name}")
     return rewritten
 
@@ -398,7 +398,7 @@ def check_overrides(overrides: List[str], multirun: bool = False) -> None:
         if key in groups:
             if key == RECIPE_GROUP:
                 recipes.append(override.input_line)
-            _check_group_override(override, groups[key] + (list(_recipe_files) if key == RECIPE_GROUP else []))
+            _check_group_override(override, groups[key] + (sorted(_recipe_files) if key == RECIPE_GROUP else []))
             continue
         is_field = _check_key(key)
         if override.is_add() and is_field:

@@ -73,7 +73,7 @@ def check(kernels: str, attn_implementation: str, device: Device) -> None:
             "to torch_npu's npu_fusion_attention)",
             fix="use model.attn_implementation=auto (flash_attention_2 on an NPU when packing) or flash_attention_2",
         )
-    if attn_implementation == "flash_attention_3" and device.type != "npu" and (device.type != "cuda" or _missing("flash_attn_interface")):
+    if attn_implementation == "flash_attention_3" and (device.type != "cuda" or _missing("flash_attn_interface")):
         raise UserError(
             f"model.attn_implementation=flash_attention_3 needs a CUDA GPU with the flash-attn-3 package "
             f"(flash_attn_interface), but this run's device is {device.type}"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from npu_recipes import atomic
-from npu_recipes.config import swift
+from npu_recipes.config import schedulers, swift, validate
 from npu_recipes.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -69,8 +69,8 @@ def git_commit() -> Optional[str]:
 
 
 LAUNCH_VARIABLES = (
-    "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "ASCEND_RT_VISIBLE_DEVICES",
-    "CUDA_VISIBLE_DEVICES", "HCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NPU_RECIPES_SAME_HOST_NODES",
+    *schedulers.SWIFT.values(), "ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES", "HCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
+    validate.SAME_HOST_NODES,
 )
 """Environment variables that change what the same arguments launch (process count, node numbering, master,
 visible devices, network interfaces): the recorded command sets those that were set."""

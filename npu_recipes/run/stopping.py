@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 from transformers import TrainerCallback
 
+from npu_recipes import errors
 from npu_recipes.errors import Interrupted
 from npu_recipes.run import checkpoints, manifest
 from npu_recipes.run.rundir import RunDir
@@ -213,11 +214,11 @@ def abandon(run_dir: RunDir, records: bool, stop_timeout: float, signal_number: 
                                     last_checkpoint=newest)
         except Exception as error:  # the exit must not wait on a broken disk
             log.warning("could not record the stop in the manifest: %s", error)
-        print(f"npu_recipes: error: stopped by {name}, but training step {step} did not end within "
-              f"parallelism.stop_timeout={stop_timeout:g} s: it was abandoned, unsaved; "
-              + (f"newest complete checkpoint: {newest}" if newest else "no checkpoint was saved")
-              + f"\n  fix: rerun the same command (with output_dir={run_dir.path}) to resume from "
-              + ("that checkpoint" if newest else "step 0") + "; raise parallelism.stop_timeout if a step takes longer",
-              file=sys.stderr, flush=True)
+        # print_block ends the Trainer's progress bar first: it is live when this timer fires.
+        errors.print_block(f"npu_recipes: error: stopped by {name}, but training step {step} did not end within "
+                           f"parallelism.stop_timeout={stop_timeout:g} s: it was abandoned, unsaved; "
+                           + (f"newest complete checkpoint: {newest}" if newest else "no checkpoint was saved")
+                           + f"\n  fix: rerun the same command (with output_dir={run_dir.path}) to resume from "
+                           + ("that checkpoint" if newest else "step 0") + "; raise parallelism.stop_timeout if a step takes longer")
     sys.stdout.flush()
     os._exit(128 + signal_number)

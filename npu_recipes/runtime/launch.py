@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from npu_recipes import atomic
+from npu_recipes.config import schedulers
 from npu_recipes.config.resolved import RESOLVED
 from npu_recipes.config.schema import ParallelismConfig
 from npu_recipes.errors import UserError
@@ -51,13 +52,7 @@ NODE_RANK_VARIABLE = "NPU_RECIPES_NODE_RANK"
 LOGS = "logs"
 """Run-directory folder where every rank but 0 writes its output, as ``rank<N>.log``."""
 
-ENVIRONMENT_SETTINGS: Dict[str, str] = {
-    "NPROC_PER_NODE": "nproc_per_node",
-    "NNODES": "nnodes",
-    "NODE_RANK": "node_rank",
-    "MASTER_ADDR": "master_addr",
-    "MASTER_PORT": "master_port",
-}
+ENVIRONMENT_SETTINGS: Dict[str, str] = {variable: key for key, variable in schedulers.SWIFT.items()}
 """swift's launch variables and the ``parallelism.*`` keys they mean."""
 
 _SINGLE_PROCESS_SETTINGS = ("NPROC_PER_NODE", "NNODES")

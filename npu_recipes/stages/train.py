@@ -188,6 +188,7 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
     nan_guard = NanGuard(config.nan_guard, run_dir, deepspeed=deepspeed_config.uses_deepspeed(config.parallelism))
     stop = stopping.StopOnSignal(device, args.world_size, abort_on_repeat=args.world_size == 1, stop_timeout=config.parallelism.stop_timeout,
                                  on_timeout=functools.partial(stopping.abandon, run_dir, rank_zero, config.parallelism.stop_timeout))
+    recorded = run_dir.read_manifest()
     trainer = RecipeTrainer(
         model=model, args=args, train_dataset=train_dataset, data_collator=collator, processing_class=tokenizer,
         eval_dataset=None if splits.eval is None else splits.eval.remove_columns(sources.ROW_ID),
@@ -195,10 +196,10 @@ def fit(config: RecipeConfig, run_dir: RunDir, device: devices.Device, tokenizer
         # on a signal comes after it, because that checkpoint is the only record of the steps since the last save.
         callbacks=[JsonlLogger(run_dir, device, peak, args.world_size), SaveAndEvaluateAtEnd(), CurrentIntervals(), nan_guard, stop],
         flops_model=flops.FlopsModel.from_model(model, model.config), nan_guard=nan_guard, device=device, cu_seq_lens=chosen.cu_seq_lens,
-        save_total_limit=config.train.save_total_limit, weights_only_resume=run_dir.read_manifest().resume_weights_only,
+        save_total_limit=config.train.save_total_limit, weights_only_resume=recorded.resume_weights_only,
     )
     title = f"{config.recipe}: {config.model.name_or_path.split('/')[-1]}"
-    resume_from = run_dir.read_manifest().resume_from
+    resume_from = recorded.resume_from
     if resume_from:
         log.info("resuming from %s", resume_from)
         if 0 < config.train.max_steps <= (checkpoints.step_of(resume_from) or 0):
