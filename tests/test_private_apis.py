@@ -63,6 +63,25 @@ def test_trainer__save_checkpoint_and__get_output_dir(tmp_path):
     assert not list(tmp_path.glob(".partial-*")), "the staging directory must be renamed away"
 
 
+def test_trainer__get_grad_norm(tmp_path):
+    """``Trainer._get_grad_norm(model, grad_norm=None)`` returns the step's gradient norm (the clipping norm
+    when clipping ran) just before ``on_pre_optimizer_step``; RecipeTrainer hands it to the NaN guard, which
+    reads it there instead of computing a second norm over every gradient."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._get_grad_norm).parameters) == ["self", "model", "grad_norm"]
+    import transformers.trainer
+
+    source = inspect.getsource(transformers.trainer)
+    call = source.index("grad_norm = self._get_grad_norm(")
+    assert "on_pre_optimizer_step" in source[call:call + 300], "the norm must be computed right before the callback"
+    trainer = _trainer(tmp_path)
+    seen = []
+    trainer.nan_guard.observe_grad_norm = seen.append
+    trainer.train()
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor) and torch.isfinite(seen[0]) and seen[0] > 0
+
+
 def test_trainer__load_from_checkpoint(tmp_path):
     """``Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)`` loads a checkpoint's weights;
     one made for another model becomes a UserError naming the checkpoint."""

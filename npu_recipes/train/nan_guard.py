@@ -9,8 +9,9 @@ in a row the run stops with a :class:`RunStopped` error that names the fixes.
 Nothing here reads a device value inside a step on the default path:
 
 * the decision is made on the device: ``skip = any rank's loss not finite or the gradient norm not
-  finite`` (one fused norm over the gradients, after the Trainer's all-reduce and clipping; the loss
-  flag is all-reduced with MAX, a collective without a host read);
+  finite`` (the norm the Trainer computes for clipping, after its all-reduce, handed over by
+  :meth:`NanGuard.observe_grad_norm`, so the gradients are read once; the loss flag is all-reduced
+  with MAX, a collective without a host read);
 * an optimizer that takes torch's ``found_inf`` (fused Adam/AdamW/SGD: ``_step_supports_amp_scaling``,
   the protocol ``torch.amp.GradScaler`` uses) skips the update inside its kernel and leaves its step
   count as it was. Any other optimizer needs the flag on the host: one read per step, documented;
@@ -77,6 +78,7 @@ class NanGuard(TrainerCallback):
         self.consecutive = 0
         self.bad_steps: List[int] = []
         self._bad_loss: Optional[torch.Tensor] = None
+        self._grad_norm = None
         self._unread: List[_Unread] = []
         self._found_inf_set = False
         self._last_step_skipped = False
@@ -92,6 +94,11 @@ class NanGuard(TrainerCallback):
         bad = ~torch.isfinite(loss.detach()).all()
         self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
 
+    def observe_grad_norm(self, grad_norm) -> None:
+        """This optimizer step's gradient norm before clipping, as the Trainer computed it (a device tensor,
+        a float under DeepSpeed): see :meth:`npu_recipes.train.trainer.RecipeTrainer._get_grad_norm`."""
+        self._grad_norm = grad_norm
+
     def _agreed_bad_loss(self, device: torch.device) -> torch.Tensor:
         flag = torch.zeros((), dtype=torch.int32, device=device) if self._bad_loss is None else self._bad_loss.to(torch.int32)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -101,8 +108,8 @@ class NanGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.deepspeed:
             return
-        gradients = [p.grad for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=args.device)
+        grad_norm = torch.as_tensor(self._grad_norm, device=args.device)
+        self._grad_norm = None
         bad_loss = self._agreed_bad_loss(args.device)
         self._bad_loss = None
         skip = bad_loss | ~torch.isfinite(grad_norm)

@@ -95,6 +95,13 @@ class RecipeTrainer(Trainer):
         self.state.num_input_tokens_seen += self.device.sum_over_ranks(self._tokens_not_counted)
         self._tokens_not_counted = 0
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """transformers' gradient norm of this optimizer step (the clipping norm, before clipping), also
+        handed to the NaN guard: computing its own would read every gradient a second time per step."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.nan_guard.observe_grad_norm(grad_norm)
+        return grad_norm
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = attention.forward_inputs({k: v for k, v in inputs.items() if k != SAMPLE_LENGTHS}, self.cu_seq_lens)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
