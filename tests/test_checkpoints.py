@@ -70,10 +70,10 @@ def test_rotation_never_deletes_the_newest_or_the_best(tmp_path, limit, best, ke
 
 def test_best_step_is_the_saved_step_with_the_lowest_eval_loss():
     history = [{"loss": 3.0, "step": 2}, {"eval_loss": 2.0, "step": 2}, {"eval_loss": 1.5, "step": 3}, {"eval_loss": 1.7, "step": 4}]
-    assert checkpoints.best_step(history, [2, 4]) == 4
-    assert checkpoints.best_step(history, [2, 3, 4]) == 3
-    assert checkpoints.best_step([{"loss": 1.0, "step": 1}], [1]) is None
-    assert checkpoints.best_step(history, [2, 3, 4], greater=True) == 2
+    assert checkpoints.best_evaluation(history, steps=[2, 4])[0] == 4
+    assert checkpoints.best_evaluation(history, steps=[2, 3, 4])[0] == 3
+    assert checkpoints.best_evaluation([{"loss": 1.0, "step": 1}], steps=[1]) is None
+    assert checkpoints.best_evaluation(history, greater=True, steps=[2, 3, 4])[0] == 2
     assert checkpoints.best_evaluation(history, "loss") == (3, 1.5), "transformers' short name of eval_loss"
 
 

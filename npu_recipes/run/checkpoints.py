@@ -193,19 +193,11 @@ def best_evaluation(log_history: Iterable[dict], metric: str = "eval_loss", grea
     return step, value
 
 
-def best_step(log_history: Iterable[dict], saved_steps: Sequence[int], metric: str = "eval_loss",
-              greater: bool = False) -> Optional[int]:
-    """The saved step with the best ``metric`` in the Trainer's ``log_history`` (None without evaluations
-    of a saved step); see :func:`best_evaluation`."""
-    found = best_evaluation(log_history, metric, greater, saved_steps)
-    return found[0] if found else None
-
-
 def rotate(run_dir: Path, save_total_limit: Optional[int], best: Optional[int], current: Optional[int] = None) -> List[Path]:
     """Delete the oldest complete checkpoints beyond ``save_total_limit``, never the newest, the best
     or the one just saved.
 
-    ``best`` is the step of the best checkpoint (see :func:`best_step`). So with a limit of 1 and a
+    ``best`` is the step of the best checkpoint (see :func:`best_evaluation`). So with a limit of 1 and a
     best checkpoint older than the newest, two remain. ``current`` is the step just saved: after a
     resume from an older checkpoint (a newer one was damaged) it is not the highest step, and it is
     the one whole checkpoint of the run's present. ``None`` or a limit below 1 deletes nothing

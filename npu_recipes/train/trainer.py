@@ -157,9 +157,9 @@ class RecipeTrainer(Trainer):
         greater = checkpoints.greater_is_better(metric, self.args.greater_is_better)
         saved = [checkpoints.step_of(path) for path in checkpoints.complete(run_dir)] + [step]
         best = checkpoints.best_evaluation(self.state.log_history, metric, greater, saved)
-        overall = checkpoints.best_evaluation(self.state.log_history, metric, greater)
         if best is None:
             return None
+        overall = checkpoints.best_evaluation(self.state.log_history, metric, greater)
         return manifest.BestCheckpointRecord(
             metric=checkpoints.metric_key(metric), greater_is_better=greater, checkpoint=str(run_dir / f"{checkpoints.PREFIX}{best[0]}"),
             step=best[0], value=best[1], best_evaluated_step=overall[0], best_evaluated_value=overall[1])
