@@ -64,7 +64,8 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
         if owns_manifest and status == manifest.RUNNING:
             run_dir.update_manifest(status=manifest.FAILED, finished_at=manifest.now(), error=str(failure).split("\n")[0])
         if owns_manifest and failure.exit_code == EXIT_USER_ERROR:
-            # Bad input in the workers: rank 0 may have removed the records already, not the launcher's.
+            # Bad input in the workers: the launcher removes the run's records, once every worker has
+            # exited (a worker removing them could pull resolved.yaml from under a rank still starting).
             run_dir.discard_if_empty_of_results()
         sys.exit(failure.exit_code)
 
@@ -72,15 +73,17 @@ def run(config: RecipeConfig, fresh_output_dir: bool) -> None:
 def run_worker(config: RecipeConfig, run_dir: RunDir, rank: int) -> None:
     """Run ``config.stage`` in torchrun worker ``rank`` (global); rank 0 records a failure in the manifest."""
     devices.set_aside_unloadable_torch_npu(config.device)
-    run_stage(stages.load(config.stage), config, run_dir, records_failure=rank == 0)
+    run_stage(stages.load(config.stage), config, run_dir, records_failure=rank == 0, discards=False)
 
 
-def run_stage(stage: stages.Stage, config: RecipeConfig, run_dir: Optional[RunDir], records_failure: bool = True) -> None:
+def run_stage(stage: stages.Stage, config: RecipeConfig, run_dir: Optional[RunDir], records_failure: bool = True,
+              discards: bool = True) -> None:
     """Run ``stage`` on ``config`` in this process and keep the run directory honest.
 
     When the stage fails and ``records_failure`` is set (the single process, or rank 0 of a
     torchrun job), the manifest says ``failed`` with the reason; a run that failed on bad input
-    before its first checkpoint leaves no directory at all; a run that stopped itself
+    before its first checkpoint leaves no directory at all (removed here when ``discards``, else by
+    the launcher after every worker has exited); a run that stopped itself
     (:class:`RunStopped`) keeps its directory and records; one stopped by a signal after saving
     (:class:`Interrupted`) was recorded by the stage as ``interrupted``.
     """
@@ -91,7 +94,7 @@ def run_stage(stage: stages.Stage, config: RecipeConfig, run_dir: Optional[RunDi
     except UserError as error:
         if run_dir is not None and records_failure:
             _record(run_dir, manifest.FAILED, str(error))
-            if not isinstance(error, RunStopped):
+            if discards and not isinstance(error, RunStopped):
                 run_dir.discard_if_empty_of_results()
         raise
     except (KeyboardInterrupt, Terminated) as error:

@@ -322,12 +322,12 @@ def test_sigterm_saves_every_rank_and_the_rerun_equals_the_straight_run(runs, tm
         assert (tensor - reference[name]).abs().max().item() <= 1e-6, name
 
 
-def test_bad_input_found_by_the_workers_leaves_no_run_directory(tmp_path):
+def test_bad_input_found_by_the_workers_leaves_no_run_directory(tmp_path, variable_length_rows):
     """kernels=npu on a CPU: both workers refuse before their first step, the launcher exits 2 with
     one message, and nothing of the run is left (no logs/rank1.log, no deepspeed.json)."""
     run = tmp_path / "run"
     result = run_cli(*COMMON, "train_type=full", "parallelism=ddp", "parallelism.nproc_per_node=2", "kernels=npu",
-                     f"parallelism.master_port={free_port()}", f"output_dir={run}")
+                     f"dataset.path={variable_length_rows}", f"parallelism.master_port={free_port()}", f"output_dir={run}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "kernels=npu runs torch_npu's fused kernels on an Ascend NPU" in result.stderr and "Traceback" not in result.stderr
     assert not run.exists()
